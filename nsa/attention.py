@@ -1,0 +1,123 @@
+"""Attention layers: NSA's three gated branches (`SparseAttention`) and the dense baseline.
+
+Both take x [B, T, dim] (already normed) and return [B, T, dim]. The math of each branch lives in
+`nsa.ops` (reference, flex or Triton, by backend); this module owns the parameters and the wiring.
+"""
+
+import torch
+import torch.nn.functional as F
+from rotary_embedding_torch import RotaryEmbedding, apply_rotary_emb
+from torch import nn
+
+from nsa.compress import Compressor
+from nsa.ops import get_ops
+from nsa.ops.reference import select_blocks
+
+
+def rotate(rotary, x, pos):
+    """Rotary embedding of x [B, T, H, D] at integer positions pos [T] or [B, T]."""
+    freqs = rotary(pos)
+    freqs = freqs[None, :, None] if freqs.ndim == 2 else freqs[:, :, None]
+    return apply_rotary_emb(freqs, x)
+
+
+class SparseAttention(nn.Module):
+    """NSA: o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win per query head (DESIGN.md section 1).
+
+    Branches: compressed attention over blocks of keys compressed by a learned network (plus
+    memory keys); selected attention over the top-n selection blocks ranked by the compressed
+    branch's attention probabilities; sliding-window attention. Rotary on the last two only.
+    """
+
+    def __init__(self, dim, heads, kv_heads, dim_head, nsa, rotary_base=10000.0):
+        super().__init__()
+        self.heads, self.kv_heads, self.dim_head, self.cfg = heads, kv_heads, dim_head, nsa
+        self.scale = dim_head**-0.5
+        # With separate_kv each branch gets its own keys/values (cmp, slc, win); else all share one.
+        self.kv_sets = 3 if nsa.separate_kv else 1
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_kv = nn.Linear(dim, self.kv_sets * 2 * kv_heads * dim_head, bias=False)
+        self.k_compress = Compressor(kv_heads, dim_head, nsa.compress_block, nsa.compress_stride,
+                                     nsa.compress_net, nsa.compress_expand)
+        self.v_compress = Compressor(kv_heads, dim_head, nsa.compress_block, nsa.compress_stride,
+                                     nsa.compress_net, nsa.compress_expand)
+        self.mem_kv = nn.Parameter(torch.randn(2, nsa.num_mem, kv_heads, dim_head) * 0.02)
+        # Gates: zero weights and zero bias open every branch at 0.5, so none starts starved of
+        # gradient; the network learns the mix (the seed favours the window at init instead).
+        self.to_gates = nn.Linear(dim, 3 * heads)
+        nn.init.zeros_(self.to_gates.weight)
+        nn.init.zeros_(self.to_gates.bias)
+        self.rotary = RotaryEmbedding(dim_head, theta=rotary_base)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+
+    def project(self, x):
+        """x -> q [B, T, HQ, D] and kv_sets pairs (k, v) [B, T, H, D], ordered (cmp, slc, win)."""
+        B, T, _ = x.shape
+        q = self.to_q(x).view(B, T, self.heads, self.dim_head)
+        kv = self.to_kv(x).view(B, T, self.kv_sets, 2, self.kv_heads, self.dim_head)
+        pairs = [(kv[:, :, i, 0], kv[:, :, i, 1]) for i in range(self.kv_sets)]
+        return q, pairs * (3 // self.kv_sets)
+
+    def compressed_kv(self, k, v):
+        """Memory keys/values followed by the compressed blocks: [B, num_mem + N_c, H, D]."""
+        B = k.shape[0]
+        mem_k, mem_v = (m.to(k.dtype).expand(B, -1, -1, -1) for m in self.mem_kv)
+        return torch.cat([mem_k, self.k_compress(k)], 1), torch.cat([mem_v, self.v_compress(v)], 1)
+
+    def select(self, ops, q, ck, lse):
+        """Top-n block indices [B, T, Hs, n] and, with diff_topk, the straight-through block gates."""
+        c = self.cfg
+        args = (c.compress_block, c.compress_stride, c.sel_block, c.num_mem)
+        if not c.diff_topk:
+            with torch.no_grad():
+                idx = ops.topn_blocks(q, ck, lse, *args, c.num_selected, c.num_initial, c.num_local,
+                                      c.shared_selection, self.scale, c.causal)
+            return idx, None
+        imp = ops.block_importance(q, ck, lse.detach(), *args, c.shared_selection, self.scale, c.causal)
+        idx = select_blocks(imp.detach(), c.sel_block, c.num_selected, c.num_initial, c.num_local, c.causal)
+        picked = imp.gather(-1, idx.long().clamp_min(0))
+        return idx, 1.0 + picked - picked.detach()  # forward: exactly 1; backward: d/d importance
+
+    def forward(self, x, pos=None):
+        c = self.cfg
+        B, T, _ = x.shape
+        ops = get_ops(c.backend, x.device)
+        pos = torch.arange(T, device=x.device) if pos is None else pos
+        q, ((k_c, v_c), (k_s, v_s), (k_w, v_w)) = self.project(x)
+
+        ck, cv = self.compressed_kv(k_c, v_c)
+        o_cmp, lse = ops.compressed_attention(q, ck, cv, c.compress_block, c.compress_stride, c.num_mem,
+                                              self.scale, c.causal)
+        idx, block_gate = self.select(ops, q, ck, lse)
+
+        q_r, k_sr = rotate(self.rotary, q, pos), rotate(self.rotary, k_s, pos)
+        k_wr = k_sr if k_w is k_s else rotate(self.rotary, k_w, pos)
+        o_slc = ops.selection_attention(q_r, k_sr, v_s, idx, c.sel_block, self.scale, c.causal, block_gate)
+        o_win = ops.sliding_window_attention(q_r, k_wr, v_w, c.window, self.scale, c.causal)
+
+        g = torch.sigmoid(self.to_gates(x)).view(B, T, self.heads, 3, 1)
+        o = g[:, :, :, 0] * o_cmp + g[:, :, :, 1] * o_slc + g[:, :, :, 2] * o_win
+        self.last_gates = g.detach().mean(dim=(0, 1, 2)).squeeze(-1)  # [3], logged by train.py
+        return self.to_out(o.reshape(B, T, -1))
+
+
+class DenseAttention(nn.Module):
+    """Causal grouped-query attention through SDPA (cuDNN / flash on GPU): the dense baseline."""
+
+    def __init__(self, dim, heads, kv_heads, dim_head, rotary_base=10000.0):
+        super().__init__()
+        self.heads, self.kv_heads, self.dim_head = heads, kv_heads, dim_head
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * kv_heads * dim_head, bias=False)
+        self.rotary = RotaryEmbedding(dim_head, theta=rotary_base)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+
+    def forward(self, x, pos=None):
+        B, T, _ = x.shape
+        pos = torch.arange(T, device=x.device) if pos is None else pos
+        q = rotate(self.rotary, self.to_q(x).view(B, T, self.heads, self.dim_head), pos)
+        k, v = self.to_kv(x).view(B, T, 2, self.kv_heads, self.dim_head).unbind(2)
+        k = rotate(self.rotary, k, pos)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=self.heads != self.kv_heads)
+        return self.to_out(o.transpose(1, 2).reshape(B, T, -1))

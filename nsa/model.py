@@ -1,0 +1,77 @@
+"""The byte-level Transformer: embedding, pre-norm blocks (attention + feed-forward), norm, LM head."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nsa.attention import DenseAttention, SparseAttention
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, mult):
+        super().__init__()
+        hidden = int(mult * dim)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.dim)
+        self.norm2 = nn.RMSNorm(cfg.dim)
+        if cfg.attention == "nsa":
+            self.attn = SparseAttention(cfg.dim, cfg.heads, cfg.kv_heads, cfg.dim_head, cfg.nsa, cfg.rotary_base)
+        else:
+            self.attn = DenseAttention(cfg.dim, cfg.heads, cfg.kv_heads, cfg.dim_head, cfg.rotary_base)
+        self.ff = FeedForward(cfg.dim, cfg.ff_mult)
+
+    def forward(self, x, pos=None):
+        x = x + self.attn(self.norm1(x), pos)
+        return x + self.ff(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.RMSNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self._init_weights()
+
+    def _init_weights(self):
+        # GPT-2 style: N(0, 0.02), residual output projections scaled down by depth so the
+        # residual stream's variance does not grow with the number of blocks.
+        for name, p in self.named_parameters():
+            if p.dim() == 2 and ("embed" in name or name.endswith(("to_q.weight", "to_kv.weight", "up.weight", "head.weight"))):
+                nn.init.normal_(p, std=0.02)
+            elif name.endswith(("to_out.weight", "down.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.depth))
+
+    def forward(self, idx, targets=None):
+        """idx [B, T] bytes -> logits [B, T, vocab]; with targets also the mean loss in nats."""
+        if idx.dim() != 2:
+            raise ValueError(f"expected token ids of shape [batch, time], got {tuple(idx.shape)}")
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.norm(x))
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def gate_means(self):
+        """Mean gate per branch (cmp, slc, win) of each NSA layer's last forward, for logging."""
+        return {i: b.attn.last_gates for i, b in enumerate(self.blocks) if hasattr(b.attn, "last_gates")}
+
+
+def bits_per_byte(loss_nats):
+    return loss_nats / math.log(2)

@@ -1,0 +1,203 @@
+"""Pure-PyTorch reference of every NSA op: the executable spec of DESIGN.md section 1.
+
+Layout is [B, T, H, D] everywhere. Queries have HQ = G * H heads, keys and values H heads, and
+query head hq belongs to kv head hq // G. All indices are 0-based.
+
+Every Triton kernel in `nsa/ops` has a twin here with the same signature; the tests compare outputs
+and gradients against these. They are written to be read, not to be fast: most build a dense
+[T, S] boolean mask and run masked softmax attention through `attend`.
+"""
+
+import torch
+
+from nsa.ops.common import ceil_div
+
+
+def attend(q, k, v, mask, scale, gate=None):
+    """Masked grouped-query attention, the one primitive every branch reduces to.
+
+    q [B, T, HQ, D]; k, v [B, S, H, D]; mask bool, broadcastable to [B, H, G, T, S];
+    gate (optional) multiplies the attention probabilities, same broadcast shape.
+    Returns o [B, T, HQ, D] in q's dtype and lse [B, T, HQ] in fp32. A query that sees no key gets
+    o = 0 and lse = -inf (never NaN, in the forward or the backward).
+    """
+    B, T, HQ, D = q.shape
+    H = k.shape[2]
+    G = HQ // H
+    qg = q.float().view(B, T, H, G, D)
+    s = torch.einsum("bthgd,bshd->bhgts", qg, k.float()) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    # Softmax with an explicit, detached max so that fully masked rows stay finite: the result does
+    # not depend on the shift, so detaching it changes no gradient.
+    m = s.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    denom = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    lse = (m + torch.log(denom)).squeeze(-1)
+    if gate is not None:
+        p = p * gate
+    o = torch.einsum("bhgts,bshd->bthgd", p, v.float())
+    return o.reshape(B, T, HQ, D).to(q.dtype), lse.permute(0, 3, 1, 2).reshape(B, T, HQ)
+
+
+def _mask5(mask_t_s):
+    """[T, S] -> [1, 1, 1, T, S] for `attend`."""
+    return mask_t_s[None, None, None]
+
+
+def compressed_visibility(T, num_blocks, block, stride, num_mem, causal=True, device=None):
+    """[T, num_mem + num_blocks] bool: which compressed keys query t sees.
+
+    Memory keys always; compressed block i (tokens [i*stride, i*stride + block)) once its last
+    token is not in the future: i*stride + block - 1 <= t.
+    """
+    t = torch.arange(T, device=device)
+    last = torch.arange(num_blocks, device=device) * stride + block - 1
+    vis = last[None, :] <= t[:, None] if causal else torch.ones(T, num_blocks, dtype=torch.bool, device=device)
+    mem = torch.ones(T, num_mem, dtype=torch.bool, device=device)
+    return torch.cat([mem, vis], dim=1)
+
+
+def compressed_attention(q, ck, cv, block, stride, num_mem, scale=None, causal=True):
+    """Attention over memory + compressed keys.
+
+    q [B, T, HQ, D]; ck, cv [B, num_mem + N_c, H, D], the first num_mem rows being the memory keys.
+    Returns (o [B, T, HQ, D], lse [B, T, HQ] fp32); lse is what block importance renormalises with.
+    """
+    T, D = q.shape[1], q.shape[3]
+    scale = D**-0.5 if scale is None else scale
+    vis = compressed_visibility(T, ck.shape[1] - num_mem, block, stride, num_mem, causal, q.device)
+    return attend(q, ck, cv, _mask5(vis), scale)
+
+
+def overlap_matrix(num_cmp, num_sel, block, stride, sel_block, device=None):
+    """c(i, j) [num_cmp, num_sel]: how many stride-sized chunks compressed block i and selection
+    block j share. Compressed block i covers chunks [i, i + block/stride); selection block j covers
+    chunks [j*sel_block/stride, (j+1)*sel_block/stride). This is the paper's Eq. 9, 0-based."""
+    i = torch.arange(num_cmp, device=device)[:, None]
+    j = torch.arange(num_sel, device=device)[None, :]
+    per_cmp, per_sel = block // stride, sel_block // stride
+    lo = torch.maximum(i, j * per_sel)
+    hi = torch.minimum(i + per_cmp, (j + 1) * per_sel)
+    return (hi - lo).clamp_min(0)
+
+
+def block_importance(q, ck, lse, block, stride, sel_block, num_mem, shared=True, scale=None, causal=True):
+    """Selection-block importance p_slc [B, T, Hs, N_s] in fp32, Hs = H if shared else HQ.
+
+    p_cmp are the compression branch's softmax probabilities (recomputed from q, ck and its lse,
+    memory keys dropped), mapped onto selection blocks by overlap and, if shared, summed over the
+    G query heads of each kv head. N_s = ceil(T / sel_block).
+    """
+    B, T, HQ, D = q.shape
+    H = ck.shape[2]
+    G = HQ // H
+    scale = D**-0.5 if scale is None else scale
+    num_cmp = ck.shape[1] - num_mem
+    vis = compressed_visibility(T, num_cmp, block, stride, 0, causal, q.device)
+    s = torch.einsum("bthgd,bshd->bthgs", q.float().view(B, T, H, G, D), ck[:, num_mem:].float()) * scale
+    lse_g = lse.view(B, T, H, G, 1)
+    p_cmp = torch.where(vis[None, :, None, None, :], torch.exp(s - lse_g), torch.zeros_like(s))
+    C = overlap_matrix(num_cmp, ceil_div(T, sel_block), block, stride, sel_block, q.device).float()
+    p_slc = p_cmp @ C  # [B, T, H, G, N_s]
+    return p_slc.sum(dim=3) if shared else p_slc.reshape(B, T, HQ, -1)
+
+
+def select_blocks(importance, sel_block, num_selected, num_initial=1, num_local=2, causal=True):
+    """Top-n selection blocks per query [B, T, Hs, n] int32, ascending, -1 padded at the end.
+
+    Valid blocks for query t are j <= t // sel_block (all blocks if not causal). Forced: blocks
+    j < num_initial and the num_local blocks ending at t // sel_block. The rest are the most important
+    other valid blocks; ties go to the lower index.
+    """
+    B, T, Hs, N = importance.shape
+    t = torch.arange(T, device=importance.device)[:, None]
+    j = torch.arange(N, device=importance.device)[None, :]
+    cur = t // sel_block
+    valid = j <= cur if causal else torch.ones_like(j, dtype=torch.bool).expand(T, N)
+    forced = valid & ((j < num_initial) | ((cur - j >= 0) & (cur - j < num_local)))
+    score = importance.float().masked_fill(forced[None, :, None, :], float("inf"))
+    score = score.masked_fill(~valid[None, :, None, :], float("-inf"))
+    k = min(num_selected, N)
+    # A stable descending sort keeps equal scores in index order: ties go to the lower index.
+    top_score, top_idx = torch.sort(score, dim=-1, descending=True, stable=True)
+    top_idx = torch.where(top_score[..., :k] > float("-inf"), top_idx[..., :k], N)
+    top_idx = top_idx.sort(dim=-1).values
+    top_idx = torch.where(top_idx == N, -1, top_idx)
+    pad = top_idx.new_full((B, T, Hs, num_selected - k), -1)
+    return torch.cat([top_idx, pad], dim=-1).to(torch.int32)
+
+
+def selected_token_mask(indices, T, S, sel_block, causal=True):
+    """[B, T, Hs, S] bool from block indices [B, T, Hs, n]: key s is visible to query t iff its block
+    s // sel_block is among t's selected blocks (and s <= t if causal)."""
+    n_sel = ceil_div(S, sel_block)
+    blocks = _scatter_blocks(indices, n_sel, torch.ones_like(indices, dtype=torch.bool))
+    tok = blocks[..., torch.arange(S, device=indices.device) // sel_block]
+    if causal:
+        tok = tok & (torch.arange(S, device=indices.device)[None, :] <= torch.arange(T, device=indices.device)[:, None])[None, :, None, :]
+    return tok
+
+
+def _scatter_blocks(indices, n_sel, values):
+    """Scatter per-(query, head) block values into [B, T, Hs, n_sel]; index -1 is dropped."""
+    idx = torch.where(indices < 0, n_sel, indices).long()
+    out = torch.zeros(*indices.shape[:-1], n_sel + 1, dtype=values.dtype, device=indices.device)
+    return out.scatter(-1, idx, values)[..., :n_sel]
+
+
+def _heads_first(x, H):
+    """[B, T, Hs, S] -> [B, H, Hs // H or 1, T, S] to broadcast against `attend`'s [B, H, G, T, S]."""
+    B, T, Hs, S = x.shape
+    return x.view(B, T, H, Hs // H, S).permute(0, 2, 3, 1, 4)
+
+
+def selection_attention(q, k, v, indices, sel_block, scale=None, causal=True, block_gate=None):
+    """Attention of each query over the tokens (<= t if causal) of its selected blocks.
+
+    indices [B, T, Hs, n] int, -1 unused; Hs = H (one block set per kv head, shared by its G query
+    heads) or HQ (per query head). block_gate [B, T, Hs, n] (optional) scales each block's
+    attention weights; the straight-through top-n passes gates equal to 1 whose gradient reaches
+    the importance scores.
+    """
+    B, T, HQ, D = q.shape
+    S, H = k.shape[1], k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    mask = _heads_first(selected_token_mask(indices, T, S, sel_block, causal), H)
+    gate = None
+    if block_gate is not None:
+        g_blocks = _scatter_blocks(indices, ceil_div(S, sel_block), block_gate.float())
+        gate = _heads_first(g_blocks[..., torch.arange(S, device=q.device) // sel_block], H)
+    return attend(q, k, v, mask, scale, gate)[0]
+
+
+def window_mask(T, S, window, causal=True, device=None):
+    """[T, S] bool: causal keys (t - window, t]; bidirectional keys with |t - s| < window."""
+    t = torch.arange(T, device=device)[:, None]
+    s = torch.arange(S, device=device)[None, :]
+    return ((t - s < window) & (s <= t)) if causal else ((t - s).abs() < window)
+
+
+def sliding_window_attention(q, k, v, window, scale=None, causal=True):
+    """Attention over the `window` most recent keys, the query's own token included."""
+    T, D, S = q.shape[1], q.shape[3], k.shape[1]
+    scale = D**-0.5 if scale is None else scale
+    return attend(q, k, v, _mask5(window_mask(T, S, window, causal, q.device)), scale)[0]
+
+
+def topn_blocks(q, ck, lse, block, stride, sel_block, num_mem, num_selected, num_initial=1, num_local=2,
+                shared=True, scale=None, causal=True):
+    """Importance + top-n in one call: the fused op the Triton kernel implements, which never stores
+    the importance matrix."""
+    imp = block_importance(q, ck, lse, block, stride, sel_block, num_mem, shared, scale, causal)
+    return select_blocks(imp, sel_block, num_selected, num_initial, num_local, causal)
+
+
+def dense_attention(q, k, v, scale=None, causal=True):
+    """Full (causal) grouped-query attention: the dense baseline's spec."""
+    T, D, S = q.shape[1], q.shape[3], k.shape[1]
+    scale = D**-0.5 if scale is None else scale
+    mask = window_mask(T, S, max(T, S) + 1, causal, q.device)
+    return attend(q, k, v, _mask5(mask), scale)[0]
+
