@@ -76,7 +76,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["enwik8", "file", "hf"] = "enwik8"
+    source: Literal["enwik8", "file", "hf", "synthetic"] = "enwik8"  # synthetic: in-process pseudo-text, no data needed
     path: str = ""  # enwik8: where the 100 MB file lives (default data/enwik8); file: any byte file
     hf_name: str = ""  # hf: dataset name for datasets.load_dataset
     hf_config: str = ""  # hf: dataset configuration, if any

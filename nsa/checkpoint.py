@@ -1,0 +1,119 @@
+"""Checkpoints: one dict written with torch.save, atomically (temp file + os.replace).
+
+Keys written by train.py:
+  model         state_dict of the bare Transformer (unwrapped from DDP / torch.compile)
+  optimizer     AdamW state_dict
+  scheduler     {"kind": "warmup_cosine", "step": step}: the learning rate is a pure function of step
+  step          optimizer steps completed (the next step to run)
+  rng           {"torch": CPU RNG state, "cuda": [per-device states] or None, "python": random's state}
+  data          {"seed", "step", "world_size"}: batches are a pure function of these (nsa/data.py)
+  config        nsa.config.to_dict(cfg), the resolved config
+  wandb_run_id  so a resumed run continues the same wandb run
+Only "model" and "config" are required by `load_checkpoint` / `model_from_checkpoint`.
+"""
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_NAME = "ckpt.pt"
+
+
+class CheckpointError(RuntimeError):
+    """Missing or unreadable checkpoint; the message names the file."""
+
+
+def resolve_checkpoint_path(path):
+    """A checkpoint file, or a run directory holding `ckpt.pt`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    return path
+
+
+def save_checkpoint(path, state):
+    """torch.save `state` to `path` atomically: a failed or interrupted write leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint dict (file or run directory); CheckpointError if missing or corrupt."""
+    path = resolve_checkpoint_path(path)
+    try:
+        # Only tensors, numbers, strings and containers are stored, so the safe loader suffices.
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(f"{path} is not an nsa checkpoint (no 'model' / 'config' entries)")
+    return state
+
+
+def config_from_checkpoint(state):
+    from nsa.config import Config, from_dict
+
+    return from_dict(Config, state["config"]).validate()
+
+
+def model_from_checkpoint(path, device="cpu"):
+    """Rebuild the Transformer from a checkpoint's config and weights -> (model in eval mode, Config)."""
+    from nsa.model import Transformer
+
+    state = load_checkpoint(path, map_location="cpu")
+    cfg = config_from_checkpoint(state)
+    model = Transformer(cfg.model)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg
+
+
+def unwrap_model(model):
+    """The bare module under DDP (.module) and torch.compile (._orig_mod) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def rng_state():
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "python": _python_state_to_list(random.getstate()),
+    }
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        cuda = [s.cpu() for s in state["cuda"]]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    if state.get("python") is not None:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+
+
+def _python_state_to_list(st):
+    version, internal, gauss = st
+    return [version, list(internal), gauss]
