@@ -1,0 +1,138 @@
+"""Whole-model training throughput (tokens/s): NSA vs its dense twin, and vs the seed implementation.
+
+One training step = forward + backward + AdamW at bf16 autocast, the same micro-batch of
+`--tokens` tokens at every context length (batch = tokens / T). Median over `--iters` steps after
+`--warmup`. Prints a markdown table last; with $OUT set, writes it and the raw numbers there.
+
+    python scripts/bench_train.py                       # enwik8 configs at T = 512, 2k, 8k, 32k + seed
+    python scripts/bench_train.py --T 512 8192 --no-seed
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nsa.config import ModelConfig, NSAConfig, load_config  # noqa: E402
+from nsa.model import Transformer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def time_steps(model, T, batch, warmup, iters, loss_fn):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randint(0, 256, (batch, T + 1), device="cuda")
+    times = []
+    for i in range(warmup + iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(model, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return batch * T / statistics.median(times)
+
+
+def ours_loss(model, x):
+    return model(x[:, :-1], x[:, 1:])[1]
+
+
+def measure(name, build, T, batch, args, loss_fn=ours_loss):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        model = build().cuda()
+        if args.compile:
+            model = torch.compile(model)
+        tps = time_steps(model, T, batch, args.warmup, args.iters, loss_fn)
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        del model
+        return {"name": name, "T": T, "batch": batch, "tokens_per_s": tps, "peak_gib": peak}
+    except Exception as e:  # a failed row (e.g. out of memory) is reported, the rest still run
+        return {"name": name, "T": T, "batch": batch, "error": f"{type(e).__name__}: {str(e)[:120]}"}
+
+
+def seed_model_cfg(attention):
+    """The seed implementation's training-script model: 6 layers, dim 512, 8 / 4 heads, 16/8/16/4/64."""
+    return ModelConfig(dim=512, depth=6, heads=8, kv_heads=4, dim_head=64, attention=attention,
+                       nsa=NSAConfig(compress_block=16, compress_stride=8, sel_block=16, num_selected=4,
+                                     window=64))
+
+
+def build_seed_peer():
+    from native_sparse_attention_pytorch.transformer import Transformer as SeedTransformer
+
+    return SeedTransformer(num_tokens=256, dim=512, depth=6, heads=8, kv_heads=4, use_sparse_attn=True,
+                           use_flex_sliding_window=True, use_triton_fine_selection=True,
+                           sparse_attn_kwargs=dict(sliding_window_size=64, compress_block_size=16,
+                                                   compress_block_sliding_stride=8, selection_block_size=16,
+                                                   num_selected_blocks=4))
+
+
+def seed_loss(model, x):
+    return model(x, return_loss=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nsa-config", default=str(ROOT / "configs/enwik8_nsa.yaml"))
+    p.add_argument("--dense-config", default=str(ROOT / "configs/enwik8_dense.yaml"))
+    p.add_argument("--T", type=int, nargs="+", default=[512, 2048, 8192, 32768])
+    p.add_argument("--tokens", type=int, default=65536, help="tokens per step at every T")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--no-seed", action="store_true", help="skip the seed-implementation comparison")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_train.py needs a CUDA GPU")
+
+    rows = []
+    nsa_cfg = load_config(args.nsa_config).model
+    dense_cfg = load_config(args.dense_config).model
+    for T in args.T:
+        batch = max(1, args.tokens // T)
+        for name, cfg in (("nsa", nsa_cfg), ("dense", dense_cfg)):
+            rows.append(measure(name, lambda c=cfg: Transformer(c), T, batch, args))
+            print(rows[-1], flush=True)
+    if not args.no_seed:
+        batch = max(1, args.tokens // 512)
+        rows.append(measure("seed-model nsa (ours)", lambda: Transformer(seed_model_cfg("nsa")), 512, batch, args))
+        rows.append(measure("seed-model dense (ours)", lambda: Transformer(seed_model_cfg("dense")), 512, batch, args))
+        rows.append(measure("seed-model nsa (native-sparse-attention-pytorch)", build_seed_peer, 512, batch, args,
+                            seed_loss))
+        for r in rows[-3:]:
+            print(r, flush=True)
+
+    lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+             f"triton {__import__('triton').__version__}, compile={args.compile}",
+             "", "| model | T | batch | tokens/s | peak GiB |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['T']} | {r['batch']} | {r['error']} | |")
+        else:
+            lines.append(f"| {r['name']} | {r['T']} | {r['batch']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} |")
+    by = {(r["name"], r["T"]): r.get("tokens_per_s") for r in rows}
+    lines += ["", "| T | NSA / dense |", "|---|---|"]
+    for T in args.T:
+        n, d = by.get(("nsa", T)), by.get(("dense", T))
+        lines.append(f"| {T} | {n / d:.2f}x |" if n and d else f"| {T} | n/a |")
+    table = "\n".join(lines)
+    print(table)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "bench_train.md").write_text(table + "\n")
+        Path(os.environ["OUT"], "bench_train.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
