@@ -1,0 +1,482 @@
+"""Selected-block attention (NSA's selection branch) in Triton: forward, dQ, and atomic-free dK/dV.
+
+Same semantics as `nsa.ops.reference.selection_attention`: query t of head hq attends over the keys
+s <= t of the selection blocks listed in indices[b, t, hs, :], where hs = hq // (HQ // Hs) (Hs = H:
+one block set per kv head, shared by its G query heads; Hs = HQ: one per query head).
+
+Kernel layout (docs/KERNELS_SELECTION.md has the numbers behind it):
+
+* Forward and dQ: one program owns a tile of BLOCK_M query rows, a row being one (token, query head)
+  of a single kv head: TT consecutive tokens x G heads, TT = BLOCK_M // G (TT = 1 once G >= 16, which
+  is the paper's layout). The program walks the sorted *union* of its rows' block lists with a
+  k-way merge: each row keeps a cursor into its own (ascending) list, the program loads the smallest
+  pending block once for the whole tile, rows that did not pick it are masked, and those that did
+  advance their cursor. Consecutive tokens pick mostly the same blocks (the forced initial and local
+  ones, and correlated top-n), so small G fills the tensor-core tile without loading K/V more often
+  than one token per tile would. Per-query-head indices (Hs = HQ) need nothing else: the merge is
+  per row already. When every row of a tile shares one list (TT = 1, Hs = H) the merge degenerates
+  to a plain loop over the n slots, which Triton can software-pipeline.
+* dK/dV: no atomics. A reverse index (for each kv block, the (token, index head) entries that picked
+  it, in token order) is built on device with a stable sort, then one program per work item walks its
+  entries and accumulates dK/dV of one block in fp32. Heavy blocks (block 0 is forced for every
+  query) are split into several items whose fp32 partials a second kernel sums in a fixed order, so
+  one hot block does not serialise the backward and results stay bit-for-bit reproducible.
+"""
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa.ops.common import ceil_div
+
+LOG2E = 1.4426950408889634
+
+# Smallest tile (rows) of the forward and dQ kernels: the tensor-core minimum. A larger value packs
+# more tokens per tile for small G (fewer programs, more union blocks per program); benchmarks tune it.
+FWD_MIN_ROWS = 16
+# Rows per inner step of the dK/dV kernel.
+DKV_ROWS = 64
+# Entries per dK/dV work item; None sizes it from the average entries per block (see _dkv_items).
+DKV_CHUNK = None
+
+
+def _pow2(x):
+    return triton.next_power_of_2(max(int(x), 1))
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # IEEE: fp32 inputs get full-precision products (the GPU default would be tf32). The interpreter
+    # always takes this path because its bf16 tl.dot is wrong (Triton 3.9); exact fp32 products of
+    # bf16 operands with fp32 accumulation are what the tensor cores compute anyway.
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _clean_block(j, NB):
+    # -1 padding and out-of-range indices both mean "no block": map them past the last block.
+    return tl.where((j < 0) | (j >= NB), NB, j)
+
+
+@triton.jit
+def _load_kv_block(k, v, kv_base, j, BS, S, H, D,
+                   BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    o_s = tl.arange(0, BLOCK_S)
+    o_d = tl.arange(0, BLOCK_D)
+    s_pos = j * BS + o_s
+    s_ok = (o_s < BS) & (s_pos < S)
+    off = kv_base + s_pos[:, None].to(tl.int64) * (H * D) + o_d[None, :]
+    m = s_ok[:, None] & (o_d[None, :] < D)
+    return tl.load(k + off, mask=m, other=0.), tl.load(v + off, mask=m, other=0.), s_pos, s_ok
+
+
+@triton.jit
+def _fwd_kernel(q, k, v, o, lse, idx, T, S, BS, scale_log2,
+                HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, N_SEL: tl.constexpr,
+                TT: tl.constexpr, SHARED_LIST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+                BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    G: tl.constexpr = HQ // H
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    NB = tl.cdiv(S, BS)
+
+    r = tl.arange(0, BLOCK_M)
+    t = i_t * TT + r // G
+    row_ok = (r < TT * G) & (t < T)
+    hq = i_h * G + r % G
+    tok = (i_b * T + t).to(tl.int64)
+    row = tok * HQ + hq
+    idx_row = (tok * HS + hq // (HQ // HS)) * N_SEL
+    o_d = tl.arange(0, BLOCK_D)
+    d_ok = o_d < D
+    qd_mask = row_ok[:, None] & d_ok[None, :]
+    b_q = tl.load(q + row[:, None] * D + o_d[None, :], mask=qd_mask, other=0.)
+    kv_base = i_b.to(tl.int64) * S * H * D + i_h * D
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if SHARED_LIST:
+        # One token, one block list for the whole tile: a fixed-trip loop over its n slots.
+        idx_tok = ((i_b * T + i_t).to(tl.int64) * HS + i_h) * N_SEL
+        for i in range(N_SEL):
+            j = _clean_block(tl.load(idx + idx_tok + i), NB)
+            b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, BS, S, H, D, BLOCK_S, BLOCK_D)
+            vis = (row_ok[:, None] & s_ok[None, :] & (s_pos[None, :] <= i_t)) & (j < NB)
+            m_i, l_i, acc = _online_softmax_step(b_q, b_k, b_v, vis, m_i, l_i, acc, scale_log2, IEEE)
+    else:
+        # k-way merge over the rows' sorted lists: `cur` is each row's next pending block.
+        ptr = tl.zeros([BLOCK_M], dtype=tl.int32)
+        cur = _clean_block(tl.load(idx + idx_row, mask=row_ok, other=-1), NB)
+        j = tl.min(cur, axis=0)
+        while j < NB:
+            b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, BS, S, H, D, BLOCK_S, BLOCK_D)
+            hit = cur == j
+            vis = hit[:, None] & s_ok[None, :] & (s_pos[None, :] <= t[:, None])
+            m_i, l_i, acc = _online_softmax_step(b_q, b_k, b_v, vis, m_i, l_i, acc, scale_log2, IEEE)
+            ptr += hit.to(tl.int32)
+            nxt = tl.load(idx + idx_row + ptr, mask=hit & (ptr < N_SEL), other=-1)
+            cur = tl.where(hit, _clean_block(nxt, NB), cur)
+            j = tl.min(cur, axis=0)
+
+    # A row that saw no key gets o = 0 and lse = -inf, as in the reference.
+    empty = l_i == 0.
+    l_safe = tl.where(empty, 1., l_i)
+    b_o = acc / l_safe[:, None]
+    b_lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tl.store(o + row[:, None] * D + o_d[None, :], b_o.to(o.dtype.element_ty), mask=qd_mask)
+    tl.store(lse + row, b_lse, mask=row_ok)
+
+
+@triton.jit
+def _online_softmax_step(b_q, b_k, b_v, vis, m_i, l_i, acc, scale_log2, IEEE: tl.constexpr):
+    s = _dot(b_q, tl.trans(b_k), IEEE) * scale_log2
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # Rows with nothing visible yet keep m = -inf; shift them by 0 so no inf - inf appears.
+    m_safe = tl.where(m_new == float("-inf"), 0., m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.to(b_v.dtype), b_v, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _dq_step(b_q, b_do, b_k, b_v, vis, lse2, delta, dq, scale_log2, IEEE: tl.constexpr):
+    s = _dot(b_q, tl.trans(b_k), IEEE) * scale_log2
+    p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.)
+    dp = _dot(b_do, tl.trans(b_v), IEEE)
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.to(b_k.dtype), b_k, IEEE)
+
+
+@triton.jit
+def _dq_kernel(q, k, v, do, lse, delta, dq, idx, T, S, BS, scale, scale_log2,
+               HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, N_SEL: tl.constexpr,
+               TT: tl.constexpr, SHARED_LIST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+               BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    # Same tiling and block walk as _fwd_kernel; P is recomputed from the saved log-sum-exp.
+    G: tl.constexpr = HQ // H
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    NB = tl.cdiv(S, BS)
+
+    r = tl.arange(0, BLOCK_M)
+    t = i_t * TT + r // G
+    row_ok = (r < TT * G) & (t < T)
+    hq = i_h * G + r % G
+    tok = (i_b * T + t).to(tl.int64)
+    row = tok * HQ + hq
+    idx_row = (tok * HS + hq // (HQ // HS)) * N_SEL
+    o_d = tl.arange(0, BLOCK_D)
+    qd_mask = row_ok[:, None] & (o_d[None, :] < D)
+    b_q = tl.load(q + row[:, None] * D + o_d[None, :], mask=qd_mask, other=0.)
+    b_do = tl.load(do + row[:, None] * D + o_d[None, :], mask=qd_mask, other=0.)
+    # lse = -inf (a row that saw nothing) becomes +inf so that exp2(s - lse) is 0, not NaN.
+    b_lse = tl.load(lse + row, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
+    b_delta = tl.load(delta + row, mask=row_ok, other=0.)
+    kv_base = i_b.to(tl.int64) * S * H * D + i_h * D
+
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if SHARED_LIST:
+        idx_tok = ((i_b * T + i_t).to(tl.int64) * HS + i_h) * N_SEL
+        for i in range(N_SEL):
+            j = _clean_block(tl.load(idx + idx_tok + i), NB)
+            b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, BS, S, H, D, BLOCK_S, BLOCK_D)
+            vis = (row_ok[:, None] & s_ok[None, :] & (s_pos[None, :] <= i_t)) & (j < NB)
+            b_dq = _dq_step(b_q, b_do, b_k, b_v, vis, lse2, b_delta, b_dq, scale_log2, IEEE)
+    else:
+        ptr = tl.zeros([BLOCK_M], dtype=tl.int32)
+        cur = _clean_block(tl.load(idx + idx_row, mask=row_ok, other=-1), NB)
+        j = tl.min(cur, axis=0)
+        while j < NB:
+            b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, BS, S, H, D, BLOCK_S, BLOCK_D)
+            hit = cur == j
+            vis = hit[:, None] & s_ok[None, :] & (s_pos[None, :] <= t[:, None])
+            b_dq = _dq_step(b_q, b_do, b_k, b_v, vis, lse2, b_delta, b_dq, scale_log2, IEEE)
+            ptr += hit.to(tl.int32)
+            nxt = tl.load(idx + idx_row + ptr, mask=hit & (ptr < N_SEL), other=-1)
+            cur = tl.where(hit, _clean_block(nxt, NB), cur)
+            j = tl.min(cur, axis=0)
+    tl.store(dq + row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=qd_mask)
+
+
+@triton.jit
+def _dkv_kernel(q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries,
+                item_key, item_lo, item_hi, item_slot, T, S, BS, scale, scale_log2,
+                HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
+                BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                IEEE: tl.constexpr):
+    # One work item: a slice [lo, hi) of the entries that picked kv block `key` = (b, h, j).
+    # An entry t * HS + hs stands for the GS = HQ // HS query heads that share index head hs.
+    GS: tl.constexpr = HQ // HS
+    w = tl.program_id(0)
+    key = tl.load(item_key + w)
+    if key >= 0:
+        NB = tl.cdiv(S, BS)
+        i_j = key % NB
+        i_b = key // NB // H
+        i_h = key // NB % H
+        lo = tl.load(item_lo + w)
+        hi = tl.load(item_hi + w)
+        kv_base = i_b.to(tl.int64) * S * H * D + i_h * D
+        b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, i_j, BS, S, H, D, BLOCK_S, BLOCK_D)
+        o_d = tl.arange(0, BLOCK_D)
+        d_ok = o_d < D
+        r = tl.arange(0, BLOCK_R)
+        r_ok = r < BLOCK_E * GS
+
+        b_dk = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+        b_dv = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+        for e0 in tl.range(lo, hi, BLOCK_E):
+            e = e0 + r // GS
+            e_ok = r_ok & (e < hi)
+            ent = tl.load(entries + e, mask=e_ok, other=0)
+            t = ent // HS
+            hq = (ent % HS) * GS + r % GS
+            row = (i_b * T + t).to(tl.int64) * HQ + hq
+            m_rd = e_ok[:, None] & d_ok[None, :]
+            b_q = tl.load(q + row[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
+            b_do = tl.load(do + row[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
+            b_lse = tl.load(lse + row, mask=e_ok, other=float("-inf"))
+            lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
+            b_delta = tl.load(delta + row, mask=e_ok, other=0.)
+
+            s = _dot(b_q, tl.trans(b_k), IEEE) * scale_log2
+            vis = e_ok[:, None] & s_ok[None, :] & (s_pos[None, :] <= t[:, None])
+            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.)
+            b_dv += _dot(tl.trans(p.to(b_do.dtype)), b_do, IEEE)
+            dp = _dot(b_do, tl.trans(b_v), IEEE)
+            ds = p * (dp - b_delta[:, None])
+            b_dk += _dot(tl.trans(ds.to(b_q.dtype)), b_q, IEEE)
+        b_dk *= scale
+
+        slot = tl.load(item_slot + w)
+        if slot < 0:
+            # The block's only item: write the gradient directly.
+            off = kv_base + s_pos[:, None].to(tl.int64) * (H * D) + o_d[None, :]
+            m = s_ok[:, None] & d_ok[None, :]
+            tl.store(dk + off, b_dk.to(dk.dtype.element_ty), mask=m)
+            tl.store(dv + off, b_dv.to(dv.dtype.element_ty), mask=m)
+        else:
+            o_s = tl.arange(0, BLOCK_S)
+            off = slot.to(tl.int64) * (BLOCK_S * BLOCK_D) + o_s[:, None] * BLOCK_D + o_d[None, :]
+            tl.store(part_dk + off, b_dk)
+            tl.store(part_dv + off, b_dv)
+
+
+@triton.jit
+def _dkv_reduce_kernel(part_dk, part_dv, dk, dv, key_items, key_first_slot, S, BS,
+                       H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Sum the fp32 partials of a split block in item order: deterministic, no atomics.
+    key = tl.program_id(0)
+    n_items = tl.load(key_items + key)
+    if n_items > 1:
+        NB = tl.cdiv(S, BS)
+        i_j = key % NB
+        i_b = key // NB // H
+        i_h = key // NB % H
+        first = tl.load(key_first_slot + key)
+        o_s = tl.arange(0, BLOCK_S)
+        o_d = tl.arange(0, BLOCK_D)
+        part_off = o_s[:, None] * BLOCK_D + o_d[None, :]
+        b_dk = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+        b_dv = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+        for i in range(n_items):
+            base = (first + i).to(tl.int64) * (BLOCK_S * BLOCK_D)
+            b_dk += tl.load(part_dk + base + part_off)
+            b_dv += tl.load(part_dv + base + part_off)
+        s_pos = i_j * BS + o_s
+        s_ok = (o_s < BS) & (s_pos < S)
+        off = (i_b.to(tl.int64) * S * H * D + i_h * D) + s_pos[:, None].to(tl.int64) * (H * D) + o_d[None, :]
+        m = s_ok[:, None] & (o_d[None, :] < D)
+        tl.store(dk + off, b_dk.to(dk.dtype.element_ty), mask=m)
+        tl.store(dv + off, b_dv.to(dv.dtype.element_ty), mask=m)
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _fwd_tiling(G, Hs, H):
+    """(BLOCK_M, TT, SHARED_LIST): rows per tile, tokens per tile, whether all rows share one list."""
+    block_m = max(FWD_MIN_ROWS, _pow2(G))
+    tt = max(1, block_m // G)
+    return block_m, tt, tt == 1 and Hs == H
+
+
+def _launch_cfg(q, k, indices, sel_block):
+    B, T, HQ, D = q.shape
+    S, H = k.shape[1], k.shape[2]
+    Hs, n = indices.shape[2], indices.shape[3]
+    block_m, tt, shared = _fwd_tiling(HQ // H, Hs, H)
+    return dict(HQ=HQ, H=H, HS=Hs, D=D, N_SEL=n, TT=tt, SHARED_LIST=shared, BLOCK_M=block_m,
+                BLOCK_S=max(16, _pow2(sel_block)), BLOCK_D=max(16, _pow2(D)),
+                IEEE=q.dtype == torch.float32 or _interpreting()), (ceil_div(T, tt), B * H)
+
+
+def _dkv_items(indices, H, S, sel_block):
+    """Reverse index and work items for the dK/dV kernel, with torch ops and no host sync.
+
+    Returns entries (int32 t * Hs + hs, grouped by kv block key (b, h, j) and in token order within
+    a key), per-item (key, lo, hi, slot), per-key (number of items, first partial slot), and the
+    number of partial slots to allocate. Every key gets at least one item, so blocks nobody picked
+    still get their (zero) gradient written.
+    """
+    B, T, Hs, n = indices.shape
+    dev = indices.device
+    NB = ceil_div(S, sel_block)
+    NK = B * H * NB
+    total = B * T * Hs * n
+
+    b = torch.arange(B, device=dev, dtype=torch.int32).view(B, 1, 1, 1)
+    h = (torch.arange(Hs, device=dev, dtype=torch.int32) // (Hs // H)).view(1, 1, Hs, 1)
+    ok = (indices >= 0) & (indices < NB)
+    keys = torch.where(ok, (b * H + h) * NB + indices, NK).flatten()
+    # Stable: entries of one key stay in (t, hs) order, so accumulation order is fixed run to run.
+    sorted_keys, order = torch.sort(keys, stable=True)
+    entries = ((order // n) % (T * Hs)).to(torch.int32)
+    offsets = torch.searchsorted(sorted_keys, torch.arange(NK + 1, device=dev, dtype=torch.int32))
+    counts = offsets[1:] - offsets[:-1]
+
+    # Items hold at most `chunk` entries, twice the mean per key: no item is much heavier than the
+    # average block, and at most NK + total // chunk items and 2 * total // chunk partials exist.
+    chunk = DKV_CHUNK or max(64, ceil_div(2 * total, NK))
+    key_items = torch.clamp(ceil_div(counts, chunk), min=1)
+    ends = torch.cumsum(key_items, 0)
+    n_work = NK + total // chunk
+    w = torch.arange(n_work, device=dev)
+    item_key = torch.searchsorted(ends, w, right=True)
+    active = item_key < NK
+    kc = item_key.clamp(max=NK - 1)
+    part = w - (ends[kc] - key_items[kc])
+    lo = offsets[kc] + part * chunk
+    hi = torch.minimum(lo + chunk, offsets[kc + 1])
+    split = active & (key_items[kc] > 1)
+    item_slot = torch.where(split, torch.cumsum(split, 0) - 1, -1)
+    hot_items = torch.where(key_items > 1, key_items, 0)
+    key_first_slot = torch.cumsum(hot_items, 0) - hot_items
+    item_key = torch.where(active, item_key, -1)
+    return (entries, item_key, lo, hi, item_slot, key_items, key_first_slot,
+            max(1, 2 * total // chunk))
+
+
+@torch.library.custom_op("nsa::selection_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, sel_block: int,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v, indices = (x.contiguous() for x in (q, k, v, indices))
+    B, T, HQ, D = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
+    cfg, grid = _launch_cfg(q, k, indices, sel_block)
+    _fwd_kernel[grid](q, k, v, o, lse, indices, T, k.shape[1], sel_block, scale * LOG2E, num_warps=4, **cfg)
+    return o, lse
+
+
+@_fwd_op.register_fake
+def _(q, k, v, indices, sel_block, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("nsa::selection_attention_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+            lse: torch.Tensor, indices: torch.Tensor, sel_block: int,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    do, q, k, v, o, lse, indices = (x.contiguous() for x in (do, q, k, v, o, lse, indices))
+    B, T, HQ, D = q.shape
+    S, H = k.shape[1], k.shape[2]
+    delta = (do.float() * o.float()).sum(-1)
+    cfg, grid = _launch_cfg(q, k, indices, sel_block)
+
+    dq = torch.empty_like(q)
+    _dq_kernel[grid](q, k, v, do, lse, delta, dq, indices, T, S, sel_block, scale, scale * LOG2E,
+                     num_warps=4, **cfg)
+
+    (entries, item_key, item_lo, item_hi, item_slot, key_items, key_first_slot,
+     n_slots) = _dkv_items(indices, H, S, sel_block)
+    GS = HQ // indices.shape[2]
+    block_e = max(1, DKV_ROWS // GS)
+    block_s, block_d = cfg["BLOCK_S"], cfg["BLOCK_D"]
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    part_dk = torch.empty(n_slots, block_s, block_d, dtype=torch.float32, device=q.device)
+    part_dv = torch.empty_like(part_dk)
+    _dkv_kernel[(item_key.numel(),)](
+        q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries, item_key, item_lo, item_hi, item_slot,
+        T, S, sel_block, scale, scale * LOG2E, HQ=HQ, H=H, HS=indices.shape[2], D=D, BLOCK_E=block_e,
+        BLOCK_R=_pow2(block_e * GS), BLOCK_S=block_s, BLOCK_D=block_d, IEEE=cfg["IEEE"], num_warps=8)
+    _dkv_reduce_kernel[(key_items.numel(),)](part_dk, part_dv, dk, dv, key_items, key_first_slot, S, sel_block,
+                                             H=H, D=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
+    return dq, dk, dv
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, o, lse, indices, sel_block, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, indices, sel_block, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, indices, o, lse)
+    ctx.sel_block, ctx.scale = sel_block, scale
+
+
+def _backward(ctx, do, dlse):
+    # lse is an internal output (the public function drops it), so its gradient is never used.
+    q, k, v, indices, o, lse = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, indices, ctx.sel_block, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(q, k, v, indices, sel_block):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, T, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, T, HQ, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k and v must both be [B, S, H, D] with q's B={B} and D={D}; "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    H = k.shape[2]
+    if H == 0 or HQ % H:
+        raise ValueError(f"query heads ({HQ}) must be a multiple of kv heads ({H})")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if indices.dtype != torch.int32:
+        raise TypeError(f"indices must be int32 (as select_blocks returns), got {indices.dtype}")
+    if indices.dim() != 4 or indices.shape[:2] != (B, T) or indices.shape[2] not in (H, HQ):
+        raise ValueError(f"indices must be [B, T, Hs, n] with B={B}, T={T}, Hs in ({H}, {HQ}); "
+                         f"got {tuple(indices.shape)}")
+    if len({q.device, k.device, v.device, indices.device}) != 1:
+        raise ValueError("q, k, v and indices must be on one device")
+    if not isinstance(sel_block, int) or sel_block < 1:
+        raise ValueError(f"sel_block must be a positive int, got {sel_block!r}")
+
+
+def selection_attention(q, k, v, indices, sel_block, scale=None, causal=True, block_gate=None):
+    """Triton twin of `reference.selection_attention` (causal, no block gate).
+
+    q [B, T, HQ, D]; k, v [B, S, H, D]; indices [B, T, Hs, n] int32, each row's valid blocks
+    distinct and ascending, -1 padding. Returns o [B, T, HQ, D] in q's dtype; differentiable in q,
+    k, v.
+    """
+    if not causal:
+        raise NotImplementedError("the Triton selection kernel is causal only: use the torch or flex backend")
+    if block_gate is not None:
+        raise NotImplementedError("the Triton selection kernel has no block gate (diff_topk): use the torch backend")
+    _check_inputs(q, k, v, indices, sel_block)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return _fwd_op(q, k, v, indices, sel_block, scale)[0]
