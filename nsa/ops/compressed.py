@@ -1,0 +1,32 @@
+"""Compressed-branch attention on the range-attention kernel (`nsa.ops.range_attention`).
+
+Reference twin: `nsa.ops.reference.compressed_attention`. Key row r of ck/cv is a memory key for
+r < num_mem (always visible) and compressed block i = r - num_mem otherwise, visible to query t iff
+its last token is not in the future: i*stride + block - 1 <= t. Both together are the key prefix
+
+    [0, num_mem - 1 + max(t + stride - block + 1, 0) // stride]
+
+(the max(...) // stride term counts the visible blocks), so this is range attention with no lower bound.
+"""
+
+from nsa.ops.range_attention import NO_LO_BOUND, range_attention
+
+
+def compressed_rule(block, stride, num_mem):
+    """(hi_base, hi_off, hi_div, lo_back) of the compressed branch's visibility for `range_attention`."""
+    if block % stride:
+        raise ValueError(f"stride {stride} must divide block {block}")
+    return num_mem - 1, stride - block + 1, stride, NO_LO_BOUND
+
+
+def compressed_attention(q, ck, cv, block, stride, num_mem, scale=None, causal=True):
+    """(o [B, T, HQ, D], lse [B, T, HQ] fp32) over memory + compressed keys ck, cv [B, num_mem + N_c, H, D].
+
+    A query that sees no key (num_mem = 0 and t < block - 1) gets o = 0 and lse = -inf. Differentiable in
+    q, ck and cv; no gradient flows through lse.
+    """
+    if not causal:
+        raise NotImplementedError("the Triton compressed attention is causal only: use the torch backend "
+                                  "(nsa.ops.reference.compressed_attention) for causal=False")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return range_attention(q, ck, cv, scale, *compressed_rule(block, stride, num_mem))

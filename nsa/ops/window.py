@@ -1,0 +1,24 @@
+"""Sliding-window attention on the range-attention kernel (`nsa.ops.range_attention`).
+
+Reference twin: `nsa.ops.reference.sliding_window_attention`. Query t sees keys (t - window, t], the
+interval [t - window + 1, t]; the kernel visits only key tiles that meet a query tile's band, so the
+cost is O(T * window), not O(T^2).
+"""
+
+from nsa.ops.range_attention import range_attention
+
+
+def window_rule(window):
+    """(hi_base, hi_off, hi_div, lo_back) of the causal window for `range_attention`."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    return 0, 0, 1, window - 1
+
+
+def sliding_window_attention(q, k, v, window, scale=None, causal=True):
+    """o [B, T, HQ, D]: attention over the `window` most recent keys, the query's own token included."""
+    if not causal:
+        raise NotImplementedError("the Triton sliding window is causal only: use the torch or flex backend "
+                                  "for causal=False")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return range_attention(q, k, v, scale, *window_rule(window))[0]

@@ -1,0 +1,127 @@
+"""Triton compressed attention (nsa.ops.compressed, on nsa.ops.range_attention) against the reference.
+
+On CPU the kernels run in the Triton interpreter with small tiles, so these small odd shapes still
+cross several query and key tiles and the split dk/dv path.
+"""
+
+import math
+
+import pytest
+import torch
+
+from nsa.ops import range_attention, reference
+from nsa.ops.common import num_compressed_blocks
+from nsa.ops.compressed import compressed_attention
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    """Kernel outputs start as NaN, so an element a kernel forgets to write fails the comparison."""
+    def empty(shape, dtype, device):
+        return torch.full(shape, math.nan, dtype=dtype, device=device)
+
+    monkeypatch.setattr(range_attention, "_empty", empty)
+
+
+def assert_close(got, want, dtype, what):
+    assert not got.isnan().any(), f"{what}: NaN (unwritten or invalid) elements"
+    scale = want.float().abs().max().clamp_min(1.0)
+    err = (got.float() - want.float()).abs().max() / scale
+    assert err <= TOL[dtype], f"{what}: max error {err:.3g} (relative to {scale:.3g}) > {TOL[dtype]}"
+
+
+def device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def inputs(B, T, H, G, D, block, stride, num_mem, dtype, dev):
+    S = num_mem + num_compressed_blocks(T, block, stride)
+    q = torch.randn(B, T, H * G, D, device=dev, dtype=dtype)
+    ck = torch.randn(B, S, H, D, device=dev, dtype=dtype)
+    cv = torch.randn(B, S, H, D, device=dev, dtype=dtype)
+    return [x.requires_grad_() for x in (q, ck, cv)]
+
+
+def check(B, T, H, G, D, block, stride, num_mem, dtype, dev=None):
+    dev = dev or device()
+    q, ck, cv = inputs(B, T, H, G, D, block, stride, num_mem, dtype, dev)
+    o, lse = compressed_attention(q, ck, cv, block, stride, num_mem)
+    if ck.shape[1] == 0:  # no key at all (the reference cannot reduce over an empty axis)
+        assert (o == 0).all() and (lse == -math.inf).all()
+        (dq,) = torch.autograd.grad(o, (q,), torch.randn_like(o))
+        assert (dq == 0).all()
+        return
+    ro, rlse = reference.compressed_attention(q, ck, cv, block, stride, num_mem)
+    assert o.dtype == q.dtype and lse.dtype == torch.float32
+    assert_close(o, ro, dtype, "o")
+    # Rows that see no key: lse = -inf in both, o = 0.
+    assert torch.equal(lse == -math.inf, rlse == -math.inf)
+    finite = rlse > -math.inf
+    assert_close(lse[finite], rlse[finite], torch.float32, "lse")
+    assert (o[~finite] == 0).all()
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, ck, cv), do)
+    rgrads = torch.autograd.grad(ro, (q, ck, cv), do)
+    for name, g, rg in zip(("dq", "dck", "dcv"), grads, rgrads):
+        assert g.dtype == rg.dtype
+        assert_close(g, rg, dtype, name)
+
+
+@pytest.mark.parametrize("T", [1, 7, 37, 70])
+@pytest.mark.parametrize("num_mem", [0, 1, 2])
+def test_shapes_and_memory(T, num_mem):
+    check(1, T, 2, 2, 32, 8, 4, num_mem, torch.float32)
+
+
+@pytest.mark.parametrize("G", [1, 3, 4, 16])
+def test_group_sizes(G):
+    check(2, 37, 2, G, 32, 8, 4, 1, torch.float32)
+
+
+@pytest.mark.parametrize("block,stride", [(8, 4), (4, 4), (16, 8), (2, 1)])
+def test_block_stride(block, stride):
+    check(1, 70, 1, 2, 16, block, stride, 1, torch.float32)
+
+
+@pytest.mark.parametrize("D", [64, 96])
+def test_head_dims(D):
+    check(1, 37, 1, 4, D, 8, 4, 1, torch.float32)
+
+
+@pytest.mark.parametrize("num_mem", [0, 1])
+def test_bf16(num_mem):
+    check(1, 70, 2, 4, 64, 8, 4, num_mem, torch.bfloat16)
+
+
+def test_lse_gets_no_gradient_and_compiles_without_graph_break():
+    q, ck, cv = inputs(1, 37, 1, 2, 16, 8, 4, 1, torch.float32, device())
+
+    def f(q, ck, cv):
+        o, lse = compressed_attention(q, ck, cv, 8, 4, 1)
+        return o.sum() + lse.sum()
+
+    torch.compile(f, backend="aot_eager", fullgraph=True)(q, ck, cv).backward()
+    dq = q.grad.clone()
+    q.grad = None
+    reference.compressed_attention(q, ck, cv, 8, 4, 1)[0].sum().backward()
+    assert_close(dq, q.grad, torch.float32, "dq")
+
+
+def test_not_causal_raises():
+    q, ck, cv = inputs(1, 8, 1, 1, 16, 4, 4, 1, torch.float32, device())
+    with pytest.raises(NotImplementedError):
+        compressed_attention(q, ck, cv, 4, 4, 1, causal=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("G,D", [(16, 128), (1, 64), (3, 96), (64, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_large(G, D, dtype):
+    check(2, 2048, 2, G, D, 32, 16, 1, dtype, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_long_split_dkdv():
+    check(1, 8192, 4, 16, 128, 32, 16, 1, torch.bfloat16, "cuda")

@@ -1,0 +1,94 @@
+"""Triton sliding-window attention (nsa.ops.window, on nsa.ops.range_attention) against the reference.
+
+On CPU the kernels run in the Triton interpreter with small tiles (16 keys), so windows below, at and
+above a tile and sequences of several tiles exercise the band skipping.
+"""
+
+import math
+
+import pytest
+import torch
+
+from nsa.ops import range_attention, reference
+from nsa.ops.window import sliding_window_attention
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    """Kernel outputs start as NaN, so an element a kernel forgets to write fails the comparison."""
+    def empty(shape, dtype, device):
+        return torch.full(shape, math.nan, dtype=dtype, device=device)
+
+    monkeypatch.setattr(range_attention, "_empty", empty)
+
+
+def assert_close(got, want, dtype, what):
+    assert not got.isnan().any(), f"{what}: NaN (unwritten or invalid) elements"
+    scale = want.float().abs().max().clamp_min(1.0)
+    err = (got.float() - want.float()).abs().max() / scale
+    assert err <= TOL[dtype], f"{what}: max error {err:.3g} (relative to {scale:.3g}) > {TOL[dtype]}"
+
+
+def check(B, T, H, G, D, window, dtype, dev=None):
+    dev = dev or ("cuda" if torch.cuda.is_available() else "cpu")
+    q = torch.randn(B, T, H * G, D, device=dev, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, T, H, D, device=dev, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, T, H, D, device=dev, dtype=dtype, requires_grad=True)
+    o = sliding_window_attention(q, k, v, window)
+    ro = reference.sliding_window_attention(q, k, v, window)
+    assert o.dtype == q.dtype
+    assert_close(o, ro, dtype, "o")
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    rgrads = torch.autograd.grad(ro, (q, k, v), do)
+    for name, g, rg in zip(("dq", "dk", "dv"), grads, rgrads):
+        assert_close(g, rg, dtype, name)
+
+
+@pytest.mark.parametrize("T", [1, 7, 37, 70])
+@pytest.mark.parametrize("window", [1, 5, 16, 33])
+def test_shapes_and_windows(T, window):
+    check(1, T, 2, 2, 32, window, torch.float32)
+
+
+@pytest.mark.parametrize("G", [1, 3, 4, 16])
+def test_group_sizes(G):
+    check(2, 37, 2, G, 32, 9, torch.float32)
+
+
+@pytest.mark.parametrize("D", [64, 96])
+def test_head_dims(D):
+    check(1, 37, 1, 2, D, 20, torch.float32)
+
+
+@pytest.mark.parametrize("G", [1, 4])
+def test_bf16(G):
+    check(1, 70, 2, G, 64, 24, torch.bfloat16)
+
+
+def test_compiles_without_graph_break():
+    q, k, v = (torch.randn(1, 20, 2, 16, requires_grad=True) for _ in range(3))
+    f = torch.compile(lambda q, k, v: sliding_window_attention(q, k, v, 6), backend="aot_eager", fullgraph=True)
+    f(q, k, v).sum().backward()
+    assert_close(q.grad, torch.autograd.grad(reference.sliding_window_attention(q, k, v, 6).sum(), q)[0],
+                 torch.float32, "dq")
+
+
+def test_not_causal_raises():
+    q = torch.randn(1, 8, 1, 16)
+    with pytest.raises(NotImplementedError):
+        sliding_window_attention(q, q, q, 4, causal=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("G,D", [(16, 128), (1, 64), (3, 96), (64, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_large(G, D, dtype):
+    check(2, 2048, 2, G, D, 512, dtype, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_window_longer_than_sequence():
+    check(1, 1000, 4, 16, 128, 4096, torch.bfloat16, "cuda")
