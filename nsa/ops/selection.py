@@ -369,15 +369,44 @@ def _dkv_items(indices, H, S, sel_block):
             max(1, 2 * total // chunk))
 
 
+def selection_fwd(q, k, v, indices, sel_block, scale, o, lse):
+    """Launch the forward into preallocated o [B, T, HQ, D] and lse [B, T, HQ] fp32 (contiguous
+    inputs); the tests hand in NaN-filled buffers to catch unwritten elements."""
+    T = q.shape[1]
+    cfg, grid = _launch_cfg(q, k, indices, sel_block)
+    _fwd_kernel[grid](q, k, v, o, lse, indices, T, k.shape[1], sel_block, scale * LOG2E, num_warps=4, **cfg)
+
+
+def selection_bwd(do, q, k, v, o, lse, indices, sel_block, scale, dq, dk, dv):
+    """Launch the backward into preallocated dq, dk, dv (contiguous inputs)."""
+    B, T, HQ, D = q.shape
+    S, H, Hs = k.shape[1], k.shape[2], indices.shape[2]
+    delta = (do.float() * o.float()).sum(-1)
+    cfg, grid = _launch_cfg(q, k, indices, sel_block)
+    _dq_kernel[grid](q, k, v, do, lse, delta, dq, indices, T, S, sel_block, scale, scale * LOG2E,
+                     num_warps=4, **cfg)
+
+    (entries, item_key, item_lo, item_hi, item_slot, key_items, key_first_slot,
+     n_slots) = _dkv_items(indices, H, S, sel_block)
+    block_e = max(1, DKV_ROWS // (HQ // Hs))
+    block_s, block_d = cfg["BLOCK_S"], cfg["BLOCK_D"]
+    part_dk = torch.empty(n_slots, block_s, block_d, dtype=torch.float32, device=q.device)
+    part_dv = torch.empty_like(part_dk)
+    _dkv_kernel[(item_key.numel(),)](
+        q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries, item_key, item_lo, item_hi, item_slot,
+        T, S, sel_block, scale, scale * LOG2E, HQ=HQ, H=H, HS=Hs, D=D, BLOCK_E=block_e,
+        BLOCK_R=_pow2(block_e * (HQ // Hs)), BLOCK_S=block_s, BLOCK_D=block_d, IEEE=cfg["IEEE"], num_warps=8)
+    _dkv_reduce_kernel[(key_items.numel(),)](part_dk, part_dv, dk, dv, key_items, key_first_slot, S, sel_block,
+                                             H=H, D=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
+
+
 @torch.library.custom_op("nsa::selection_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, sel_block: int,
             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v, indices = (x.contiguous() for x in (q, k, v, indices))
-    B, T, HQ, D = q.shape
     o = torch.empty_like(q)
-    lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
-    cfg, grid = _launch_cfg(q, k, indices, sel_block)
-    _fwd_kernel[grid](q, k, v, o, lse, indices, T, k.shape[1], sel_block, scale * LOG2E, num_warps=4, **cfg)
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    selection_fwd(q, k, v, indices, sel_block, scale, o, lse)
     return o, lse
 
 
@@ -391,29 +420,8 @@ def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             lse: torch.Tensor, indices: torch.Tensor, sel_block: int,
             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     do, q, k, v, o, lse, indices = (x.contiguous() for x in (do, q, k, v, o, lse, indices))
-    B, T, HQ, D = q.shape
-    S, H = k.shape[1], k.shape[2]
-    delta = (do.float() * o.float()).sum(-1)
-    cfg, grid = _launch_cfg(q, k, indices, sel_block)
-
-    dq = torch.empty_like(q)
-    _dq_kernel[grid](q, k, v, do, lse, delta, dq, indices, T, S, sel_block, scale, scale * LOG2E,
-                     num_warps=4, **cfg)
-
-    (entries, item_key, item_lo, item_hi, item_slot, key_items, key_first_slot,
-     n_slots) = _dkv_items(indices, H, S, sel_block)
-    GS = HQ // indices.shape[2]
-    block_e = max(1, DKV_ROWS // GS)
-    block_s, block_d = cfg["BLOCK_S"], cfg["BLOCK_D"]
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    part_dk = torch.empty(n_slots, block_s, block_d, dtype=torch.float32, device=q.device)
-    part_dv = torch.empty_like(part_dk)
-    _dkv_kernel[(item_key.numel(),)](
-        q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries, item_key, item_lo, item_hi, item_slot,
-        T, S, sel_block, scale, scale * LOG2E, HQ=HQ, H=H, HS=indices.shape[2], D=D, BLOCK_E=block_e,
-        BLOCK_R=_pow2(block_e * GS), BLOCK_S=block_s, BLOCK_D=block_d, IEEE=cfg["IEEE"], num_warps=8)
-    _dkv_reduce_kernel[(key_items.numel(),)](part_dk, part_dv, dk, dv, key_items, key_first_slot, S, sel_block,
-                                             H=H, D=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    selection_bwd(do, q, k, v, o, lse, indices, sel_block, scale, dq, dk, dv)
     return dq, dk, dv
 
 

@@ -1,0 +1,155 @@
+"""Triton selected-block attention (nsa.ops.selection) against the reference.
+
+On CPU the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay
+small; the `gpu` test repeats the comparison at a larger size on a CUDA device.
+"""
+
+import pytest
+import torch
+
+from nsa.ops import reference, selection
+from nsa.ops.common import ceil_div
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Errors are measured relative to the largest reference value of each tensor. bf16 keeps 8 bits of
+# mantissa: the kernel rounds q, k, v and P to bf16 like any flash kernel, so a few ulps of 2^-8.
+RTOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+def _indices(B, T, Hs, sel_block, n):
+    """Random importance through the reference top-n: forced initial/local blocks, -1 padding."""
+    imp = torch.rand(B, T, Hs, ceil_div(T, sel_block), device=DEVICE)
+    return reference.select_blocks(imp, sel_block, n)
+
+
+def _inputs(B, T, H, G, D, dtype):
+    q = torch.randn(B, T, H * G, D, device=DEVICE).to(dtype)
+    k = torch.randn(B, T, H, D, device=DEVICE).to(dtype)
+    v = torch.randn(B, T, H, D, device=DEVICE).to(dtype)
+    do = torch.randn(B, T, H * G, D, device=DEVICE).to(dtype)
+    return q, k, v, do
+
+
+def _kernel_grads(q, k, v, do, idx, sel_block):
+    """Forward + backward into NaN-filled buffers: an element a kernel forgets to write stays NaN."""
+    scale = q.shape[-1] ** -0.5
+    nan = float("nan")
+    o, dq = torch.full_like(q, nan), torch.full_like(q, nan)
+    dk, dv = torch.full_like(k, nan), torch.full_like(v, nan)
+    lse = torch.full(q.shape[:3], nan, device=q.device)
+    selection.selection_fwd(q, k, v, idx, sel_block, scale, o, lse)
+    selection.selection_bwd(do, q, k, v, o, lse, idx, sel_block, scale, dq, dk, dv)
+    return o, dq, dk, dv
+
+
+def _check(B, T, H, G, D, sel_block, n, shared=True, dtype=torch.float32):
+    q, k, v, do = _inputs(B, T, H, G, D, dtype)
+    idx = _indices(B, T, H if shared else H * G, sel_block, n)
+    got = _kernel_grads(q, k, v, do, idx, sel_block)
+
+    # Reference in fp32 on the same (possibly bf16-rounded) inputs.
+    qf, kf, vf = (x.float().requires_grad_() for x in (q, k, v))
+    o = reference.selection_attention(qf, kf, vf, idx, sel_block)
+    want = (o,) + torch.autograd.grad(o, (qf, kf, vf), do.float())
+    for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
+        assert g.dtype == dtype and g.shape == w.shape, name
+        assert not torch.isnan(g).any(), f"{name} has unwritten (NaN) elements"
+        err = (g.float() - w).abs().max().item()
+        ref_max = max(w.abs().max().item(), 1.0)
+        assert err <= RTOL[dtype] * ref_max, f"{name}: max error {err:.3g} (ref max {ref_max:.3g})"
+
+
+@pytest.mark.parametrize("G", [1, 2, 4, 16])
+@pytest.mark.parametrize("T", [1, 7, 61])
+def test_shared_indices_fp32(G, T):
+    _check(B=2 if G < 16 else 1, T=T, H=2 if G < 16 else 1, G=G, D=32, sel_block=16, n=3)
+
+
+def test_per_head_indices_non_pow2_head_dim():
+    _check(B=1, T=45, H=2, G=4, D=48, sel_block=16, n=3, shared=False)
+
+
+def test_padding_more_slots_than_blocks():
+    # n = 6 > the 4 blocks of T = 50: every row ends in -1 padding.
+    _check(B=1, T=50, H=1, G=2, D=32, sel_block=16, n=6)
+
+
+def test_odd_group_and_block_size():
+    # G = 3 packs 5 tokens in a 16-row tile; l' = 24 pads the key tile to 32.
+    _check(B=1, T=53, H=2, G=3, D=32, sel_block=24, n=2)
+
+
+@pytest.mark.parametrize("G,shared", [(4, True), (16, True), (2, False)])
+def test_bf16(G, shared):
+    _check(B=1, T=39, H=1, G=G, D=32, sel_block=16, n=3, shared=shared, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_split_blocks(monkeypatch, shared):
+    # Tiny work items split every busy block across programs: exercises the partial-sum reduction.
+    monkeypatch.setattr(selection, "DKV_CHUNK", 3)
+    _check(B=2, T=40, H=1, G=2, D=32, sel_block=16, n=3, shared=shared)
+
+
+def test_packed_tile_of_many_tokens(monkeypatch):
+    # 64-row tiles at G = 2: 32 tokens per program, a wide union of block lists.
+    monkeypatch.setattr(selection, "FWD_MIN_ROWS", 64)
+    _check(B=1, T=70, H=1, G=2, D=32, sel_block=16, n=3)
+
+
+def test_deterministic(monkeypatch):
+    monkeypatch.setattr(selection, "DKV_CHUNK", 5)
+    q, k, v, do = _inputs(1, 48, 1, 4, 32, torch.float32)
+    idx = _indices(1, 48, 1, 16, 3)
+    a = _kernel_grads(q, k, v, do, idx, 16)
+    b = _kernel_grads(q, k, v, do, idx, 16)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_autograd_and_custom_op():
+    q, k, v, do = _inputs(1, 20, 1, 2, 16, torch.float32)
+    idx = _indices(1, 20, 1, 16, 2)
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    selection.selection_attention(qs, ks, vs, idx, 16).backward(do)
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    reference.selection_attention(qr, kr, vr, idx, 16).backward(do)
+    for a, b in ((qs, qr), (ks, kr), (vs, vr)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    # Fake-tensor kernels and schemas are consistent (what torch.compile relies on).
+    torch.library.opcheck(selection._fwd_op, (q, k, v, idx, 16, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compile_without_graph_break():
+    q, k, v, _ = _inputs(1, 9, 1, 2, 16, torch.float32)
+    idx = _indices(1, 9, 1, 16, 1)
+    fn = torch.compile(lambda q, k, v: selection.selection_attention(q, k, v, idx, 16) * 2,
+                       backend="eager", fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v), 2 * reference.selection_attention(q, k, v, idx, 16))
+
+
+def test_input_errors():
+    q, k, v, _ = _inputs(1, 8, 1, 2, 16, torch.float32)
+    idx = _indices(1, 8, 1, 16, 1)
+    with pytest.raises(NotImplementedError):
+        selection.selection_attention(q, k, v, idx, 16, causal=False)
+    with pytest.raises(NotImplementedError):
+        selection.selection_attention(q, k, v, idx, 16, block_gate=torch.ones(1, 8, 1, 1))
+    with pytest.raises(TypeError, match="int32"):
+        selection.selection_attention(q, k, v, idx.long(), 16)
+    with pytest.raises(TypeError, match="dtype"):
+        selection.selection_attention(q, k.double(), v, idx, 16)
+    with pytest.raises(ValueError, match="indices"):
+        selection.selection_attention(q, k, v, idx[:, :4], 16)
+    with pytest.raises(ValueError, match="multiple"):
+        selection.selection_attention(q[:, :, :1].expand(1, 8, 3, 16), k.expand(1, 8, 2, 16),
+                                      v.expand(1, 8, 2, 16), idx.expand(1, 8, 2, 1), 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("G,shared,dtype", [(16, True, torch.bfloat16), (4, True, torch.bfloat16),
+                                             (1, True, torch.float32), (8, False, torch.bfloat16)])
+def test_gpu_larger(G, shared, dtype):
+    _check(B=2, T=1537, H=2, G=G, D=128, sel_block=64, n=8, shared=shared, dtype=dtype)
+    _check(B=1, T=1000, H=1, G=G, D=96, sel_block=32, n=16, shared=shared, dtype=dtype)
