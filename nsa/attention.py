@@ -100,6 +100,40 @@ class SparseAttention(nn.Module):
         self.last_gates = g.detach().mean(dim=(0, 1, 2)).squeeze(-1)  # [3], logged by train.py
         return self.to_out(o.reshape(B, T, -1))
 
+    # --- Decoding (nsa/cache.py, nsa/generation.py) ------------------------------------------------
+
+    def prefill(self, x, cache):
+        """The normal forward over a prompt x [B, T, dim] (positions 0..T-1), also filling `cache`
+        (an nsa.cache.SparseCache) with its keys, values and compressed blocks."""
+        out = self(x)
+        _, ((k_c, v_c), (k_s, v_s), (k_w, v_w)) = self.project(x)
+        pos = torch.arange(x.shape[1], device=x.device)
+        k_sr = rotate(self.rotary, k_s, pos)
+        k_wr = k_sr if k_w is k_s else rotate(self.rotary, k_w, pos)
+        ck, cv = self.compressed_kv(k_c, v_c)
+        cache.fill(ck, cv, k_c, v_c, k_sr, v_s, k_wr, v_w)
+        return out
+
+    def decode(self, x, cache, pos):
+        """One token per sequence: x [B, 1, dim] at positions pos [B] (int64, on x's device) ->
+        [B, 1, dim]. Appends the token to `cache` first; no host synchronisation."""
+        from nsa.cache import decode_fn
+
+        c = self.cfg
+        if not c.causal:
+            raise ValueError("decoding needs a causal model (nsa.causal = true)")
+        B = x.shape[0]
+        q, ((k_c, v_c), (k_s, v_s), (k_w, v_w)) = self.project(x)
+        p = pos[:, None]
+        q_r, k_sr = rotate(self.rotary, q, p), rotate(self.rotary, k_s, p)
+        k_wr = k_sr if k_w is k_s else rotate(self.rotary, k_w, p)
+        cache.append(pos, k_c, v_c, k_sr, v_s, k_wr, v_w, self.k_compress, self.v_compress)
+        gates = torch.sigmoid(self.to_gates(x)).view(B, self.heads, 3)
+        o = decode_fn(c.backend, x.device)(
+            q[:, 0], q_r[:, 0], *cache.tensors(), gates, pos, c.compress_block, c.compress_stride, c.sel_block,
+            c.num_mem, c.num_selected, c.num_initial, c.num_local, c.window, c.shared_selection, self.scale)
+        return self.to_out(o.reshape(B, 1, -1).to(x.dtype))
+
 
 class DenseAttention(nn.Module):
     """Causal grouped-query attention through SDPA (cuDNN / flash on GPU): the dense baseline."""
@@ -121,3 +155,27 @@ class DenseAttention(nn.Module):
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True, enable_gqa=self.heads != self.kv_heads)
         return self.to_out(o.transpose(1, 2).reshape(B, T, -1))
+
+    # --- Decoding (nsa/cache.py, nsa/generation.py) ------------------------------------------------
+
+    def prefill(self, x, cache):
+        """The normal forward over a prompt x [B, T, dim], also filling `cache` (nsa.cache.DenseCache)."""
+        out = self(x)
+        B, T, _ = x.shape
+        pos = torch.arange(T, device=x.device)
+        k, v = self.to_kv(x).view(B, T, 2, self.kv_heads, self.dim_head).unbind(2)
+        cache.fill(rotate(self.rotary, k, pos), v)
+        return out
+
+    def decode(self, x, cache, pos):
+        """One token per sequence x [B, 1, dim] at positions pos [B]: SDPA over the whole static cache
+        with a length mask (static shapes, no host synchronisation)."""
+        B = x.shape[0]
+        p = pos[:, None]
+        q = rotate(self.rotary, self.to_q(x).view(B, 1, self.heads, self.dim_head), p)
+        k, v = self.to_kv(x).view(B, 1, 2, self.kv_heads, self.dim_head).unbind(2)
+        cache.append(pos, rotate(self.rotary, k, p), v)
+        mask = (torch.arange(cache.max_len, device=x.device)[None, :] <= p)[:, None, None, :]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k.transpose(1, 2), cache.v.transpose(1, 2),
+                                           attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+        return self.to_out(o.transpose(1, 2).reshape(B, 1, -1))

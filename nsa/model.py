@@ -35,6 +35,14 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), pos)
         return x + self.ff(self.norm2(x))
 
+    def prefill(self, x, cache):
+        x = x + self.attn.prefill(self.norm1(x), cache)
+        return x + self.ff(self.norm2(x))
+
+    def decode(self, x, cache, pos):
+        x = x + self.attn.decode(self.norm1(x), cache, pos)
+        return x + self.ff(self.norm2(x))
+
 
 class Transformer(nn.Module):
     def __init__(self, cfg):
@@ -71,6 +79,28 @@ class Transformer(nn.Module):
     def gate_means(self):
         """Mean gate per branch (cmp, slc, win) of each NSA layer's last forward, for logging."""
         return {i: b.attn.last_gates for i, b in enumerate(self.blocks) if hasattr(b.attn, "last_gates")}
+
+    # --- Decoding (nsa/cache.py, nsa/generation.py) ------------------------------------------------
+
+    def prefill(self, idx, cache):
+        """Prompt idx [B, T] through the normal forward, filling `cache` (nsa.cache.ModelCache) and
+        setting its lengths to T; returns the logits of every position [B, T, vocab]."""
+        x = self.embed(idx)
+        for block, layer in zip(self.blocks, cache.layers):
+            x = block.prefill(x, layer)
+        cache.lengths.fill_(idx.shape[1])
+        return self.head(self.norm(x))
+
+    def decode_step(self, idx, cache):
+        """One new token per sequence idx [B] at positions cache.lengths -> logits [B, vocab]; advances
+        cache.lengths in place. Static shapes and no host synchronisation: CUDA-graph capturable."""
+        pos = cache.lengths
+        x = self.embed(idx[:, None])
+        for block, layer in zip(self.blocks, cache.layers):
+            x = block.decode(x, layer, pos)
+        logits = self.head(self.norm(x))[:, 0]
+        cache.lengths.add_(1)
+        return logits
 
 
 def bits_per_byte(loss_nats):

@@ -201,3 +201,81 @@ def dense_attention(q, k, v, scale=None, causal=True):
     mask = window_mask(T, S, max(T, S) + 1, causal, q.device)
     return attend(q, k, v, _mask5(mask), scale)[0]
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding: one new query per sequence against preallocated caches (nsa/cache.py).
+
+
+def ring_positions(t, slots):
+    """[B, slots] int64: the token position held by each slot of a ring buffer of `slots` rows
+    (position p lives in slot p % slots) once token t [B] is written; negative means empty."""
+    s = torch.arange(slots, device=t.device)[None, :]
+    t = t.long()[:, None]
+    return t - torch.remainder(t - s, slots)
+
+
+def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block, stride, sel_block,
+                     num_mem, num_selected, num_initial=1, num_local=2, window=512, shared=True, scale=None,
+                     return_indices=False):
+    """One NSA decode step: the query of token t [B] (its keys already in the caches).
+
+    q, q_rot [B, HQ, D]: the query without / with rotary (compressed branch / the other two).
+    ck, cv [B, num_mem + N_max, H, D]: memory rows, then compressed block i at row num_mem + i
+    (rows of blocks not yet complete are ignored). k_slc, v_slc [B, S, H, D]: rotated keys and values of
+    positions 0..S-1 for selection. k_win, v_win [B, W, H, D]: the window branch's rotated keys and
+    values in a ring, position p in slot p % W (W >= min(window, t + 1); W = S when it is the full cache).
+    gates [B, HQ, 3] (cmp, slc, win), already through the sigmoid.
+    Returns o [B, HQ, D] in q's dtype (and the selected blocks [B, Hs, n] int32, ascending, -1 padded,
+    with return_indices). Equals the parallel ops at row t, which is what the tests check.
+    """
+    B, HQ, D = q.shape
+    H = ck.shape[2]
+    G = HQ // H
+    scale = D**-0.5 if scale is None else scale
+    t = t.long()
+    num_cmp = ck.shape[1] - num_mem
+    # Compressed branch: memory rows always, block i once i*stride + block - 1 <= t.
+    last = torch.arange(num_cmp, device=q.device) * stride + block - 1
+    vis = last[None, :] <= t[:, None]  # [B, N_max]
+    vis_all = torch.cat([torch.ones(B, num_mem, dtype=torch.bool, device=q.device), vis], 1)
+    o_cmp, lse = attend(q[:, None], ck, cv, vis_all[:, None, None, None, :], scale)
+    # Importance: compressed probabilities (memory dropped) mapped onto selection blocks by overlap.
+    S = k_slc.shape[1]
+    n_sel = ceil_div(S, sel_block)
+    s = torch.einsum("bhgd,bshd->bhgs", q.float().view(B, H, G, D), ck[:, num_mem:].float()) * scale
+    p_cmp = torch.where(vis[:, None, None, :], torch.exp(s - lse.view(B, H, G, 1)), torch.zeros_like(s))
+    imp = p_cmp @ overlap_matrix(num_cmp, n_sel, block, stride, sel_block, q.device).float()
+    imp = imp.sum(dim=2) if shared else imp.reshape(B, HQ, n_sel)  # [B, Hs, n_sel]
+    # Top-n: valid j <= t // sel_block; forced initial and local blocks; ties to the lower index.
+    j = torch.arange(n_sel, device=q.device)[None, :]
+    cur = (t // sel_block)[:, None]
+    valid = j <= cur
+    forced = valid & ((j < num_initial) | ((cur - j >= 0) & (cur - j < num_local)))
+    score = imp.masked_fill(forced[:, None], float("inf")).masked_fill(~valid[:, None], float("-inf"))
+    k = min(num_selected, n_sel)
+    top_score, top_idx = torch.sort(score, dim=-1, descending=True, stable=True)
+    top_idx = torch.where(top_score[..., :k] > float("-inf"), top_idx[..., :k], n_sel).sort(dim=-1).values
+    idx = torch.where(top_idx == n_sel, -1, top_idx)
+    idx = torch.cat([idx, idx.new_full((B, idx.shape[1], num_selected - k), -1)], -1).to(torch.int32)
+    # Selected branch: tokens <= t of the selected blocks.
+    picked = _scatter_blocks(idx[:, None], n_sel, torch.ones_like(idx[:, None], dtype=torch.bool))[:, 0]
+    pos = torch.arange(S, device=q.device)
+    tok = picked[..., pos // sel_block] & (pos[None, None, :] <= t[:, None, None])  # [B, Hs, S]
+    o_slc = attend(q_rot[:, None], k_slc, v_slc, tok.view(B, H, -1, 1, S), scale)[0]
+    # Window branch: the ring slots holding positions (t - window, t].
+    p = ring_positions(t, k_win.shape[1])
+    win = (p >= 0) & (t[:, None] - p < window)
+    o_win = attend(q_rot[:, None], k_win, v_win, win[:, None, None, None, :], scale)[0]
+    g = gates.float()
+    o = g[..., 0:1] * o_cmp[:, 0].float() + g[..., 1:2] * o_slc[:, 0].float() + g[..., 2:3] * o_win[:, 0].float()
+    o = o.to(q.dtype)
+    return (o, idx) if return_indices else o
+
+
+def dense_decode_attention(q, k, v, t, scale=None):
+    """Dense decode: q [B, HQ, D] of token t [B] over the cache k, v [B, S, H, D] rows 0..t."""
+    B, HQ, D = q.shape
+    scale = D**-0.5 if scale is None else scale
+    vis = torch.arange(k.shape[1], device=q.device)[None, :] <= t.long()[:, None]
+    return attend(q[:, None], k, v, vis[:, None, None, None, :], scale)[0][:, 0]

@@ -1,0 +1,236 @@
+"""Text generation: checkpoint loading, prefill + cached decode steps, sampling.
+
+`generate` runs the prompt through the model's parallel forward once (`Transformer.prefill`, which
+fills a preallocated `nsa.cache.ModelCache`), then one `Transformer.decode_step` per new token. The
+step has static shapes and never synchronises with the host, so on CUDA it can be captured once in a
+CUDA graph (`cuda_graph=True`) or compiled with torch.compile(mode="reduce-overhead") (`compile=True`)
+and replayed for every token. `use_cache=False` instead reruns the full forward on the whole sequence
+each step: slow, for comparison and tests.
+"""
+
+import os
+import time
+
+import torch
+
+from nsa.config import Config, ConfigError, from_dict
+from nsa.model import Transformer
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def load_model(path, device="cpu", dtype=None):
+    """Rebuild the model of a checkpoint ({"model": state_dict, "config": nested dict}) on `device`.
+
+    dtype (e.g. torch.bfloat16) casts the weights, keeping the rotary frequencies in fp32 (positions
+    past 256 are not representable in bf16). Returns (model in eval mode, Config)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    ckpt = _read_checkpoint(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} is not an nsa checkpoint: expected a dict with keys 'model' and 'config', got {keys}")
+    try:
+        cfg = from_dict(Config, ckpt["config"]).validate()
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its config does not fit this version of nsa: {e}") from e
+    model = Transformer(cfg.model)
+    state = {_strip_prefix(k): v for k, v in ckpt["model"].items()}
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match its config's model "
+                              f"(missing: {_short(missing)}; unexpected: {_short(unexpected)})")
+    for name, p in expected.items():
+        if p.shape != state[name].shape:
+            raise CheckpointError(f"{path}: weights do not match its config's model: {name} has shape "
+                                  f"{tuple(state[name].shape)}, the model expects {tuple(p.shape)}")
+    model.load_state_dict(state)
+    model.to(device=device)
+    if dtype is not None:
+        cast_model(model, dtype)
+    return model.eval(), cfg
+
+
+def _read_checkpoint(path):
+    try:
+        from nsa.checkpoint import load_checkpoint  # written by the training side, if present
+    except ImportError:
+        load_checkpoint = None
+    try:
+        if load_checkpoint is not None:
+            return load_checkpoint(path, map_location="cpu")
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated file, a pickle from elsewhere, ...
+        raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from e
+
+
+def _strip_prefix(key):
+    for prefix in ("_orig_mod.", "module."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def _short(names, n=4):
+    names = list(names)
+    return "none" if not names else ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def cast_model(model, dtype):
+    """Cast weights to dtype, keeping rotary frequencies in fp32."""
+    from rotary_embedding_torch import RotaryEmbedding
+
+    model.to(dtype=dtype)
+    for m in model.modules():
+        if isinstance(m, RotaryEmbedding):
+            m.float()
+    return model
+
+
+# --- Sampling ---------------------------------------------------------------------------------
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
+    """Next tokens [B] int64 from logits [B, V]: greedy (argmax), or temperature / top-k / top-p
+    (nucleus) sampling with a seeded torch.Generator. top_k <= 0 or None and top_p >= 1 or None are off."""
+    logits = logits.float()
+    if greedy or temperature == 0:
+        return logits.argmax(dim=-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        if top_p <= 0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the ones before it already cover top_p (the first token always stays).
+        drop = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# --- Generation -------------------------------------------------------------------------------
+
+
+class Stats(dict):
+    """prefill_ms, decode_s, new_tokens, tokens_per_s (decode, all sequences), peak_mem_bytes."""
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None, greedy=False,
+             generator=None, use_cache=True, compile=False, cuda_graph=False, max_len=None, on_logits=None):
+    """Continue prompt [B, T] (int64 byte ids) by max_new_tokens tokens.
+
+    Returns (tokens [B, T + max_new_tokens], Stats). `max_len` sizes the cache (default T + new tokens).
+    `on_logits(step, logits)` (optional) sees the logits [B, V] each new token is sampled from (tests).
+    """
+    device = prompt.device
+    B, T = prompt.shape
+    if T == 0:
+        raise ValueError("the prompt is empty: give at least one byte")
+    max_len = T + max_new_tokens if max_len is None else max_len
+    if T + max_new_tokens > max_len:
+        raise ValueError(f"prompt ({T} tokens) + {max_new_tokens} new tokens exceed the cache length {max_len}")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
+    out[:, :T] = prompt
+    stats = Stats(new_tokens=max_new_tokens, batch=B, prompt_tokens=T)
+
+    _sync(device)
+    t0 = time.perf_counter()
+    if use_cache:
+        from nsa.cache import ModelCache
+
+        cache = ModelCache(model, B, max_len, device=device)
+        logits = model.prefill(prompt, cache)[:, -1]
+    else:
+        logits = model(prompt)[0][:, -1]
+    _sync(device)
+    t1 = time.perf_counter()
+    stats["prefill_ms"] = (t1 - t0) * 1e3
+
+    step = None
+    if use_cache and max_new_tokens > 1:
+        step = make_step(model, cache, compile=compile, cuda_graph=cuda_graph and device.type == "cuda")
+    _sync(device)
+    t2 = time.perf_counter()
+    for i in range(max_new_tokens):
+        if on_logits is not None:
+            on_logits(i, logits)
+        tok = sample(logits, temperature, top_k, top_p, greedy, generator)
+        out[:, T + i] = tok
+        if i == max_new_tokens - 1:
+            break
+        if use_cache:
+            logits = step(tok)
+        else:
+            logits = model(out[:, : T + i + 1])[0][:, -1]
+    _sync(device)
+    t3 = time.perf_counter()
+    stats["setup_ms"] = (t2 - t1) * 1e3
+    stats["decode_s"] = t3 - t2
+    stats["tokens_per_s"] = max_new_tokens * B / max(t3 - t2, 1e-9)
+    stats["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return out, stats
+
+
+def make_step(model, cache, compile=False, cuda_graph=False):
+    """A function tok [B] -> logits [B, V] that runs one decode step and advances the cache.
+
+    cuda_graph: capture the step once in a CUDA graph and replay it (inputs copied into a static
+    buffer). compile: torch.compile(mode="reduce-overhead"), which also uses CUDA graphs on GPU.
+    The returned logits of a graphed step are a static buffer, overwritten by the next call."""
+    fn = model.decode_step
+    if compile:
+        fn = torch.compile(fn, mode="reduce-overhead", fullgraph=False)
+
+        def step(tok):
+            return fn(tok, cache).clone()
+
+        return step
+    if not cuda_graph:
+        return lambda tok: fn(tok, cache)
+    return _graphed_step(fn, cache)
+
+
+def _graphed_step(fn, cache):
+    B = cache.batch
+    device = cache.lengths.device
+    static_tok = torch.zeros(B, dtype=torch.long, device=device)
+    saved = cache.lengths.clone()
+    # Warm up on a side stream (Triton autotuning / lazy init), then capture; the cache writes this
+    # does are at the current positions and are overwritten by the real steps, and lengths is restored.
+    s = torch.cuda.Stream(device)
+    s.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn(static_tok, cache)
+            cache.lengths.copy_(saved)
+    torch.cuda.current_stream(device).wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_logits = fn(static_tok, cache)
+    cache.lengths.copy_(saved)
+
+    def step(tok):
+        static_tok.copy_(tok)
+        graph.replay()
+        return static_logits
+
+    step.graph = graph
+    return step

@@ -1,0 +1,168 @@
+"""Cached decoding (prefill + decode steps over preallocated caches) against the full forward."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nsa.cache import ModelCache
+from nsa.config import Config, ModelConfig, NSAConfig, to_dict
+from nsa.generation import CheckpointError, generate, load_model, sample
+from nsa.model import Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(attention="nsa", heads=4, kv_heads=1, separate_kv=False, num_mem=1, sel_block=8, num_selected=4,
+         shared=True, compress_net="mlp"):
+    nsa = NSAConfig(compress_block=8, compress_stride=4, sel_block=sel_block, num_selected=num_selected, window=16,
+                    num_mem=num_mem, separate_kv=separate_kv, shared_selection=shared, compress_net=compress_net,
+                    backend="torch")
+    return ModelConfig(dim=32, depth=2, heads=heads, kv_heads=kv_heads, dim_head=8, attention=attention, nsa=nsa)
+
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # break the zero inits (gates, position embeddings) so every branch matters
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+CASES = [
+    dict(),
+    dict(heads=4, kv_heads=4),  # G = 1
+    dict(separate_kv=True),
+    dict(num_mem=0),
+    dict(num_mem=0, separate_kv=True, heads=4, kv_heads=4),
+    dict(sel_block=16, num_selected=5),  # overlap mapping with l' > l
+    dict(shared=False, num_selected=5),  # per-head selection
+    dict(compress_net="mean"),
+    dict(attention="dense"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_cached_logits_equal_full_forward(case):
+    model = build(tiny(**case))
+    B, N = 2, 36
+    # Prompts ending before l, inside the first blocks, past l' and w. (The parallel forward cannot
+    # take a prompt shorter than l with num_mem = 0: it has no compressed key at all.)
+    for T in (1, 13) if case.get("num_mem", 1) or case.get("attention") == "dense" else (8,):
+        idx = torch.randint(0, 256, (B, T + N))
+        with torch.no_grad():
+            full, _ = model(idx)
+            cache = ModelCache(model, B, T + N)
+            got = model.prefill(idx[:, :T], cache)
+            torch.testing.assert_close(got, full[:, :T], atol=2e-5, rtol=1e-4)
+            for s in range(N):
+                logits = model.decode_step(idx[:, T + s], cache)
+                torch.testing.assert_close(logits, full[:, T + s], atol=2e-5, rtol=1e-4, msg=f"T={T} step {s}")
+            assert cache.lengths.tolist() == [T + N] * B
+
+
+def test_greedy_text_same_with_and_without_cache():
+    model = build(tiny(separate_kv=True))
+    prompt = torch.tensor([list(b"Hello, world")] * 2)
+    a, stats = generate(model, prompt, 40, greedy=True)
+    b, _ = generate(model, prompt, 40, greedy=True, use_cache=False)
+    assert torch.equal(a, b)
+    assert stats["prefill_ms"] >= 0 and stats["tokens_per_s"] > 0
+
+
+def test_sampling_seeded_and_filters():
+    logits = torch.randn(3, 256)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(sample(logits, 0.8, 20, 0.9, generator=g1), sample(logits, 0.8, 20, 0.9, generator=g2))
+    assert torch.equal(sample(logits, greedy=True), logits.argmax(-1))
+    g = torch.Generator().manual_seed(0)
+    top = logits.topk(3, dim=-1).indices
+    for _ in range(20):
+        tok = sample(logits, 1.0, top_k=3, generator=g)
+        assert (tok[:, None] == top).any(-1).all()
+    peaked = torch.full((1, 256), -10.0)
+    peaked[0, 7] = 10.0
+    assert sample(peaked, 1.0, top_p=0.5, generator=g).item() == 7
+
+
+def _save_tiny_checkpoint(path, attention="nsa"):
+    cfg = Config(model=tiny(attention=attention))
+    cfg.train.seq_len = 64
+    model = build(cfg.model)
+    torch.save({"model": model.state_dict(), "config": to_dict(cfg)}, path)
+    return model
+
+
+def _cli_inprocess(capsys, *args):
+    """generate.py's main() in this process (fast); returns (exit code, stdout, stderr)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_cli", os.path.join(ROOT, "generate.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rc = mod.main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+
+
+def test_generate_cli_end_to_end(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt.pt"
+    model = _save_tiny_checkpoint(ckpt)
+    r = _cli("--checkpoint", str(ckpt), "--prompt", "abc", "--max-new-tokens", "12", "--greedy", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    out, _ = generate(model, torch.tensor([list(b"abc")]), 12, greedy=True)
+    assert r.stdout.startswith(bytes(out[0].tolist()).decode("utf-8", errors="replace"))
+    assert "prefill" in r.stdout and "tokens/s" in r.stdout
+    rc, out, err = _cli_inprocess(capsys, "--checkpoint", str(ckpt), "--prompt", "abc", "--max-new-tokens", "12",
+                                  "--greedy", "--no-cache", "--device", "cpu")
+    assert rc == 0, err
+    assert out.splitlines()[0] == r.stdout.splitlines()[0]
+    prompt = tmp_path / "p.txt"
+    prompt.write_bytes(b"xy")
+    rc, out, err = _cli_inprocess(capsys, "--checkpoint", str(ckpt), "--prompt-file", str(prompt), "--max-new-tokens",
+                                  "5", "--num-samples", "2", "--seed", "3", "--top-k", "10", "--top-p", "0.9",
+                                  "--temperature", "0.7", "--device", "cpu")
+    assert rc == 0, err
+    assert out.count("--- sample") == 2
+
+
+def test_generate_cli_errors(tmp_path, capsys):
+    def fails(*args):
+        rc, _, err = _cli_inprocess(capsys, *args, "--device", "cpu")
+        assert rc != 0
+        return err
+
+    assert "checkpoint not found" in fails("--checkpoint", str(tmp_path / "missing.pt"))
+    bad = tmp_path / "bad.pt"
+    torch.save({"weights": {}}, bad)
+    assert "not an nsa checkpoint" in fails("--checkpoint", str(bad))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    assert "could not read checkpoint" in fails("--checkpoint", str(junk))
+    ckpt = tmp_path / "ckpt.pt"
+    _save_tiny_checkpoint(ckpt)
+    assert "longer than the model context" in fails("--checkpoint", str(ckpt), "--prompt", "x" * 65)
+    assert "empty" in fails("--checkpoint", str(ckpt), "--prompt", "")
+    assert "--max-new-tokens" in fails("--checkpoint", str(ckpt), "--max-new-tokens", "0")
+
+
+def test_load_model_incompatible(tmp_path):
+    cfg = Config(model=tiny())
+    model = build(cfg.model)
+    other = dataclasses.replace(cfg.model, dim=48)
+    path = tmp_path / "c.pt"
+    torch.save({"model": model.state_dict(), "config": to_dict(Config(model=other))}, path)
+    with pytest.raises(CheckpointError, match="do not match|shape"):
+        load_model(str(path))
+    torch.save({"model": model.state_dict(), "config": {"model": {"nonsense": 1}}}, path)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_model(str(path))
