@@ -243,3 +243,47 @@ def test_plot_runs_writes_png(corpus, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="metrics.jsonl does not exist"):
         plot_runs.main([str(tmp_path / "nothing"), "--out", str(out)])
+
+
+def test_wandb_logging_and_resumed_run_id(corpus, tmp_path, monkeypatch):
+    """wandb (faked here) gets the resolved config, metrics by step incl. NSA gates, and the same run id on resume."""
+    import types
+
+    calls = []
+
+    class FakeRun:
+        id = "abc123"
+        summary = {}
+
+        def log(self, data, step):
+            calls.append(("log", step, data))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kw):
+        calls.append(("init", kw))
+        return FakeRun()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    out = tmp_path / "wb"
+    train.main(args(corpus, out, "train.max_steps=2", "log.wandb_mode=offline", "log.wandb_project=p"))
+    init_kw = calls[0][1]
+    assert init_kw["mode"] == "offline" and init_kw["project"] == "p" and init_kw["id"] is None
+    assert init_kw["config"]["train"]["max_steps"] == 2 and init_kw["name"] == "wb"
+    logged = [c for c in calls if c[0] == "log"]
+    assert [c[1] for c in logged if "loss" in c[2]] == [1, 2]
+    assert "gate/1/slc" in logged[0][2] and "final/val_bpb" in logged[-1][2]
+    assert calls[-1] == ("finish",)
+    assert C.load_checkpoint(out)["wandb_run_id"] == "abc123"
+
+    calls.clear()
+    train.main(["--resume", str(out), "train.max_steps=3"])
+    assert calls[0][1]["id"] == "abc123" and calls[0][1]["resume"] == "allow"
+    assert [c[1] for c in calls if c[0] == "log" and "loss" in c[2]] == [3]
+
+
+def test_wandb_missing_is_a_clear_error(corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    assert train.cli(args(corpus, tmp_path / "x", "train.max_steps=1", "log.wandb_mode=offline")) != 0
+    assert "pip install wandb" in capsys.readouterr().err
