@@ -212,6 +212,11 @@ def main(argv=None):
               f"train {len(train_data):,} / val {len(val_data):,} / test {len(test_data):,} bytes; "
               f"steps {start_step} -> {t.max_steps}; out_dir {out_dir}", file=sys.stderr)
 
+    if start_step >= t.max_steps:
+        _cleanup(ddp, wandb_run)
+        raise SystemExit(f"error: the checkpoint is at step {start_step} and train.max_steps={t.max_steps}: nothing "
+                         f"to do (pass train.max_steps=N with N > {start_step} to train further)")
+
     # ---- the loop
     val_starts = eval_windows(val_data, t.seq_len, t.eval_batches * t.batch_size)  # fixed validation slice
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * world

@@ -100,6 +100,8 @@ def test_resume_is_exact(corpus, tmp_path):
     train.main(args(corpus, tmp_path / "split", *flat, "train.max_steps=4"))
     train.main(["--resume", str(tmp_path / "split"), "train.max_steps=8"])
     assert train_losses(tmp_path / "split") == train_losses(tmp_path / "flat")
+    with pytest.raises(SystemExit, match="nothing to do"):
+        train.main(["--resume", str(tmp_path / "split")])  # already at max_steps
 
     # a crash at step 7 after a checkpoint at step 4; resume with the same (cosine) config
     crash = tmp_path / "crash"
