@@ -22,10 +22,13 @@ class CheckpointError(RuntimeError):
 
 
 def load_model(path, device="cpu", dtype=None):
-    """Rebuild the model of a checkpoint ({"model": state_dict, "config": nested dict}) on `device`.
+    """Rebuild the model of a checkpoint ({"model": state_dict, "config": nested dict}; a file or a run
+    directory holding ckpt.pt) on `device`, read through nsa.checkpoint.load_checkpoint when present.
 
     dtype (e.g. torch.bfloat16) casts the weights, keeping the rotary frequencies in fp32 (positions
     past 256 are not representable in bf16). Returns (model in eval mode, Config)."""
+    if os.path.isdir(path):  # a run directory, as train.py writes it
+        path = os.path.join(path, "ckpt.pt")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     ckpt = _read_checkpoint(path)

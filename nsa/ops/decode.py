@@ -28,7 +28,7 @@ import triton.language as tl
 
 from nsa.ops.common import ceil_div
 
-NEG = -1.0e30  # finite "minus infinity" for running maxima (keeps exp(m_old - m_new) NaN-free)
+
 
 
 @triton.jit
@@ -90,7 +90,7 @@ def _nsa_decode_kernel(
     n_rows = NUM_MEM + n_vis
     ck_base = CK + b * sck_b + h * sck_h
     cv_base = CV + b * sck_b + h * sck_h
-    m_i = tl.full([BLOCK_G], NEG, tl.float32)
+    m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for start in range(0, n_rows, BLOCK_N):
@@ -138,7 +138,7 @@ def _nsa_decode_kernel(
     # ---- 3. top-n by repeated arg-max, attending to each picked block ---------------------------
     ks_base = KS + b * sks_b + h * sks_h
     vs_base = VS + b * sks_b + h * sks_h
-    m_i = tl.full([BLOCK_G], NEG, tl.float32)
+    m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     idx_base = IDX + pid.to(tl.int64) * NSEL
@@ -164,7 +164,7 @@ def _nsa_decode_kernel(
     # ---- 4. sliding window (t - WINDOW, t], position p in slot p % W_SLOTS ----------------------
     kw_base = KW + b * skw_b + h * skw_h
     vw_base = VW + b * skw_b + h * skw_h
-    m_i = tl.full([BLOCK_G], NEG, tl.float32)
+    m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     w_lo = tl.maximum(t - WINDOW + 1, 0)

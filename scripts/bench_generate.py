@@ -1,0 +1,215 @@
+"""Decode benchmarks (GPU): the NSA Triton decode step vs dense SDPA decode, and cached generation.
+
+(a) One attention decode step per layer, paper setting HQ=64, H=4, D=128, l/d/l'/n/w = 32/16/64/16/512,
+    bf16, context 8k..64k, batch 1 and 16: `nsa.ops.decode.decode_attention` (one fused kernel) vs
+    F.scaled_dot_product_attention of one query over the full dense cache. Median ms, the bytes each
+    reads (estimated from what it must load) and the achieved GB/s.
+(b) Whole-model cached generation, batch 1, 8k context: tokens/s of the NSA model and its dense twin
+    (configs/enwik8_nsa.yaml / enwik8_dense.yaml, else dim 512 depth 8), random weights, bf16, the
+    decode step captured in a CUDA graph (or torch.compile mode reduce-overhead with --compile).
+
+Prints a markdown table last; with env OUT set, also writes $OUT/bench_generate.{md,json}.
+
+    python scripts/bench_generate.py                 # everything, ~1-2 min on an H100
+    python scripts/bench_generate.py --skip-model --contexts 8192 65536 --batches 1
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--heads", type=int, default=64)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--dim-head", type=int, default=128)
+    p.add_argument("--skip-kernel", action="store_true", help="skip (a), the attention decode step")
+    p.add_argument("--skip-model", action="store_true", help="skip (b), whole-model generation")
+    p.add_argument("--model-context", type=int, default=8192, help="(b): prompt + new tokens")
+    p.add_argument("--new-tokens", type=int, default=256, help="(b): tokens generated (timed)")
+    p.add_argument("--compile", action="store_true", help="(b): torch.compile(mode='reduce-overhead') the step "
+                   "instead of capturing a CUDA graph by hand")
+    p.add_argument("--no-graph", action="store_true", help="(b): eager decode step (launch-bound)")
+    return p.parse_args()
+
+
+PAPER = dict(block=32, stride=16, sel_block=64, num_selected=16, window=512, num_mem=1)
+
+
+def bench_ms(fn, reps=100):
+    import torch
+    import triton
+
+    try:
+        return triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median")
+    except TypeError:  # older triton
+        return triton.testing.do_bench(fn, warmup=25, rep=reps)
+
+
+def nsa_bytes(B, H, T, D, c, elt=2):
+    """Bytes the fused kernel must read for token t = T - 1 (keys + values; the compressed keys twice)."""
+    t = T - 1
+    n_vis = (t + 1 - c["block"]) // c["stride"] + 1 if t + 1 >= c["block"] else 0
+    rows = c["num_mem"] + n_vis
+    sel = min(c["num_selected"], t // c["sel_block"] + 1) * c["sel_block"]
+    win = min(c["window"], t + 1)
+    return B * H * D * elt * (2 * rows + n_vis + 2 * sel + 2 * win)
+
+
+def kernel_bench(args, rows):
+    import torch
+    import torch.nn.functional as F
+
+    from nsa.ops import reference
+    from nsa.ops.decode import decode_attention
+
+    HQ, H, D = args.heads, args.kv_heads, args.dim_head
+    c = PAPER
+    dev, dt = "cuda", torch.bfloat16
+    for B in args.batches:
+        for T in args.contexts:
+            torch.cuda.empty_cache()
+            nc = (T - c["block"]) // c["stride"] + 1
+            g = torch.Generator(device=dev).manual_seed(0)
+            q = torch.randn(B, HQ, D, device=dev, dtype=dt, generator=g)
+            q_rot = torch.randn(B, HQ, D, device=dev, dtype=dt, generator=g)
+            ck = torch.randn(B, c["num_mem"] + nc, H, D, device=dev, dtype=dt, generator=g)
+            cv = torch.randn_like(ck)
+            k = torch.randn(B, T, H, D, device=dev, dtype=dt, generator=g)
+            v = torch.randn_like(k)
+            gates = torch.rand(B, HQ, 3, device=dev, dtype=dt, generator=g)
+            t = torch.full((B,), T - 1, device=dev, dtype=torch.int32)
+            kw = dict(block=c["block"], stride=c["stride"], sel_block=c["sel_block"], num_mem=c["num_mem"],
+                      num_selected=c["num_selected"], window=c["window"])
+
+            def nsa():
+                return decode_attention(q, q_rot, ck, cv, k, v, k, v, gates, t, **kw)
+
+            # Correctness spot check against the reference (batch row 0 only: the reference is slow).
+            o = nsa()
+            o_ref = reference.decode_attention(*(x[:1] for x in (q, q_rot, ck, cv, k, v, k, v, gates, t)), **kw)
+            err = (o[:1].float() - o_ref.float()).abs().max().item()
+            ms_nsa = bench_ms(nsa)
+            # Dense: one query over the whole cache, in SDPA's preferred [B, H, T, D] layout.
+            kd, vd = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+            del k, v
+            qd = q_rot[:, :, None]
+
+            def dense():
+                return F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True)
+
+            ms_dense = bench_ms(dense)
+            b_nsa = nsa_bytes(B, H, T, D, c)
+            b_dense = B * H * T * D * 2 * 2
+            rows.append(dict(part="attention", batch=B, context=T, nsa_ms=ms_nsa, dense_ms=ms_dense,
+                             speedup=ms_dense / ms_nsa, nsa_bytes=b_nsa, dense_bytes=b_dense,
+                             bytes_ratio=b_nsa / b_dense, nsa_gbps=b_nsa / ms_nsa / 1e6,
+                             dense_gbps=b_dense / ms_dense / 1e6, max_err_vs_reference=err))
+            r = rows[-1]
+            print(f"attention B={B} T={T}: nsa {ms_nsa:.4f} ms ({r['nsa_gbps']:.0f} GB/s), dense {ms_dense:.4f} ms "
+                  f"({r['dense_gbps']:.0f} GB/s), bytes {r['bytes_ratio']:.3f}x dense, err {err:.2e}", flush=True)
+            del kd, vd, ck, cv
+
+
+def model_cfg(name):
+    from nsa.config import ModelConfig, load_config
+
+    path = os.path.join(ROOT, "configs", f"enwik8_{name}.yaml")
+    if os.path.exists(path):
+        return load_config(path).model
+    return ModelConfig(dim=512, depth=8, heads=8, kv_heads=2, dim_head=64, attention=name)
+
+
+def model_bench(args, rows):
+    import torch
+
+    from nsa.generation import cast_model, generate
+    from nsa.model import Transformer
+
+    try:  # the parallel Triton ops, for a fast prefill; the decode step uses nsa/ops/decode.py either way
+        import nsa.ops.triton_ops  # noqa: F401
+
+        prefill_backend = "triton"
+    except ImportError:
+        prefill_backend = "torch"
+    for name in ("nsa", "dense"):
+        torch.cuda.empty_cache()
+        cfg = model_cfg(name)
+        cfg.nsa.backend = prefill_backend
+        torch.manual_seed(0)
+        model = cast_model(Transformer(cfg).cuda(), torch.bfloat16).eval()
+        T = args.model_context - args.new_tokens
+        prompt = torch.randint(0, 256, (1, T), device="cuda")
+        mode = "compile" if args.compile else "eager" if args.no_graph else "cuda_graph"
+        t0 = time.perf_counter()
+        _, st = generate(model, prompt, args.new_tokens, greedy=True, compile=args.compile,
+                         cuda_graph=not (args.compile or args.no_graph))
+        rows.append(dict(part="model", attention=name, context=args.model_context, new_tokens=args.new_tokens,
+                         mode=mode, prefill_backend=prefill_backend, tokens_per_s=st["tokens_per_s"],
+                         ms_per_token=1e3 / st["tokens_per_s"], prefill_ms=st["prefill_ms"],
+                         setup_ms=st["setup_ms"], peak_mem_gib=st["peak_mem_bytes"] / 2**30,
+                         params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+                         wall_s=time.perf_counter() - t0))
+        r = rows[-1]
+        print(f"model {name}: {r['tokens_per_s']:.1f} tokens/s ({r['ms_per_token']:.3f} ms/token, {mode}), "
+              f"prefill {r['prefill_ms']:.0f} ms ({prefill_backend}), peak {r['peak_mem_gib']:.2f} GiB", flush=True)
+        del model
+
+
+def table(rows, env):
+    lines = [f"Decode benchmark, {env}", ""]
+    att = [r for r in rows if r["part"] == "attention"]
+    if att:
+        lines += ["| batch | context | NSA decode ms | dense SDPA ms | dense/NSA | NSA GB/s | dense GB/s | NSA bytes / dense |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['context']} | {r['nsa_ms']:.4f} | {r['dense_ms']:.4f} | {r['speedup']:.2f}x | "
+                  f"{r['nsa_gbps']:.0f} | {r['dense_gbps']:.0f} | {r['bytes_ratio']:.3f} |" for r in att]
+        lines.append("")
+    mod = [r for r in rows if r["part"] == "model"]
+    if mod:
+        lines += ["| model | context | step | tokens/s (batch 1) | ms/token | prefill ms | peak GiB |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['attention']} ({r['params_m']:.1f}M) | {r['context']} | {r['mode']} | {r['tokens_per_s']:.1f} | "
+                  f"{r['ms_per_token']:.3f} | {r['prefill_ms']:.0f} ({r['prefill_backend']}) | {r['peak_mem_gib']:.2f} |"
+                  for r in mod]
+    return "\n".join(lines)
+
+
+def main():
+    args = parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_generate.py needs a CUDA GPU (see --help)", file=sys.stderr)
+        return 1
+    import triton
+
+    env = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+           f"HQ={args.heads} H={args.kv_heads} D={args.dim_head}, bf16; command: python {' '.join(sys.argv)}")
+    rows = []
+    if not args.skip_kernel:
+        kernel_bench(args, rows)
+    if not args.skip_model:
+        model_bench(args, rows)
+    md = table(rows, env)
+    print("\n" + md)
+    out = os.environ.get("OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "bench_generate.md"), "w") as f:
+            f.write(md + "\n")
+        with open(os.path.join(out, "bench_generate.json"), "w") as f:
+            json.dump(dict(env=env, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
