@@ -198,3 +198,13 @@ def test_topn_blocks_is_importance_then_select():
     _, lse = R.compressed_attention(q, ck, cv, l, d, m)
     idx = R.topn_blocks(q, ck, lse, l, d, lp, m, 4)
     assert torch.equal(idx, R.select_blocks(R.block_importance(q, ck, lse, l, d, lp, m), lp, 4))
+
+
+def test_compressed_attention_with_no_keys_at_all():
+    """num_mem = 0 and T < block: no compressed key exists yet."""
+    q = torch.randn(1, 5, 2, 4, requires_grad=True)
+    ck = torch.zeros(1, 0, 1, 4)
+    o, lse = R.compressed_attention(q, ck, ck, 8, 4, 0)
+    assert torch.all(o == 0) and torch.all(torch.isneginf(lse))
+    o.sum().backward()
+    assert torch.all(q.grad == 0)

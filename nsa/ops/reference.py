@@ -24,6 +24,9 @@ def attend(q, k, v, mask, scale, gate=None):
     B, T, HQ, D = q.shape
     H = k.shape[2]
     G = HQ // H
+    if k.shape[1] == 0:  # no keys at all (e.g. no memory and T < block): nothing to attend to
+        lse = q.new_full((B, T, HQ), float("-inf"), dtype=torch.float32)
+        return q * 0, lse  # q * 0 keeps the graph, so callers may still backpropagate
     qg = q.float().view(B, T, H, G, D)
     s = torch.einsum("bthgd,bshd->bhgts", qg, k.float()) * scale
     s = s.masked_fill(~mask, float("-inf"))
