@@ -238,9 +238,10 @@ def main(argv=None):
             x, y = get_batch(train_data, t.batch_size, t.seq_len, seed=t.seed, step=step, rank=rank,
                              micro=micro, device=device)
             sync = (not ddp) or micro == t.grad_accum - 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                _, loss = model(x, y)
-            (loss / t.grad_accum).backward()
+            with contextlib.nullcontext() if sync else model.no_sync():  # backward must run inside no_sync
+                with autocast:
+                    _, loss = model(x, y)
+                (loss / t.grad_accum).backward()
             loss_sum += loss.detach().float()
         loss_avg = loss_sum / t.grad_accum
         if ddp:

@@ -154,10 +154,11 @@ def test_nonfinite_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch, ca
 
 
 def test_ddp_gloo_two_processes(corpus, tmp_path):
+    """torchrun, 2 CPU processes, gloo, with gradient accumulation (no_sync on the first micro-batch)."""
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "train.py"), *args(corpus, out, "train.max_steps=3", "train.eval_every=2")]
+           str(ROOT / "train.py"), *args(corpus, out, "train.max_steps=3", "train.eval_every=2", "train.grad_accum=2")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = train_losses(out)
@@ -169,13 +170,14 @@ def test_ddp_gloo_two_processes(corpus, tmp_path):
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
     train_split = D.load_splits(cfg.data)["train"]
-    per_rank = []
+    per_batch = []
     for rank in (0, 1):
-        x, y = D.get_batch(train_split, cfg.train.batch_size, cfg.train.seq_len, seed=cfg.train.seed, step=0,
-                           rank=rank)
-        per_rank.append(model(x, y)[1].item())
-    assert per_rank[0] != per_rank[1]  # the ranks saw different batches
-    assert losses[0][1] == pytest.approx(sum(per_rank) / 2, rel=1e-5)
+        for micro in (0, 1):
+            x, y = D.get_batch(train_split, cfg.train.batch_size, cfg.train.seq_len, seed=cfg.train.seed, step=0,
+                               rank=rank, micro=micro)
+            per_batch.append(model(x, y)[1].item())
+    assert len(set(per_batch)) == 4  # each rank and micro-batch saw its own batch
+    assert losses[0][1] == pytest.approx(sum(per_batch) / 4, rel=1e-5)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
