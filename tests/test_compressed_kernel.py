@@ -26,7 +26,10 @@ def _poison(monkeypatch):
 
 
 def assert_close(got, want, dtype, what):
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     assert not got.isnan().any(), f"{what}: NaN (unwritten or invalid) elements"
+    if want.numel() == 0:
+        return
     scale = want.float().abs().max().clamp_min(1.0)
     err = (got.float() - want.float()).abs().max() / scale
     assert err <= TOL[dtype], f"{what}: max error {err:.3g} (relative to {scale:.3g}) > {TOL[dtype]}"
@@ -48,11 +51,6 @@ def check(B, T, H, G, D, block, stride, num_mem, dtype, dev=None):
     dev = dev or device()
     q, ck, cv = inputs(B, T, H, G, D, block, stride, num_mem, dtype, dev)
     o, lse = compressed_attention(q, ck, cv, block, stride, num_mem)
-    if ck.shape[1] == 0:  # no key at all (the reference cannot reduce over an empty axis)
-        assert (o == 0).all() and (lse == -math.inf).all()
-        (dq,) = torch.autograd.grad(o, (q,), torch.randn_like(o))
-        assert (dq == 0).all()
-        return
     ro, rlse = reference.compressed_attention(q, ck, cv, block, stride, num_mem)
     assert o.dtype == q.dtype and lse.dtype == torch.float32
     assert_close(o, ro, dtype, "o")
@@ -63,7 +61,9 @@ def check(B, T, H, G, D, block, stride, num_mem, dtype, dev=None):
     assert (o[~finite] == 0).all()
     do = torch.randn_like(o)
     grads = torch.autograd.grad(o, (q, ck, cv), do)
-    rgrads = torch.autograd.grad(ro, (q, ck, cv), do)
+    # allow_unused: with no key at all (num_mem = 0, T < block) ck and cv are empty and unused.
+    rgrads = torch.autograd.grad(ro, (q, ck, cv), do, allow_unused=True)
+    rgrads = [torch.zeros_like(x) if g is None else g for g, x in zip(rgrads, (q, ck, cv))]
     for name, g, rg in zip(("dq", "dck", "dcv"), grads, rgrads):
         assert g.dtype == rg.dtype
         assert_close(g, rg, dtype, name)
