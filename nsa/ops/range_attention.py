@@ -267,15 +267,18 @@ def _num_sms(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _tiles(G, D):
-    """(BLOCK_M fwd/dq, BLOCK_N fwd/dq, BLOCK_M dkdv, BLOCK_N dkdv, num_warps). Small tiles in the
-    interpreter so tests at small T still cross several tiles."""
+def _tiles(G, D, dtype):
+    """(BLOCK_M fwd/dq, BLOCK_N fwd/dq, BLOCK_M dkdv, BLOCK_N dkdv, num_warps, num_stages). Small tiles in
+    the interpreter so tests at small T still cross several tiles. fp32 (tf32x3 dots keep hi/lo copies)
+    gets half-size tiles and no pipelining to stay within an H100's 227 KiB of shared memory at D=128."""
     GP = _group_pad(G)
     if _interpreting():
-        return max(16, GP), 16, max(16, GP), 16, 4
+        return max(16, GP), 16, max(16, GP), 16, 4, 1
+    if dtype == torch.float32:
+        return max(64, GP), 32, max(32, GP), 64, 8, 1
     if D <= 64:
-        return max(128, GP), 64, max(64, GP), 128, 4
-    return max(128, GP), 64, max(64, GP), 128, 8
+        return max(128, GP), 64, max(64, GP), 128, 4, 2
+    return max(128, GP), 64, max(64, GP), 128, 8, 2
 
 
 def _check(q, k, v):
@@ -299,11 +302,11 @@ def range_attention_fwd(q, k, v, scale, hi_base, hi_off, hi_div, lo_back):
     lse = _empty((B, T, HQ), dtype=torch.float32, device=q.device)
     if T == 0:
         return o, lse
-    bm, bn, _, _, warps = _tiles(G, D)
+    bm, bn, _, _, warps, stages = _tiles(G, D, q.dtype)
     grid = (triton.cdiv(T, bm // _group_pad(G)), B * H)
     _fwd_kernel[grid](q, k, v, o, lse, scale * math.log2(math.e), T, S, H, G, hi_base, hi_off, hi_div, lo_back,
                       D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), GP=_group_pad(G), BLOCK_M=bm, BLOCK_N=bn,
-                      PREC=_precision(q.dtype), UPCAST=_interpreting(), num_warps=warps, num_stages=2)
+                      PREC=_precision(q.dtype), UPCAST=_interpreting(), num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -325,9 +328,9 @@ def range_attention_bwd(do, q, k, v, o, lse, scale, hi_base, hi_off, hi_div, lo_
     if T == 0 or S == 0:
         return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
     delta = _empty((B, T, HQ), dtype=torch.float32, device=q.device)
-    bm, bn, bm2, bn2, warps = _tiles(G, D)
+    bm, bn, bm2, bn2, warps, stages = _tiles(G, D, q.dtype)
     common = dict(D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), GP=GP, PREC=_precision(q.dtype),
-                  UPCAST=_interpreting(), num_warps=warps, num_stages=2)
+                  UPCAST=_interpreting(), num_warps=warps, num_stages=stages)
     qk_scale = scale * math.log2(math.e)
     _bwd_dq_kernel[(triton.cdiv(T, bm // GP), B * H)](
         q, k, v, o, do, lse, delta, dq, qk_scale, scale, T, S, H, G, hi_base, hi_off, hi_div, lo_back,
