@@ -42,7 +42,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from nsa.generation import CheckpointError, generate, load_model
+    from nsa.checkpoint import CheckpointError
+    from nsa.generation import generate, load_model
 
     def fail(msg):
         print(f"error: {msg}", file=sys.stderr)

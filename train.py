@@ -22,7 +22,7 @@ import torch.distributed as dist
 import yaml
 
 from nsa.checkpoint import (CheckpointError, config_from_checkpoint, load_checkpoint, resolve_checkpoint_path,
-                            rng_state, save_checkpoint, set_rng_state, unwrap_model)
+                            rng_state, save_checkpoint, set_rng_state)
 from nsa.config import ConfigError, load_config, to_dict
 from nsa.data import DataError, eval_windows, get_batch, iter_eval_batches, load_splits
 from nsa.model import Transformer, bits_per_byte
@@ -339,6 +339,7 @@ def _cleanup(ddp, wandb_run):
     if wandb_run is not None:
         wandb_run.finish()
     if ddp and dist.is_initialized():
+        dist.barrier()  # no rank tears the process group down while another still uses it
         dist.destroy_process_group()
 
 

@@ -74,25 +74,42 @@ def config_from_checkpoint(state):
 
 
 def model_from_checkpoint(path, device="cpu"):
-    """Rebuild the Transformer from a checkpoint's config and weights -> (model in eval mode, Config)."""
+    """Rebuild the Transformer from a checkpoint's config and weights -> (model in eval mode, Config).
+
+    A config this version cannot read, or weights that do not fit the config's model, raise
+    CheckpointError naming the first mismatches."""
+    from nsa.config import ConfigError
     from nsa.model import Transformer
 
     state = load_checkpoint(path, map_location="cpu")
-    cfg = config_from_checkpoint(state)
+    try:
+        cfg = config_from_checkpoint(state)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its config does not fit this version of nsa: {e}") from None
     model = Transformer(cfg.model)
-    model.load_state_dict(state["model"])
+    weights = {_strip_wrapper_prefix(k): v for k, v in state["model"].items()}
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    wrong = [f"{k} {tuple(weights[k].shape)} vs {tuple(p.shape)}" for k, p in expected.items()
+             if k in weights and weights[k].shape != p.shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{path}: weights do not match its config's model (missing: {_short(missing)}; "
+                              f"unexpected: {_short(unexpected)}; shape: {_short(wrong)})")
+    model.load_state_dict(weights)
     return model.to(device).eval(), cfg
 
 
-def unwrap_model(model):
-    """The bare module under DDP (.module) and torch.compile (._orig_mod) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
+def _strip_wrapper_prefix(key):
+    """State-dict keys saved from a DDP- or torch.compile-wrapped model carry these prefixes."""
+    for prefix in ("_orig_mod.", "module."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def _short(names, n=4):
+    return "none" if not names else ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def rng_state():

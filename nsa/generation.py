@@ -8,79 +8,22 @@ and replayed for every token. `use_cache=False` instead reruns the full forward 
 each step: slow, for comparison and tests.
 """
 
-import os
 import time
 
 import torch
 
-from nsa.config import Config, ConfigError, from_dict
-from nsa.model import Transformer
-
-
-class CheckpointError(RuntimeError):
-    pass
+from nsa.checkpoint import model_from_checkpoint
 
 
 def load_model(path, device="cpu", dtype=None):
-    """Rebuild the model of a checkpoint ({"model": state_dict, "config": nested dict}; a file or a run
-    directory holding ckpt.pt) on `device`, read through nsa.checkpoint.load_checkpoint when present.
+    """Rebuild the model of a checkpoint (a file or a run directory holding ckpt.pt) on `device`.
 
     dtype (e.g. torch.bfloat16) casts the weights, keeping the rotary frequencies in fp32 (positions
     past 256 are not representable in bf16). Returns (model in eval mode, Config)."""
-    if os.path.isdir(path):  # a run directory, as train.py writes it
-        path = os.path.join(path, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    ckpt = _read_checkpoint(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path} is not an nsa checkpoint: expected a dict with keys 'model' and 'config', got {keys}")
-    try:
-        cfg = from_dict(Config, ckpt["config"]).validate()
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: its config does not fit this version of nsa: {e}") from e
-    model = Transformer(cfg.model)
-    state = {_strip_prefix(k): v for k, v in ckpt["model"].items()}
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match its config's model "
-                              f"(missing: {_short(missing)}; unexpected: {_short(unexpected)})")
-    for name, p in expected.items():
-        if p.shape != state[name].shape:
-            raise CheckpointError(f"{path}: weights do not match its config's model: {name} has shape "
-                                  f"{tuple(state[name].shape)}, the model expects {tuple(p.shape)}")
-    model.load_state_dict(state)
-    model.to(device=device)
+    model, cfg = model_from_checkpoint(path, device)
     if dtype is not None:
         cast_model(model, dtype)
-    return model.eval(), cfg
-
-
-def _read_checkpoint(path):
-    try:
-        from nsa.checkpoint import load_checkpoint  # written by the training side, if present
-    except ImportError:
-        load_checkpoint = None
-    try:
-        if load_checkpoint is not None:
-            return load_checkpoint(path, map_location="cpu")
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated file, a pickle from elsewhere, ...
-        raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from e
-
-
-def _strip_prefix(key):
-    for prefix in ("_orig_mod.", "module."):
-        while key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
-
-
-def _short(names, n=4):
-    names = list(names)
-    return "none" if not names else ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+    return model, cfg
 
 
 def cast_model(model, dtype):

@@ -10,7 +10,8 @@ import torch
 
 from nsa.cache import ModelCache
 from nsa.config import Config, ModelConfig, NSAConfig, to_dict
-from nsa.generation import CheckpointError, generate, load_model, sample
+from nsa.checkpoint import CheckpointError
+from nsa.generation import generate, load_model, sample
 from nsa.model import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,13 +142,13 @@ def test_generate_cli_errors(tmp_path, capsys):
         assert rc != 0
         return err
 
-    assert "checkpoint not found" in fails("--checkpoint", str(tmp_path / "missing.pt"))
+    assert "no checkpoint at" in fails("--checkpoint", str(tmp_path / "missing.pt"))
     bad = tmp_path / "bad.pt"
     torch.save({"weights": {}}, bad)
     assert "not an nsa checkpoint" in fails("--checkpoint", str(bad))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    assert "could not read checkpoint" in fails("--checkpoint", str(junk))
+    assert "not a readable checkpoint" in fails("--checkpoint", str(junk))
     ckpt = tmp_path / "ckpt.pt"
     _save_tiny_checkpoint(ckpt)
     assert "longer than the model context" in fails("--checkpoint", str(ckpt), "--prompt", "x" * 65)

@@ -6,10 +6,11 @@ kernel does not support) stays on the reference; every branch of the forward run
 
 from nsa.ops.compressed import compressed_attention
 from nsa.ops.selection import selection_attention
+from nsa.ops.topn import topn_blocks
 from nsa.ops.window import sliding_window_attention
 
 
 def namespace(base):
     """`base(**overrides)` builds the reference namespace with the given functions swapped in."""
-    return base(compressed_attention=compressed_attention, selection_attention=selection_attention,
-                sliding_window_attention=sliding_window_attention)
+    return base(compressed_attention=compressed_attention, topn_blocks=topn_blocks,
+                selection_attention=selection_attention, sliding_window_attention=sliding_window_attention)
