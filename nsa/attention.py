@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from rotary_embedding_torch import RotaryEmbedding, apply_rotary_emb
 from torch import nn
 
+from nsa.cache import decode_fn
 from nsa.compress import Compressor
 from nsa.ops import get_ops
 from nsa.ops.reference import select_blocks
@@ -78,7 +79,9 @@ class SparseAttention(nn.Module):
         picked = imp.gather(-1, idx.long().clamp_min(0))
         return idx, 1.0 + picked - picked.detach()  # forward: exactly 1; backward: d/d importance
 
-    def forward(self, x, pos=None):
+    def forward(self, x, pos=None, cache=None):
+        """x [B, T, dim] at positions pos (default 0..T-1) -> [B, T, dim]. With `cache` (an
+        nsa.cache.SparseCache) this is the prefill: the keys, values and compressed blocks are kept."""
         c = self.cfg
         B, T, _ = x.shape
         ops = get_ops(c.backend, x.device)
@@ -94,6 +97,8 @@ class SparseAttention(nn.Module):
         k_wr = k_sr if k_w is k_s else rotate(self.rotary, k_w, pos)
         o_slc = ops.selection_attention(q_r, k_sr, v_s, idx, c.sel_block, self.scale, c.causal, block_gate)
         o_win = ops.sliding_window_attention(q_r, k_wr, v_w, c.window, self.scale, c.causal)
+        if cache is not None:
+            cache.fill(ck, cv, k_c, v_c, k_sr, v_s, k_wr, v_w)
 
         g = torch.sigmoid(self.to_gates(x)).view(B, T, self.heads, 3, 1)
         o = g[:, :, :, 0] * o_cmp + g[:, :, :, 1] * o_slc + g[:, :, :, 2] * o_win
@@ -102,23 +107,9 @@ class SparseAttention(nn.Module):
 
     # --- Decoding (nsa/cache.py, nsa/generation.py) ------------------------------------------------
 
-    def prefill(self, x, cache):
-        """The normal forward over a prompt x [B, T, dim] (positions 0..T-1), also filling `cache`
-        (an nsa.cache.SparseCache) with its keys, values and compressed blocks."""
-        out = self(x)
-        _, ((k_c, v_c), (k_s, v_s), (k_w, v_w)) = self.project(x)
-        pos = torch.arange(x.shape[1], device=x.device)
-        k_sr = rotate(self.rotary, k_s, pos)
-        k_wr = k_sr if k_w is k_s else rotate(self.rotary, k_w, pos)
-        ck, cv = self.compressed_kv(k_c, v_c)
-        cache.fill(ck, cv, k_c, v_c, k_sr, v_s, k_wr, v_w)
-        return out
-
     def decode(self, x, cache, pos):
         """One token per sequence: x [B, 1, dim] at positions pos [B] (int64, on x's device) ->
         [B, 1, dim]. Appends the token to `cache` first; no host synchronisation."""
-        from nsa.cache import decode_fn
-
         c = self.cfg
         if not c.causal:
             raise ValueError("decoding needs a causal model (nsa.causal = true)")
@@ -146,26 +137,20 @@ class DenseAttention(nn.Module):
         self.rotary = RotaryEmbedding(dim_head, theta=rotary_base)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
 
-    def forward(self, x, pos=None):
+    def forward(self, x, pos=None, cache=None):
+        """x [B, T, dim] -> [B, T, dim]; with `cache` (nsa.cache.DenseCache) also keeps the keys/values."""
         B, T, _ = x.shape
         pos = torch.arange(T, device=x.device) if pos is None else pos
         q = rotate(self.rotary, self.to_q(x).view(B, T, self.heads, self.dim_head), pos)
         k, v = self.to_kv(x).view(B, T, 2, self.kv_heads, self.dim_head).unbind(2)
         k = rotate(self.rotary, k, pos)
+        if cache is not None:
+            cache.fill(k, v)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True, enable_gqa=self.heads != self.kv_heads)
         return self.to_out(o.transpose(1, 2).reshape(B, T, -1))
 
     # --- Decoding (nsa/cache.py, nsa/generation.py) ------------------------------------------------
-
-    def prefill(self, x, cache):
-        """The normal forward over a prompt x [B, T, dim], also filling `cache` (nsa.cache.DenseCache)."""
-        out = self(x)
-        B, T, _ = x.shape
-        pos = torch.arange(T, device=x.device)
-        k, v = self.to_kv(x).view(B, T, 2, self.kv_heads, self.dim_head).unbind(2)
-        cache.fill(rotate(self.rotary, k, pos), v)
-        return out
 
     def decode(self, x, cache, pos):
         """One token per sequence x [B, 1, dim] at positions pos [B]: SDPA over the whole static cache

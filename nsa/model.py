@@ -31,12 +31,8 @@ class Block(nn.Module):
             self.attn = DenseAttention(cfg.dim, cfg.heads, cfg.kv_heads, cfg.dim_head, cfg.rotary_base)
         self.ff = FeedForward(cfg.dim, cfg.ff_mult)
 
-    def forward(self, x, pos=None):
-        x = x + self.attn(self.norm1(x), pos)
-        return x + self.ff(self.norm2(x))
-
-    def prefill(self, x, cache):
-        x = x + self.attn.prefill(self.norm1(x), cache)
+    def forward(self, x, pos=None, cache=None):
+        x = x + self.attn(self.norm1(x), pos, cache)
         return x + self.ff(self.norm2(x))
 
     def decode(self, x, cache, pos):
@@ -87,7 +83,7 @@ class Transformer(nn.Module):
         setting its lengths to T; returns the logits of every position [B, T, vocab]."""
         x = self.embed(idx)
         for block, layer in zip(self.blocks, cache.layers):
-            x = block.prefill(x, layer)
+            x = block(x, cache=layer)
         cache.lengths.fill_(idx.shape[1])
         return self.head(self.norm(x))
 
