@@ -97,6 +97,41 @@ def test_packed_tile_of_many_tokens(monkeypatch):
     _check(B=1, T=70, H=1, G=2, D=32, sel_block=16, n=3)
 
 
+@pytest.mark.parametrize("name", sorted(selection.VARIANTS))
+def test_variants(name):
+    # Every named launch variant (the bench's --variants) against the reference: G = 16 shared
+    # (one- and multi-token tiles) with l' = 24 (split sub-tiles, padding), and per-head lists at G = 2.
+    with selection.variant(name):
+        _check(B=1, T=41, H=1, G=16, D=32, sel_block=24, n=2)
+        _check(B=1, T=37, H=2, G=2, D=32, sel_block=16, n=3, shared=False)
+
+
+def test_variant_restores_constants():
+    before = {k: getattr(selection, k) for k in selection.BASE}
+    with selection.variant("tok4_s2"):
+        assert selection.FWD_TOKENS == 4 and selection.FWD_STAGES == 2
+    assert {k: getattr(selection, k) for k in selection.BASE} == before
+    with pytest.raises(KeyError):
+        with selection.variant({"NO_SUCH_KNOB": 1}):
+            pass
+    assert set(selection.PAPER_VARIANTS) | set(selection.SMALL_G_VARIANTS) <= set(selection.VARIANTS)
+
+
+@pytest.mark.parametrize("tt,Hs", [(1, 2), (2, 1), (3, 2)])
+def test_tile_union(tt, Hs):
+    # The union walk's lists: a tile's distinct valid blocks ascending, then NB; count = how many.
+    B, T, H, n, NB = 2, 10, 1, 3, 5
+    idx = torch.randint(-1, NB + 1, (B, T, Hs, n), dtype=torch.int32)
+    uni, cnt = selection._tile_union(idx, H, NB, tt)
+    assert uni.shape[:3] == (B, -(-T // tt), H) and uni.dtype == torch.int32
+    for b in range(B):
+        for i in range(uni.shape[1]):
+            want = sorted({int(x) for x in idx[b, i * tt:(i + 1) * tt].flatten() if 0 <= x < NB})
+            got = uni[b, i, 0].tolist()
+            assert cnt[b, i, 0] == len(want) and got[:len(want)] == want
+            assert all(x == NB for x in got[len(want):])
+
+
 def test_deterministic(monkeypatch):
     monkeypatch.setattr(selection, "DKV_CHUNK", 5)
     q, k, v, do = _inputs(1, 48, 1, 4, 32, torch.float32)

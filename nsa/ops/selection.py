@@ -23,6 +23,7 @@ Kernel layout (docs/KERNELS_SELECTION.md has the numbers behind it):
   one hot block does not serialise the backward and results stay bit-for-bit reproducible.
 """
 
+import contextlib
 import math
 import os
 
@@ -34,13 +35,75 @@ from nsa.ops.common import ceil_div
 
 LOG2E = 1.4426950408889634
 
-# Smallest tile (rows) of the forward and dQ kernels: the tensor-core minimum. A larger value packs
-# more tokens per tile for small G (fewer programs, more union blocks per program); benchmarks tune it.
+# Launch variants of the forward and dQ kernels. docs/KERNELS_SELECTION.md predicts each one and
+# scripts/bench_kernels.py --variants times them side by side; `VARIANTS` names the combinations.
+# Smallest tile (rows) when G < 16: the tensor-core minimum. A larger value packs more tokens per tile
+# (fewer programs, more union blocks per program).
 FWD_MIN_ROWS = 16
+# Tokens per tile when G >= 16 (BLOCK_M = G * tokens), forward and dQ separately. 1 is the paper's
+# layout (one token's heads, a fixed loop over its n blocks); 2 or 4 walk the union of the tokens'
+# lists, loading the blocks they share (0 and the two local ones, for neighbours) once per tile.
+FWD_TOKENS = 2
+DQ_TOKENS = 1
+# How a tile whose rows have several block lists walks their union: "list" precomputes the sorted
+# union per tile with torch (two small sorts) and runs a counted loop that Triton software-pipelines
+# (K/V loads become cp.async into a ring of num_stages - 1 buffers); "merge" is the in-kernel k-way
+# merge, a while loop that Triton does not pipeline (each K/V load waits its full latency).
+UNION = "list"
+# Each l'-token block is processed as KEY_SPLIT sub-tiles of l'/KEY_SPLIT keys: half-size pipeline
+# buffers in shared memory, so more programs fit on an SM.
+KEY_SPLIT = 1
+# num_warps / num_stages of the forward and of dQ (None: Triton's default, 3 stages = 2 buffers).
+FWD_WARPS, FWD_STAGES = 4, None
+DQ_WARPS, DQ_STAGES = 4, None
 # Rows per inner step of the dK/dV kernel.
 DKV_ROWS = 64
 # Entries per dK/dV work item; None sizes it from the average entries per block (see _dkv_items).
 DKV_CHUNK = None
+DKV_WARPS, DKV_STAGES = 8, None
+
+# Named combinations of the constants above, for the bench's --variants. Each is BASE (the
+# configuration measured before these variants existed) plus its overrides; "default" is the module
+# defaults as they stand (the predicted winner). docs/KERNELS_SELECTION.md predicts each one.
+BASE = dict(FWD_MIN_ROWS=16, FWD_TOKENS=1, DQ_TOKENS=1, UNION="merge", KEY_SPLIT=1, FWD_WARPS=4, FWD_STAGES=None,
+            DQ_WARPS=4, DQ_STAGES=None, DKV_ROWS=64, DKV_WARPS=8, DKV_STAGES=None)
+VARIANTS = {
+    "base": dict(BASE),
+    "default": {},
+    "list": dict(BASE, UNION="list"),
+    "s2": dict(BASE, UNION="list", FWD_STAGES=2, DQ_STAGES=2),
+    "s4": dict(BASE, UNION="list", FWD_STAGES=4, DQ_STAGES=4),
+    "w8": dict(BASE, UNION="list", FWD_WARPS=8, DQ_WARPS=8),
+    "split2": dict(BASE, UNION="list", KEY_SPLIT=2),
+    "split2_s4": dict(BASE, UNION="list", KEY_SPLIT=2, FWD_STAGES=4, DQ_STAGES=4),
+    "rows32": dict(BASE, UNION="list", FWD_MIN_ROWS=32),
+    "tok2": dict(BASE, UNION="list", FWD_TOKENS=2, DQ_TOKENS=2),
+    "tok2_s2": dict(BASE, UNION="list", FWD_TOKENS=2, DQ_TOKENS=2, FWD_STAGES=2, DQ_STAGES=2),
+    "tok4": dict(BASE, UNION="list", FWD_TOKENS=4, DQ_TOKENS=4),
+    "tok4_s2": dict(BASE, UNION="list", FWD_TOKENS=4, DQ_TOKENS=4, FWD_STAGES=2, DQ_STAGES=2),
+    "dkv128": dict(BASE, UNION="list", DKV_ROWS=128),
+    "dkv_w4": dict(BASE, UNION="list", DKV_WARPS=4),
+}
+# Which variants change anything for G >= 16 with shared indices (the paper table) and for G < 16.
+PAPER_VARIANTS = ("base", "default", "s2", "w8", "split2", "tok2", "tok2_s2", "tok4", "tok4_s2", "dkv128",
+                  "dkv_w4")
+SMALL_G_VARIANTS = ("base", "default", "s2", "split2", "rows32", "dkv128")
+
+
+@contextlib.contextmanager
+def variant(name_or_overrides):
+    """Temporarily set the module constants of a named variant (or a dict of them)."""
+    over = VARIANTS[name_or_overrides] if isinstance(name_or_overrides, str) else dict(name_or_overrides)
+    g = globals()
+    unknown = [k for k in over if k not in g]
+    if unknown:
+        raise KeyError(f"unknown selection constants {unknown}")
+    old = {k: g[k] for k in over}
+    g.update(over)
+    try:
+        yield
+    finally:
+        g.update(old)
 
 
 def _pow2(x):
@@ -65,9 +128,10 @@ def _clean_block(j, NB):
 
 
 @triton.jit
-def _load_kv_block(k, v, kv_base, j, BS, S, H, D,
+def _load_kv_block(k, v, kv_base, j, key0, BS, S, H, D,
                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    o_s = tl.arange(0, BLOCK_S)
+    # Keys key0 .. key0 + BLOCK_S - 1 of l'-block j (key0 > 0 for the later sub-tiles of a split block).
+    o_s = key0 + tl.arange(0, BLOCK_S)
     o_d = tl.arange(0, BLOCK_D)
     s_pos = j * BS + o_s
     s_ok = (o_s < BS) & (s_pos < S)
@@ -77,15 +141,10 @@ def _load_kv_block(k, v, kv_base, j, BS, S, H, D,
 
 
 @triton.jit
-def _fwd_kernel(q, k, v, o, lse, idx, T, S, BS, scale_log2,
-                HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, N_SEL: tl.constexpr,
-                TT: tl.constexpr, SHARED_LIST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
-                BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+def _tile_rows(i_t, i_b, i_h, T, HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, N_SEL: tl.constexpr,
+               TT: tl.constexpr, BLOCK_M: tl.constexpr):
+    # Rows of a tile: TT consecutive tokens x the G query heads of kv head i_h, token-major.
     G: tl.constexpr = HQ // H
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    NB = tl.cdiv(S, BS)
-
     r = tl.arange(0, BLOCK_M)
     t = i_t * TT + r // G
     row_ok = (r < TT * G) & (t < T)
@@ -93,22 +152,57 @@ def _fwd_kernel(q, k, v, o, lse, idx, T, S, BS, scale_log2,
     tok = (i_b * T + t).to(tl.int64)
     row = tok * HQ + hq
     idx_row = (tok * HS + hq // (HQ // HS)) * N_SEL
+    return t, row_ok, row, idx_row
+
+
+@triton.jit
+def _row_lists(idx, idx_row, row_ok, N_SEL: tl.constexpr, N_P2: tl.constexpr):
+    # Every row's block list, [BLOCK_M, N_P2], held in registers for the membership test of the
+    # union walk (-1 where there is nothing: it never equals a block of the union).
+    o_n = tl.arange(0, N_P2)
+    return tl.load(idx + idx_row[:, None] + o_n[None, :], mask=row_ok[:, None] & (o_n[None, :] < N_SEL), other=-1)
+
+
+@triton.jit
+def _fwd_kernel(q, k, v, o, lse, idx, uni, ucnt, T, S, BS, UL, scale_log2,
+                HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, N_SEL: tl.constexpr,
+                N_P2: tl.constexpr, TT: tl.constexpr, WALK: tl.constexpr, KSPLIT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    # WALK 0: one token, one shared list (fixed loop over the n slots); 1: counted loop over the
+    # precomputed union `uni` (UL slots per tile, ucnt valid); 2: in-kernel k-way merge.
+    # BLOCK_S is the key sub-tile, l' / KSPLIT rounded up to a power of two.
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    NB = tl.cdiv(S, BS)
+    t, row_ok, row, idx_row = _tile_rows(i_t, i_b, i_h, T, HQ, H, HS, N_SEL, TT, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
-    d_ok = o_d < D
-    qd_mask = row_ok[:, None] & d_ok[None, :]
+    qd_mask = row_ok[:, None] & (o_d[None, :] < D)
     b_q = tl.load(q + row[:, None] * D + o_d[None, :], mask=qd_mask, other=0.)
     kv_base = i_b.to(tl.int64) * S * H * D + i_h * D
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if SHARED_LIST:
+    if WALK == 0:
         # One token, one block list for the whole tile: a fixed-trip loop over its n slots.
         idx_tok = ((i_b * T + i_t).to(tl.int64) * HS + i_h) * N_SEL
-        for i in range(N_SEL):
-            j = _clean_block(tl.load(idx + idx_tok + i), NB)
-            b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, BS, S, H, D, BLOCK_S, BLOCK_D)
+        for i in range(N_SEL * KSPLIT):
+            j = _clean_block(tl.load(idx + idx_tok + i // KSPLIT), NB)
+            b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, (i % KSPLIT) * BLOCK_S, BS, S, H, D,
+                                                   BLOCK_S, BLOCK_D)
             vis = (row_ok[:, None] & s_ok[None, :] & (s_pos[None, :] <= i_t)) & (j < NB)
+            m_i, l_i, acc = _online_softmax_step(b_q, b_k, b_v, vis, m_i, l_i, acc, scale_log2, IEEE)
+    elif WALK == 1:
+        # Counted loop over the tile's sorted union; a row takes part where the block is in its list.
+        lists = _row_lists(idx, idx_row, row_ok, N_SEL, N_P2)
+        tile = (i_b * tl.num_programs(0) + i_t) * H + i_h
+        u_base = tile.to(tl.int64) * UL
+        for i in tl.range(0, tl.load(ucnt + tile) * KSPLIT):
+            j = tl.load(uni + u_base + i // KSPLIT)
+            b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, (i % KSPLIT) * BLOCK_S, BS, S, H, D,
+                                                   BLOCK_S, BLOCK_D)
+            hit = tl.max((lists == j).to(tl.int32), axis=1) > 0
+            vis = hit[:, None] & s_ok[None, :] & (s_pos[None, :] <= t[:, None])
             m_i, l_i, acc = _online_softmax_step(b_q, b_k, b_v, vis, m_i, l_i, acc, scale_log2, IEEE)
     else:
         # k-way merge over the rows' sorted lists: `cur` is each row's next pending block.
@@ -116,10 +210,12 @@ def _fwd_kernel(q, k, v, o, lse, idx, T, S, BS, scale_log2,
         cur = _clean_block(tl.load(idx + idx_row, mask=row_ok, other=-1), NB)
         j = tl.min(cur, axis=0)
         while j < NB:
-            b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, BS, S, H, D, BLOCK_S, BLOCK_D)
             hit = cur == j
-            vis = hit[:, None] & s_ok[None, :] & (s_pos[None, :] <= t[:, None])
-            m_i, l_i, acc = _online_softmax_step(b_q, b_k, b_v, vis, m_i, l_i, acc, scale_log2, IEEE)
+            for sub in range(KSPLIT):
+                b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, sub * BLOCK_S, BS, S, H, D,
+                                                       BLOCK_S, BLOCK_D)
+                vis = hit[:, None] & s_ok[None, :] & (s_pos[None, :] <= t[:, None])
+                m_i, l_i, acc = _online_softmax_step(b_q, b_k, b_v, vis, m_i, l_i, acc, scale_log2, IEEE)
             ptr += hit.to(tl.int32)
             nxt = tl.load(idx + idx_row + ptr, mask=hit & (ptr < N_SEL), other=-1)
             cur = tl.where(hit, _clean_block(nxt, NB), cur)
@@ -158,23 +254,15 @@ def _dq_step(b_q, b_do, b_k, b_v, vis, lse2, delta, dq, scale_log2, IEEE: tl.con
 
 
 @triton.jit
-def _dq_kernel(q, k, v, do, lse, delta, dq, idx, T, S, BS, scale, scale_log2,
+def _dq_kernel(q, k, v, do, lse, delta, dq, idx, uni, ucnt, T, S, BS, UL, scale, scale_log2,
                HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, N_SEL: tl.constexpr,
-               TT: tl.constexpr, SHARED_LIST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
-               BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    # Same tiling and block walk as _fwd_kernel; P is recomputed from the saved log-sum-exp.
-    G: tl.constexpr = HQ // H
+               N_P2: tl.constexpr, TT: tl.constexpr, WALK: tl.constexpr, KSPLIT: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    # Same tiling and block walks as _fwd_kernel; P is recomputed from the saved log-sum-exp.
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     NB = tl.cdiv(S, BS)
-
-    r = tl.arange(0, BLOCK_M)
-    t = i_t * TT + r // G
-    row_ok = (r < TT * G) & (t < T)
-    hq = i_h * G + r % G
-    tok = (i_b * T + t).to(tl.int64)
-    row = tok * HQ + hq
-    idx_row = (tok * HS + hq // (HQ // HS)) * N_SEL
+    t, row_ok, row, idx_row = _tile_rows(i_t, i_b, i_h, T, HQ, H, HS, N_SEL, TT, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     qd_mask = row_ok[:, None] & (o_d[None, :] < D)
     b_q = tl.load(q + row[:, None] * D + o_d[None, :], mask=qd_mask, other=0.)
@@ -186,22 +274,36 @@ def _dq_kernel(q, k, v, do, lse, delta, dq, idx, T, S, BS, scale, scale_log2,
     kv_base = i_b.to(tl.int64) * S * H * D + i_h * D
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if SHARED_LIST:
+    if WALK == 0:
         idx_tok = ((i_b * T + i_t).to(tl.int64) * HS + i_h) * N_SEL
-        for i in range(N_SEL):
-            j = _clean_block(tl.load(idx + idx_tok + i), NB)
-            b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, BS, S, H, D, BLOCK_S, BLOCK_D)
+        for i in range(N_SEL * KSPLIT):
+            j = _clean_block(tl.load(idx + idx_tok + i // KSPLIT), NB)
+            b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, (i % KSPLIT) * BLOCK_S, BS, S, H, D,
+                                                   BLOCK_S, BLOCK_D)
             vis = (row_ok[:, None] & s_ok[None, :] & (s_pos[None, :] <= i_t)) & (j < NB)
+            b_dq = _dq_step(b_q, b_do, b_k, b_v, vis, lse2, b_delta, b_dq, scale_log2, IEEE)
+    elif WALK == 1:
+        lists = _row_lists(idx, idx_row, row_ok, N_SEL, N_P2)
+        tile = (i_b * tl.num_programs(0) + i_t) * H + i_h
+        u_base = tile.to(tl.int64) * UL
+        for i in tl.range(0, tl.load(ucnt + tile) * KSPLIT):
+            j = tl.load(uni + u_base + i // KSPLIT)
+            b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, (i % KSPLIT) * BLOCK_S, BS, S, H, D,
+                                                   BLOCK_S, BLOCK_D)
+            hit = tl.max((lists == j).to(tl.int32), axis=1) > 0
+            vis = hit[:, None] & s_ok[None, :] & (s_pos[None, :] <= t[:, None])
             b_dq = _dq_step(b_q, b_do, b_k, b_v, vis, lse2, b_delta, b_dq, scale_log2, IEEE)
     else:
         ptr = tl.zeros([BLOCK_M], dtype=tl.int32)
         cur = _clean_block(tl.load(idx + idx_row, mask=row_ok, other=-1), NB)
         j = tl.min(cur, axis=0)
         while j < NB:
-            b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, BS, S, H, D, BLOCK_S, BLOCK_D)
             hit = cur == j
-            vis = hit[:, None] & s_ok[None, :] & (s_pos[None, :] <= t[:, None])
-            b_dq = _dq_step(b_q, b_do, b_k, b_v, vis, lse2, b_delta, b_dq, scale_log2, IEEE)
+            for sub in range(KSPLIT):
+                b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, sub * BLOCK_S, BS, S, H, D,
+                                                       BLOCK_S, BLOCK_D)
+                vis = hit[:, None] & s_ok[None, :] & (s_pos[None, :] <= t[:, None])
+                b_dq = _dq_step(b_q, b_do, b_k, b_v, vis, lse2, b_delta, b_dq, scale_log2, IEEE)
             ptr += hit.to(tl.int32)
             nxt = tl.load(idx + idx_row + ptr, mask=hit & (ptr < N_SEL), other=-1)
             cur = tl.where(hit, _clean_block(nxt, NB), cur)
@@ -228,7 +330,7 @@ def _dkv_kernel(q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries,
         lo = tl.load(item_lo + w)
         hi = tl.load(item_hi + w)
         kv_base = i_b.to(tl.int64) * S * H * D + i_h * D
-        b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, i_j, BS, S, H, D, BLOCK_S, BLOCK_D)
+        b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, i_j, 0, BS, S, H, D, BLOCK_S, BLOCK_D)
         o_d = tl.arange(0, BLOCK_D)
         d_ok = o_d < D
         r = tl.arange(0, BLOCK_R)
@@ -306,21 +408,68 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _fwd_tiling(G, Hs, H):
-    """(BLOCK_M, TT, SHARED_LIST): rows per tile, tokens per tile, whether all rows share one list."""
-    block_m = max(FWD_MIN_ROWS, _pow2(G))
+def _fwd_tiling(G, Hs, H, tokens):
+    """(BLOCK_M, TT, WALK): rows per tile, tokens per tile, block walk (see _fwd_kernel)."""
+    if G >= 16:
+        block_m = _pow2(G) * max(1, int(tokens))
+    else:
+        block_m = max(FWD_MIN_ROWS, _pow2(G))
     tt = max(1, block_m // G)
-    return block_m, tt, tt == 1 and Hs == H
+    if tt == 1 and Hs == H:
+        walk = 0
+    elif UNION == "list":
+        walk = 1
+    elif UNION == "merge":
+        walk = 2
+    else:
+        raise ValueError(f"UNION must be 'list' or 'merge', got {UNION!r}")
+    return block_m, tt, walk
 
 
-def _launch_cfg(q, k, indices, sel_block):
+def _launch_cfg(q, k, indices, sel_block, tokens):
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
     Hs, n = indices.shape[2], indices.shape[3]
-    block_m, tt, shared = _fwd_tiling(HQ // H, Hs, H)
-    return dict(HQ=HQ, H=H, HS=Hs, D=D, N_SEL=n, TT=tt, SHARED_LIST=shared, BLOCK_M=block_m,
-                BLOCK_S=max(16, _pow2(sel_block)), BLOCK_D=max(16, _pow2(D)),
+    block_m, tt, walk = _fwd_tiling(HQ // H, Hs, H, tokens)
+    block_s = max(16, _pow2(sel_block))
+    ksplit = max(1, min(int(KEY_SPLIT), block_s // 16))
+    return dict(HQ=HQ, H=H, HS=Hs, D=D, N_SEL=n, N_P2=_pow2(n), TT=tt, WALK=walk, KSPLIT=ksplit,
+                BLOCK_M=block_m, BLOCK_S=block_s // ksplit, BLOCK_D=max(16, _pow2(D)),
                 IEEE=q.dtype == torch.float32 or _interpreting()), (ceil_div(T, tt), B * H)
+
+
+def _tile_union(indices, H, NB, tt):
+    """Sorted union of the block lists of each forward/dQ tile, with torch and no host sync.
+
+    Returns uni [B, ceil(T / tt), H, UL] int32 (a tile's distinct valid blocks ascending, then NB)
+    and cnt [B, ceil(T / tt), H] int32 (how many are valid). A tile's lists are those of its tt
+    tokens and of the Hs / H index heads of its kv head.
+    """
+    B, T, Hs, n = indices.shape
+    nt = ceil_div(T, tt)
+    x = torch.where((indices < 0) | (indices >= NB), NB, indices)
+    if nt * tt != T:
+        x = torch.cat([x, x.new_full((B, nt * tt - T, Hs, n), NB)], dim=1)
+    x = x.view(B, nt, tt, H, Hs // H, n).transpose(2, 3).reshape(B, nt, H, tt * (Hs // H) * n)
+    x = x.sort(dim=-1).values
+    dup = torch.zeros_like(x, dtype=torch.bool)
+    dup[..., 1:] = x[..., 1:] == x[..., :-1]
+    x = torch.where(dup, NB, x).sort(dim=-1).values
+    ul = min(x.shape[-1], NB)
+    uni = x[..., :ul].contiguous()
+    return uni, (uni < NB).sum(-1, dtype=torch.int32)
+
+
+def _walk_args(cfg, indices, S, sel_block):
+    """(uni, cnt, UL) for the union walk; the index tensor itself as a dummy for the other walks."""
+    if cfg["WALK"] != 1:
+        return indices, indices, 1
+    uni, cnt = _tile_union(indices, cfg["H"], ceil_div(S, sel_block), cfg["TT"])
+    return uni, cnt, uni.shape[-1]
+
+
+def _launch_opts(warps, stages):
+    return dict(num_warps=warps) if stages is None else dict(num_warps=warps, num_stages=stages)
 
 
 def _dkv_items(indices, H, S, sel_block):
@@ -372,32 +521,47 @@ def _dkv_items(indices, H, S, sel_block):
 def selection_fwd(q, k, v, indices, sel_block, scale, o, lse):
     """Launch the forward into preallocated o [B, T, HQ, D] and lse [B, T, HQ] fp32 (contiguous
     inputs); the tests hand in NaN-filled buffers to catch unwritten elements."""
-    T = q.shape[1]
-    cfg, grid = _launch_cfg(q, k, indices, sel_block)
-    _fwd_kernel[grid](q, k, v, o, lse, indices, T, k.shape[1], sel_block, scale * LOG2E, num_warps=4, **cfg)
+    T, S = q.shape[1], k.shape[1]
+    cfg, grid = _launch_cfg(q, k, indices, sel_block, FWD_TOKENS)
+    uni, cnt, ul = _walk_args(cfg, indices, S, sel_block)
+    _fwd_kernel[grid](q, k, v, o, lse, indices, uni, cnt, T, S, sel_block, ul, scale * LOG2E,
+                      **_launch_opts(FWD_WARPS, FWD_STAGES), **cfg)
 
 
-def selection_bwd(do, q, k, v, o, lse, indices, sel_block, scale, dq, dk, dv):
-    """Launch the backward into preallocated dq, dk, dv (contiguous inputs)."""
+def selection_dq(do, q, k, v, lse, delta, indices, sel_block, scale, dq):
+    """dQ into preallocated dq; delta = rowsum(dO * O) in fp32 [B, T, HQ]."""
+    T, S = q.shape[1], k.shape[1]
+    cfg, grid = _launch_cfg(q, k, indices, sel_block, DQ_TOKENS)
+    uni, cnt, ul = _walk_args(cfg, indices, S, sel_block)
+    _dq_kernel[grid](q, k, v, do, lse, delta, dq, indices, uni, cnt, T, S, sel_block, ul, scale, scale * LOG2E,
+                     **_launch_opts(DQ_WARPS, DQ_STAGES), **cfg)
+
+
+def selection_dkv(do, q, k, v, lse, delta, indices, sel_block, scale, dk, dv):
+    """dK, dV into preallocated dk, dv: reverse index, work items, then the two kernels."""
     B, T, HQ, D = q.shape
     S, H, Hs = k.shape[1], k.shape[2], indices.shape[2]
-    delta = (do.float() * o.float()).sum(-1)
-    cfg, grid = _launch_cfg(q, k, indices, sel_block)
-    _dq_kernel[grid](q, k, v, do, lse, delta, dq, indices, T, S, sel_block, scale, scale * LOG2E,
-                     num_warps=4, **cfg)
-
     (entries, item_key, item_lo, item_hi, item_slot, key_items, key_first_slot,
      n_slots) = _dkv_items(indices, H, S, sel_block)
     block_e = max(1, DKV_ROWS // (HQ // Hs))
-    block_s, block_d = cfg["BLOCK_S"], cfg["BLOCK_D"]
+    block_s, block_d = max(16, _pow2(sel_block)), max(16, _pow2(D))
+    ieee = q.dtype == torch.float32 or _interpreting()
     part_dk = torch.empty(n_slots, block_s, block_d, dtype=torch.float32, device=q.device)
     part_dv = torch.empty_like(part_dk)
     _dkv_kernel[(item_key.numel(),)](
         q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries, item_key, item_lo, item_hi, item_slot,
         T, S, sel_block, scale, scale * LOG2E, HQ=HQ, H=H, HS=Hs, D=D, BLOCK_E=block_e,
-        BLOCK_R=_pow2(block_e * (HQ // Hs)), BLOCK_S=block_s, BLOCK_D=block_d, IEEE=cfg["IEEE"], num_warps=8)
+        BLOCK_R=_pow2(block_e * (HQ // Hs)), BLOCK_S=block_s, BLOCK_D=block_d, IEEE=ieee,
+        **_launch_opts(DKV_WARPS, DKV_STAGES))
     _dkv_reduce_kernel[(key_items.numel(),)](part_dk, part_dv, dk, dv, key_items, key_first_slot, S, sel_block,
                                              H=H, D=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
+
+
+def selection_bwd(do, q, k, v, o, lse, indices, sel_block, scale, dq, dk, dv):
+    """Launch the backward into preallocated dq, dk, dv (contiguous inputs)."""
+    delta = (do.float() * o.float()).sum(-1)
+    selection_dq(do, q, k, v, lse, delta, indices, sel_block, scale, dq)
+    selection_dkv(do, q, k, v, lse, delta, indices, sel_block, scale, dk, dv)
 
 
 @torch.library.custom_op("nsa::selection_attention_fwd", mutates_args=())
