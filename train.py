@@ -299,6 +299,8 @@ def main(argv=None):
     # ---- end: checkpoint, whole-split evaluation
     checkpoint(t.max_steps)
     final = {"step": t.max_steps}
+    if use_cuda:  # peak of the training steps: the whole-split evaluation below allocates less
+        final["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     for name, data in (("val", val_data), ("test", test_data)):
         if len(data) >= 2:
             loss = evaluate(raw_model, data, t.seq_len, t.batch_size, eval_windows(data, t.seq_len), device,
