@@ -1,9 +1,10 @@
 """Decode benchmarks (GPU): the NSA Triton decode step vs dense SDPA decode, and cached generation.
 
 (a) One attention decode step per layer, paper setting HQ=64, H=4, D=128, l/d/l'/n/w = 32/16/64/16/512,
-    bf16, context 8k..64k, batch 1 and 16: `nsa.ops.decode.decode_attention` (one fused kernel) vs
+    bf16, context 8k..64k, batch 1 and 16: `nsa.ops.decode.decode_attention` (four split-K kernels) vs
     F.scaled_dot_product_attention of one query over the full dense cache. Median ms, the bytes each
-    reads (estimated from what it must load) and the achieved GB/s.
+    reads (estimated from what it must load) and the achieved GB/s. --extra-contexts (default 32768)
+    are always added to --contexts. --breakdown also prints each decode kernel's GPU time (profiler).
 (b) Whole-model cached generation, batch 1, 8k context: tokens/s of the NSA model and its dense twin
     (configs/enwik8_nsa.yaml / enwik8_dense.yaml, else dim 512 depth 8), random weights, bf16, the
     decode step captured in a CUDA graph (or torch.compile mode reduce-overhead with --compile).
@@ -27,7 +28,10 @@ sys.path.insert(0, ROOT)
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    p.add_argument("--extra-contexts", type=int, nargs="*", default=[32768],
+                   help="(a): contexts timed in addition to --contexts")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--breakdown", action="store_true", help="(a): per-kernel GPU times of the NSA decode step")
     p.add_argument("--heads", type=int, default=64)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--dim-head", type=int, default=128)
@@ -55,13 +59,14 @@ def bench_ms(fn, reps=100):
 
 
 def nsa_bytes(B, H, T, D, c, elt=2):
-    """Bytes the fused kernel must read for token t = T - 1 (keys + values; the compressed keys twice)."""
+    """Bytes the decode step must read for token t = T - 1: compressed keys + values (once), the selected
+    blocks' and the window's keys + values (the split-K partials, a few % more, are not counted)."""
     t = T - 1
     n_vis = (t + 1 - c["block"]) // c["stride"] + 1 if t + 1 >= c["block"] else 0
     rows = c["num_mem"] + n_vis
     sel = min(c["num_selected"], t // c["sel_block"] + 1) * c["sel_block"]
     win = min(c["window"], t + 1)
-    return B * H * D * elt * (2 * rows + n_vis + 2 * sel + 2 * win)
+    return B * H * D * elt * (2 * rows + 2 * sel + 2 * win)
 
 
 def kernel_bench(args, rows):
@@ -74,8 +79,9 @@ def kernel_bench(args, rows):
     HQ, H, D = args.heads, args.kv_heads, args.dim_head
     c = PAPER
     dev, dt = "cuda", torch.bfloat16
+    contexts = sorted(set(args.contexts) | set(args.extra_contexts or []))
     for B in args.batches:
-        for T in args.contexts:
+        for T in contexts:
             torch.cuda.empty_cache()
             nc = (T - c["block"]) // c["stride"] + 1
             g = torch.Generator(device=dev).manual_seed(0)
@@ -94,10 +100,19 @@ def kernel_bench(args, rows):
                 return decode_attention(q, q_rot, ck, cv, k, v, k, v, gates, t, **kw)
 
             # Correctness spot check against the reference (batch row 0 only: the reference is slow).
-            o = nsa()
-            o_ref = reference.decode_attention(*(x[:1] for x in (q, q_rot, ck, cv, k, v, k, v, gates, t)), **kw)
+            o, idx = decode_attention(q, q_rot, ck, cv, k, v, k, v, gates, t, return_indices=True, **kw)
+            o_ref, idx_ref = reference.decode_attention(*(x[:1] for x in (q, q_rot, ck, cv, k, v, k, v, gates, t)),
+                                                        return_indices=True, **kw)
             err = (o[:1].float() - o_ref.float()).abs().max().item()
+            big = torch.iinfo(torch.int32).max  # the kernel's picks are in pick order: sort, -1 last
+            idx_s = torch.where(idx[:1] < 0, big, idx[:1]).sort(-1).values
+            idx_ok = bool(torch.equal(torch.where(idx_s == big, -1, idx_s), idx_ref))
             ms_nsa = bench_ms(nsa)
+            if args.breakdown:
+                try:
+                    print(f"B={B} T={T} NSA decode kernels:\n" + kernel_breakdown(nsa), flush=True)
+                except Exception as e:  # the profiler is a diagnostic only
+                    print(f"kernel breakdown failed: {e!r}", flush=True)
             # Dense: one query over the whole cache, in SDPA's preferred [B, H, T, D] layout.
             kd, vd = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
             del k, v
@@ -112,11 +127,33 @@ def kernel_bench(args, rows):
             rows.append(dict(part="attention", batch=B, context=T, nsa_ms=ms_nsa, dense_ms=ms_dense,
                              speedup=ms_dense / ms_nsa, nsa_bytes=b_nsa, dense_bytes=b_dense,
                              bytes_ratio=b_nsa / b_dense, nsa_gbps=b_nsa / ms_nsa / 1e6,
-                             dense_gbps=b_dense / ms_dense / 1e6, max_err_vs_reference=err))
+                             dense_gbps=b_dense / ms_dense / 1e6, max_err_vs_reference=err,
+                             indices_match_reference=idx_ok))
             r = rows[-1]
             print(f"attention B={B} T={T}: nsa {ms_nsa:.4f} ms ({r['nsa_gbps']:.0f} GB/s), dense {ms_dense:.4f} ms "
-                  f"({r['dense_gbps']:.0f} GB/s), bytes {r['bytes_ratio']:.3f}x dense, err {err:.2e}", flush=True)
+                  f"({r['dense_gbps']:.0f} GB/s), bytes {r['bytes_ratio']:.3f}x dense, err {err:.2e}, indices match "
+                  f"reference: {idx_ok}", flush=True)
             del kd, vd, ck, cv
+
+
+def kernel_breakdown(fn, reps=20):
+    """GPU time per kernel of one call of fn (mean over reps), from the torch profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            times[e.name] = times.get(e.name, 0.0) + e.device_time_total / reps
+    total = sum(times.values())
+    lines = [f"    {us:8.2f} us  {name[:70]}" for name, us in sorted(times.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines + [f"    {total:8.2f} us  total GPU time per step"])
 
 
 def model_cfg(name):
@@ -168,10 +205,12 @@ def table(rows, env):
     lines = [f"Decode benchmark, {env}", ""]
     att = [r for r in rows if r["part"] == "attention"]
     if att:
-        lines += ["| batch | context | NSA decode ms | dense SDPA ms | dense/NSA | NSA GB/s | dense GB/s | NSA bytes / dense |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["| batch | context | NSA decode ms | dense SDPA ms | dense/NSA | NSA GB/s | dense GB/s | NSA bytes / dense "
+                  "| indices = reference |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['batch']} | {r['context']} | {r['nsa_ms']:.4f} | {r['dense_ms']:.4f} | {r['speedup']:.2f}x | "
-                  f"{r['nsa_gbps']:.0f} | {r['dense_gbps']:.0f} | {r['bytes_ratio']:.3f} |" for r in att]
+                  f"{r['nsa_gbps']:.0f} | {r['dense_gbps']:.0f} | {r['bytes_ratio']:.3f} | "
+                  f"{r['indices_match_reference']} |" for r in att]
         lines.append("")
     mod = [r for r in rows if r["part"] == "model"]
     if mod:
