@@ -130,6 +130,7 @@ def main():
     table = "\n".join(lines)
     print(table)
     if os.environ.get("OUT"):
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
         Path(os.environ["OUT"], "bench_train.md").write_text(table + "\n")
         Path(os.environ["OUT"], "bench_train.json").write_text(json.dumps(rows, indent=1))
 
