@@ -1,7 +1,9 @@
 """Triton compressed attention (nsa.ops.compressed, on nsa.ops.range_attention) against the reference.
 
 On CPU the kernels run in the Triton interpreter with small tiles, so these small odd shapes still
-cross several query and key tiles and the split dk/dv path.
+cross several query and key tiles, the unmasked interior-tile fast path (T = 70; block 2 / stride 1
+most) and the split dk/dv path with its partial-sum kernel (the NaN-poisoned partial buffers catch a
+read of a split that wrote nothing).
 """
 
 import math
@@ -93,6 +95,12 @@ def test_head_dims(D):
 @pytest.mark.parametrize("num_mem", [0, 1])
 def test_bf16(num_mem):
     check(1, 70, 2, 4, 64, 8, 4, num_mem, torch.bfloat16)
+
+
+def test_masked_path_only(monkeypatch):
+    """FAST_PATH off: every tile goes through the masked loop, the fallback the lead can A/B against."""
+    monkeypatch.setattr(range_attention, "FAST_PATH", False)
+    check(1, 70, 1, 2, 16, 2, 1, 1, torch.float32)
 
 
 def test_lse_gets_no_gradient_and_compiles_without_graph_break():

@@ -1,7 +1,8 @@
 """Triton sliding-window attention (nsa.ops.window, on nsa.ops.range_attention) against the reference.
 
 On CPU the kernels run in the Triton interpreter with small tiles (16 keys), so windows below, at and
-above a tile and sequences of several tiles exercise the band skipping.
+above a tile and sequences of several tiles exercise the band skipping and the unmasked fast path for
+tiles inside the band (T = 70, window 33).
 """
 
 import math
@@ -69,6 +70,12 @@ def test_head_dims(D):
 @pytest.mark.parametrize("G", [1, 4])
 def test_bf16(G):
     check(1, 70, 2, G, 64, 24, torch.bfloat16)
+
+
+def test_masked_path_only(monkeypatch):
+    """FAST_PATH off: every tile goes through the masked loop, the fallback the lead can A/B against."""
+    monkeypatch.setattr(range_attention, "FAST_PATH", False)
+    check(1, 70, 1, 2, 16, 33, torch.float32)
 
 
 def test_compiles_without_graph_break():
