@@ -43,7 +43,8 @@ FWD_MIN_ROWS = 16
 # Tokens per tile when G >= 16 (BLOCK_M = G * tokens), forward and dQ separately. 1 is the paper's
 # layout (one token's heads, a fixed loop over its n blocks); 2 or 4 walk the union of the tokens'
 # lists, loading the blocks they share (0 and the two local ones, for neighbours) once per tile.
-FWD_TOKENS = 2
+# Measured (H100, docs/BENCHMARKS.md): 2 or 4 tokens cost 1.1-1.5x the forward time of 1, so 1.
+FWD_TOKENS = 1
 DQ_TOKENS = 1
 # How a tile whose rows have several block lists walks their union: "list" precomputes the sorted
 # union per tile with torch (two small sorts) and runs a counted loop that Triton software-pipelines
@@ -56,8 +57,8 @@ KEY_SPLIT = 1
 # num_warps / num_stages of the forward and of dQ (None: Triton's default, 3 stages = 2 buffers).
 FWD_WARPS, FWD_STAGES = 4, None
 DQ_WARPS, DQ_STAGES = 4, None
-# Rows per inner step of the dK/dV kernel.
-DKV_ROWS = 64
+# Rows per inner step of the dK/dV kernel (128 measured 1.6x faster than 64 on an H100 at 64k).
+DKV_ROWS = 128
 # Entries per dK/dV work item; None sizes it from the average entries per block (see _dkv_items).
 DKV_CHUNK = None
 DKV_WARPS, DKV_STAGES = 8, None
