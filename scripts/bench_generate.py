@@ -49,7 +49,6 @@ PAPER = dict(block=32, stride=16, sel_block=64, num_selected=16, window=512, num
 
 
 def bench_ms(fn, reps=100):
-    import torch
     import triton
 
     try:

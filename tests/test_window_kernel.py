@@ -10,11 +10,10 @@ import math
 import pytest
 import torch
 
+from kernel_checks import assert_close
+
 from nsa.ops import range_attention, reference
 from nsa.ops.window import sliding_window_attention
-
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
-
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
@@ -23,16 +22,6 @@ def _poison(monkeypatch):
         return torch.full(shape, math.nan, dtype=dtype, device=device)
 
     monkeypatch.setattr(range_attention, "_empty", empty)
-
-
-def assert_close(got, want, dtype, what):
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert not got.isnan().any(), f"{what}: NaN (unwritten or invalid) elements"
-    if want.numel() == 0:
-        return
-    scale = want.float().abs().max().clamp_min(1.0)
-    err = (got.float() - want.float()).abs().max() / scale
-    assert err <= TOL[dtype], f"{what}: max error {err:.3g} (relative to {scale:.3g}) > {TOL[dtype]}"
 
 
 def check(B, T, H, G, D, window, dtype, dev=None):

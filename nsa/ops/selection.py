@@ -429,7 +429,7 @@ def _fwd_tiling(G, Hs, H, tokens):
 
 def _launch_cfg(q, k, indices, sel_block, tokens):
     B, T, HQ, D = q.shape
-    S, H = k.shape[1], k.shape[2]
+    H = k.shape[2]
     Hs, n = indices.shape[2], indices.shape[3]
     block_m, tt, walk = _fwd_tiling(HQ // H, Hs, H, tokens)
     block_s = max(16, _pow2(sel_block))
