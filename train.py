@@ -112,7 +112,7 @@ def main(argv=None):
         tree = config_from_checkpoint(ckpt)
         if not any(o.startswith("train.out_dir=") for o in args.overrides):
             tree.train.out_dir = str(ckpt_path.parent)  # keep writing where the checkpoint lives
-        cfg = _apply_overrides(to_dict(tree), args.overrides)
+        cfg = load_config(overrides=args.overrides, base=to_dict(tree))
     else:
         raise SystemExit("error: pass --config FILE (see configs/) or --resume RUN_DIR")
     t = cfg.train
@@ -313,18 +313,6 @@ def main(argv=None):
             wandb_run.summary.update({k: v for k, v in final.items() if k != "step"})
     _cleanup(ddp, wandb_run)
     return final
-
-
-def _apply_overrides(tree, overrides):
-    """A resolved config dict + overrides -> validated Config (through a temporary YAML file)."""
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(tree, f)
-    try:
-        return load_config(f.name, overrides)
-    finally:
-        os.remove(f.name)
 
 
 def _truncate_metrics(path, start_step):

@@ -4,6 +4,7 @@ Every field is documented where it is declared. Unknown keys, wrong types and in
 `ConfigError` naming the key. The resolved config (`to_dict`) is saved with every run and checkpoint.
 """
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -216,9 +217,10 @@ def _set_dotted(tree, key, value):
     node[parts[-1]] = value
 
 
-def load_config(path=None, overrides=()):
-    """YAML file (optional) + `a.b=value` overrides -> validated Config."""
-    tree = {}
+def load_config(path=None, overrides=(), base=None):
+    """YAML file (or `base`, a nested dict such as a checkpoint's config) + `a.b=value` overrides
+    -> validated Config."""
+    tree = copy.deepcopy(base) if base is not None else {}
     if path is not None:
         with open(path) as f:
             tree = yaml.safe_load(f) or {}
