@@ -2,8 +2,9 @@
 
 Inputs are random, so near-ties in importance (where rounding could legitimately flip the choice) are
 unlikely at these sizes; exact ties (e.g. blocks no compressed key reaches yet, importance 0) occur
-and resolve to the lower index in both. Interpreter tiles are small (16 query rows, 16 selection
-blocks per chunk), so T=300 with l'=16 crosses chunks and the carried-over overlap.
+and resolve to the lower index in both; `test_exact_ties_go_to_the_lower_index` builds inputs whose
+probabilities are exactly 0 or 1, so many importances tie exactly. Interpreter tiles are small (16 query
+rows, 16 selection blocks per chunk), so T=300 with l'=16 crosses chunks and the carried-over overlap.
 """
 
 import pytest
@@ -29,6 +30,10 @@ def check(T, G, block, stride, sel_block, num_mem=1, n=5, shared=True, num_initi
     q = torch.randn(B, T, H * G, D, device=dev, dtype=dtype)
     ck = torch.randn(B, num_mem + num_compressed_blocks(T, block, stride), H, D, device=dev, dtype=dtype)
     lse = reference.compressed_attention(q, ck, ck, block, stride, num_mem)[1]
+    return compare(q, ck, lse, block, stride, sel_block, num_mem, n, num_initial, num_local, shared)
+
+
+def compare(q, ck, lse, block, stride, sel_block, num_mem, n, num_initial=1, num_local=2, shared=True):
     args = (q, ck, lse, block, stride, sel_block, num_mem, n, num_initial, num_local, shared)
     got = topn_blocks(*args)
     want = reference.topn_blocks(*args)
@@ -69,6 +74,48 @@ def test_more_slots_than_blocks_and_other_forced_counts():
 
 def test_single_slot_keeps_the_lowest_forced_block():
     check(70, 2, 8, 4, 8, n=1)
+
+
+@pytest.mark.parametrize("n", [1, 32])
+def test_several_chunks(n):
+    # 75 selection blocks: 5 chunks of 16 in the interpreter, n=32 pads the chunk keys to 32.
+    check(600, 1, 8, 4, 8, n=n, H=1)
+
+
+@pytest.mark.parametrize("block,stride,sel_block", [(8, 4, 12), (16, 4, 8), (12, 4, 16)])
+def test_overlap_shapes(block, stride, sel_block):
+    # l'/d = 3 (padded to 4 per selection block); l/d = 4 over l'/d = 2 reaches two blocks ahead;
+    # l/d = 3 over l'/d = 4 (weights 1,2,3,3 onto j and 2,1 onto j+1).
+    check(200, 2, block, stride, sel_block, n=6, H=1)
+
+
+def _tie_inputs(T, G, block, stride, num_mem, H, D, kind):
+    """Inputs whose probabilities are exactly 0 or 1, so importances are small integers and tie exactly.
+    all_equal: every visible p is 1 (ck = 0, lse = 0). zero: every p is 0 (lse = +inf). mixed: p is 1 or 0
+    per (query head, compressed block): query rows 0 (p = 1) or 1, keys 0 (p = 1) or -100 (p = 0)."""
+    S = num_mem + num_compressed_blocks(T, block, stride)
+    q = torch.ones(1, T, H * G, D)
+    ck = torch.zeros(1, S, H, D)
+    lse = torch.zeros(1, T, H * G)
+    if kind == "zero":
+        lse.fill_(float("inf"))
+    elif kind == "mixed":
+        q *= (torch.rand(1, T, H * G, 1) < 0.7).float()
+        ck -= 100 * (torch.rand(1, S, H, 1) < 0.5).float()
+    return q, ck, lse
+
+
+@pytest.mark.parametrize("kind", ["all_equal", "zero", "mixed"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_exact_ties_go_to_the_lower_index(kind, shared):
+    # 18 selection blocks: two chunks in the interpreter; n = 32 leaves slots empty for every query.
+    q, ck, lse = _tie_inputs(140, 2, 8, 4, 1, 1, 16, kind)
+    for n in (1, 5, 32):
+        out = compare(q, ck, lse, 8, 4, 8, 1, n, shared=shared)
+        if kind == "zero" and n == 5:  # t = 130: forced 0, 15, 16, then the lowest indices among the zeros
+            assert out[0, 130, 0].tolist() == [0, 1, 2, 15, 16]
+    if kind == "all_equal":  # nothing forced: every tie decides
+        compare(q, ck, lse, 8, 4, 8, 1, 3, num_initial=0, num_local=0, shared=shared)
 
 
 def test_bf16():
@@ -120,3 +167,45 @@ def test_gpu_paper_setting(G, shared):
 @pytest.mark.gpu
 def test_gpu_fp32_n32():
     _gpu_check_tolerant(4096, 16, True, torch.float32, n=32)
+
+
+_AOT = r"""
+import sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from nsa.ops import topn
+PTRS = {"Q": None, "CK": None, "LSE": "*fp32", "OUT": "*i32"}
+for dtype, shared, n, D in [(torch.bfloat16, True, 16, 128), (torch.float32, False, 32, 64)]:
+    meta = topn._kernel_meta(16, D, dtype, 32, 16, 64, n, shared)
+    opts = {k: meta.pop(k) for k in ("num_warps", "num_stages")}
+    sig, attrs = {}, {}
+    for i, a in enumerate(topn._topn_kernel.arg_names):
+        if a in meta:
+            sig[a] = "constexpr"
+        elif a in PTRS:  # 16-byte aligned, as the runtime specialises torch allocations
+            sig[a] = PTRS[a] or "*" + ("bf16" if dtype == torch.bfloat16 else "fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[a] = "fp32" if a == "qk_scale" else "i32"
+    k = triton.compile(ASTSource(fn=topn._topn_kernel, signature=sig, constexprs=meta, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options=opts)
+    assert k.asm["cubin"], (dtype, shared, n, D)
+print("ok")
+"""
+
+
+def test_compiles_for_sm90_ahead_of_time():
+    """The interpreter does not run Triton's frontend/backend: compile the real kernel for an H100
+    (sm_90, bf16 paper setting and fp32 / unshared / n > BJ / D=64) with no GPU, in a fresh process
+    without TRITON_INTERPRET. Catches what only the compiler rejects (Triton 3.6 refused to
+    re-assign `HALF: tl.constexpr` in the bitonic network's unrolled loop)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-4000:]

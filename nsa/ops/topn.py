@@ -3,22 +3,34 @@
 Reference twin: `nsa.ops.reference.topn_blocks` (= `block_importance` + `select_blocks`). The
 importance matrix [T, N_s] is never stored: each program owns one kv head and a tile of query rows
 (tokens x the G heads of the group, as in `nsa.ops.range_attention`) and walks the selection blocks
-in chunks of BJ, keeping a running top-n per row in registers. For the chunk [j0, j0 + BJ):
+in chunks of BJ, keeping a running top-W per row in registers (W = max(BJ, n) rounded to a power of
+two; only the first n count). For the chunk [j0, j0 + BJ):
 
-1. recompute p = exp(q . ck * scale - lse) for the compressed blocks i in [j0, j0 + BJ) * l'/d
-   (memory keys excluded, invisible blocks 0);
-2. map them onto selection blocks by overlap, importance = p @ C with C[i, j] = c(i, j) the number of
-   stride-chunks compressed block i and selection block j share (`reference.overlap_matrix`), built
-   on the fly. A compressed block can reach past the chunk into the next one (for l=32, d=16,
-   l'=64 block 4j+3 also counts for block j+1), so p @ C of the next chunk is carried over;
-3. if shared, sum over the G heads of the group;
-4. mark forced blocks +inf and invalid blocks (j > t // l') -inf, then merge the chunk into the
-   running top-n: while some row's best remaining candidate beats its worst kept block, swap them.
+1. recompute p = exp2(q . ck * scale * log2(e) - lse * log2(e)) for the compressed blocks starting in
+   the chunk's selection blocks, laid out as [BJ, PSP] (selection block x position r < l'/d inside
+   it; PSP = l'/d rounded up to a power of two, padding masked), memory keys excluded, invisible 0;
+2. if shared, sum over the G heads of the group (rows are [tokens, GP]: a reshape and a sum);
+3. map onto selection blocks by overlap. A compressed block at position r of selection block j
+   covers stride-chunks [r, r + l/d) relative to j's first chunk, so it adds p * w_k(r) to block
+   j + k, w_k(r) = |[r, r + l/d) & [k l'/d, (k + 1) l'/d)| (= `reference.overlap_matrix`). Per chunk:
+   A[k, j] = sum_r w_k(r) p[j, r] (k < K = 1 + ceil((l/d - 1) / (l'/d))), then plane k is rotated by
+   k along j (tl.gather); columns j >= k take the rotated current plane, columns j < k the rotated
+   plane of the previous chunk (its spill into this chunk): importance = sum over k. For l=32, d=16,
+   l'=64 that is weights 1,2,2,2 onto j and 1 onto j+1, no matmul;
+4. pack each candidate into one int64 key, larger = better:
+       key = (fp32 bits of importance + 1) << 32  -  1 - j
+   (importance >= 0, so its bit pattern orders like an integer; the low word 2^32 - 1 - j breaks ties
+   to the lower index). Forced blocks get +inf's bits, invalid blocks (j > t // l', padding) key -1,
+   below every valid key;
+5. merge with sorting networks (`_bitonic`): sort the chunk's keys ascending, take the elementwise
+   max with the running keys (sorted descending): that holds the top W of both as a bitonic
+   sequence, which log2(W) half-cleaner steps sort descending again. No data-dependent loop.
 
-Order is (importance descending, index ascending) in both the kernel and the reference, so exact
-ties resolve to the lower block index in both; importance values themselves may differ from the
+At the end the first n keys (those >= 0) are decoded to block indices, sorted ascending, padded -1.
+Order is (importance descending, index ascending) in both the kernel and the reference, so exact ties
+resolve to the lower block index in both; importance values themselves may differ from the
 reference's by rounding (summation order), which can flip blocks whose importances are within
-rounding of each other. The result is sorted ascending and padded with -1, like the reference.
+rounding of each other.
 """
 
 import math
@@ -30,49 +42,62 @@ import triton.language as tl
 
 from nsa.ops.range_attention import _dot, _query_rows
 
-# Larger than any block index; also makes the empty slots' indices distinct (BIG + slot).
+# Larger than any block index: the decoded index of an unused slot, sorted last and written as -1.
 BIG: tl.constexpr = tl.constexpr(2**30)
+# fp32 bit pattern of +inf: the importance bits of a forced block.
+INF_BITS: tl.constexpr = tl.constexpr(0x7F800000)
 
 # Output allocator; the tests swap in a poisoned one to catch elements the kernel forgets to write.
 _empty = torch.empty
 
 
 @triton.jit
-def _overlap(i, j, PER_CMP, PER_SEL):
-    """c(i, j) [len(i), len(j)] fp32: stride-chunks shared by compressed block i and selection block j."""
-    lo = tl.maximum(i[:, None], j[None, :] * PER_SEL)
-    hi = tl.minimum(i[:, None] + PER_CMP, (j[None, :] + 1) * PER_SEL)
-    return tl.maximum(hi - lo, 0).to(tl.float32)
+def _half_clean(x, R: tl.constexpr, W: tl.constexpr, M: tl.constexpr, HALF: tl.constexpr,
+                LOG_W: tl.constexpr, DESC: tl.constexpr):
+    """One half-cleaner step of `_bitonic` at merge level M, comparing elements HALF apart. Its own
+    function so that HALF and A are fresh constexprs per step: Triton 3.6 turns a plain assignment of
+    an int into a tensor and refuses to re-assign an annotated constexpr in an unrolled loop."""
+    A: tl.constexpr = W // (2 * HALF)
+    y = tl.reshape(x, [R, A, 2, HALF])
+    # Run of 2^M this pair belongs to; even runs go in the final direction, odd ones reversed.
+    if M == LOG_W:
+        desc = tl.full([1, A, 1, 1], DESC, tl.int1)
+    else:
+        odd = ((tl.arange(0, A)[None, :, None, None] * (2 * HALF)) >> M) & 1
+        if DESC:
+            desc = odd == 0
+        else:
+            desc = odd == 1
+    first = tl.arange(0, 2)[None, None, :, None] == 0
+    y = tl.where(first == desc, tl.max(y, 2, keep_dims=True), tl.min(y, 2, keep_dims=True))
+    return tl.reshape(y, [R, W])
 
 
 @triton.jit
-def _best(val, idx):
-    """Per row: the highest value and, among equal values, the lowest index."""
-    v = tl.max(val, 1)
-    i = tl.min(tl.where(val == v[:, None], idx, BIG), 1)
-    return v, i
-
-
-@triton.jit
-def _worst(val, idx):
-    """Per row: the lowest value and, among equal values, the highest index (the first to drop)."""
-    v = tl.min(val, 1)
-    i = tl.max(tl.where(val == v[:, None], idx, -BIG), 1)
-    return v, i
-
-
-@triton.jit
-def _beats(v1, i1, v2, i2):
-    return (v1 > float("-inf")) & ((v1 > v2) | ((v1 == v2) & (i1 < i2)))
+def _bitonic(x, R: tl.constexpr, W: tl.constexpr, FIRST: tl.constexpr, LOG_W: tl.constexpr,
+             DESC: tl.constexpr):
+    """Bitonic sorting network on each row of a [R, W] tile, merge levels FIRST .. LOG_W: FIRST = 1
+    sorts arbitrary rows, FIRST = LOG_W only merges rows that are already bitonic. Level m makes
+    runs of 2^m sorted, alternating direction so that level m + 1 sees bitonic runs; the last level
+    sorts whole rows descending if DESC else ascending. Each step is a half-cleaner: reshape to
+    [R, pairs, 2, HALF] and put the max / min of each pair first. Own network rather than tl.sort:
+    the same work on the GPU, and max/min reductions are fast in the interpreter."""
+    for m in tl.static_range(FIRST, LOG_W + 1):
+        for s in tl.static_range(m):
+            x = _half_clean(x, R, W, m, 1 << (m - 1 - s), LOG_W, DESC)
+    return x
 
 
 @triton.jit
 def _topn_kernel(Q, CK, LSE, OUT, qk_scale, T, H, G, NUM_CMP, NUM_MEM, BLOCK, STRIDE, SEL_BLOCK,
-                 PER_CMP, PER_SEL, NUM_INITIAL, NUM_LOCAL,
+                 NUM_INITIAL, NUM_LOCAL,
                  D: tl.constexpr, BLOCK_D: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BJ: tl.constexpr, BLOCK_C: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
-                 ROWS: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                 PER_CMP: tl.constexpr, PER_SEL: tl.constexpr, PSP: tl.constexpr, KP: tl.constexpr,
+                 BJ: tl.constexpr, W: tl.constexpr, LOG_W: tl.constexpr, LOG_WIDEN: tl.constexpr,
+                 N_SEL: tl.constexpr, ROWS: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr,
+                 UPCAST: tl.constexpr):
     BLOCK_T: tl.constexpr = BLOCK_M // GP
+    BLOCK_C: tl.constexpr = BJ * PSP
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -95,70 +120,105 @@ def _topn_kernel(Q, CK, LSE, OUT, qk_scale, T, H, G, NUM_CMP, NUM_MEM, BLOCK, ST
     else:
         tr = t
     cur = tr // SEL_BLOCK
-    col = tl.arange(0, NP)[None, :] + tl.zeros([ROWS, NP], tl.int32)
-    # Slots >= N_SEL only pad n to a power of two: +inf keeps them from ever being the worst slot.
-    top_v = tl.where(col < N_SEL, float("-inf"), float("inf"))
-    top_i = tl.where(col < N_SEL, BIG + col, -1 - col)
 
-    carry = tl.zeros([BLOCK_M, BJ], tl.float32)
+    # Tile column c is compressed block (j0 + c // PSP) * PER_SEL + c % PSP (masked if c % PSP >= PER_SEL).
+    c = tl.arange(0, BLOCK_C)
+    c_sel = c // PSP
+    c_pos = c % PSP
+    # Overlap weights w_k(r) [KP, PSP] and the rotation by k of plane k along the selection blocks.
+    kk = tl.arange(0, KP)[:, None]
+    rr = tl.arange(0, PSP)[None, :]
+    w = tl.minimum(rr + PER_CMP, (kk + 1) * PER_SEL) - tl.maximum(rr, kk * PER_SEL)
+    w = tl.where(rr < PER_SEL, tl.maximum(w, 0), 0).to(tl.float32)
+    k3 = tl.arange(0, KP)[None, :, None]
+    jj3 = tl.arange(0, BJ)[None, None, :]
+    rot = ((jj3 - k3) & (BJ - 1)) + tl.zeros([ROWS, KP, BJ], tl.int32)
+    jj = tl.arange(0, BJ)
+
+    spill = tl.zeros([ROWS, KP, BJ], tl.float32)
+    top = tl.full([ROWS, W], -1, tl.int64)
     t_last = tl.minimum(t0 + BLOCK_T - 1, T - 1)
     for j0 in range(0, t_last // SEL_BLOCK + 1, BJ):
-        # 1. probabilities of the compressed blocks that start in this chunk
-        i = j0 * PER_SEL + tl.arange(0, BLOCK_C)
-        i_ok = (i < (j0 + BJ) * PER_SEL) & (i < NUM_CMP)
+        # 1. probabilities of the compressed blocks that start in this chunk's selection blocks
+        i = (j0 + c_sel) * PER_SEL + c_pos
+        i_ok = (c_pos < PER_SEL) & (i < NUM_CMP)
         ck_off = ((b * S + NUM_MEM + i).to(tl.int64) * H + h) * D
         ck = tl.load(CK + ck_off[:, None] + d[None, :], mask=i_ok[:, None] & d_ok[None, :], other=0.0)
-        s = _dot(q, tl.trans(ck), PREC, UPCAST) * qk_scale
+        s = _dot(q, tl.trans(ck), PREC, UPCAST)
         visible = row_ok[:, None] & i_ok[None, :] & (i[None, :] < n_visible[:, None])
-        p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
-        # 2. overlap mapping; tf32x3 keeps p's fp32 accuracy (C holds small integers, exact in tf32)
-        j = j0 + tl.arange(0, BJ)
-        acc = carry + tl.dot(p, _overlap(i, j, PER_CMP, PER_SEL), input_precision="tf32x3")
-        carry = tl.dot(p, _overlap(i, j + BJ, PER_CMP, PER_SEL), input_precision="tf32x3")
-        # 3. group sum
+        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        # 2. group sum
         if SHARED:
-            imp = tl.sum(tl.reshape(acc, (BLOCK_T, GP, BJ)), 1)
+            p3 = tl.sum(tl.reshape(p, [BLOCK_T, GP, BJ, PSP]), 1)
         else:
-            imp = acc
-        # 4. candidates and merge
+            p3 = tl.reshape(p, [BLOCK_M, BJ, PSP])
+        # 3. overlap: plane k goes k selection blocks ahead; the previous chunk's rotated planes
+        #    supply the columns j < k
+        a = tl.sum(p3[:, None, :, :] * w[None, :, None, :], 3)
+        if KP > 1:
+            a = tl.gather(a, rot, 2)
+        imp = tl.sum(tl.where(jj3 >= k3, a, spill), 1)
+        spill = a
+        # 4. keys
+        j = j0 + jj
         valid = j[None, :] <= cur[:, None]
-        forced = valid & ((j[None, :] < NUM_INITIAL) | (cur[:, None] - j[None, :] < NUM_LOCAL))
-        cand_v = tl.where(forced, float("inf"), tl.where(valid, imp, float("-inf")))
-        cand_i = j[None, :] + tl.zeros([ROWS, BJ], tl.int32)
-        best_v, best_i = _best(cand_v, cand_i)
-        worst_v, worst_i = _worst(top_v, top_i)
-        swap = _beats(best_v, best_i, worst_v, worst_i)
-        while tl.max(swap.to(tl.int32), 0) > 0:
-            into = swap[:, None] & (top_i == worst_i[:, None])
-            top_v = tl.where(into, best_v[:, None], top_v)
-            top_i = tl.where(into, best_i[:, None], top_i)
-            cand_v = tl.where(swap[:, None] & (cand_i == best_i[:, None]), float("-inf"), cand_v)
-            best_v, best_i = _best(cand_v, cand_i)
-            worst_v, worst_i = _worst(top_v, top_i)
-            swap = _beats(best_v, best_i, worst_v, worst_i)
+        forced = (j[None, :] < NUM_INITIAL) | (cur[:, None] - j[None, :] < NUM_LOCAL)
+        bits = tl.maximum(imp.to(tl.int32, bitcast=True), 0)  # importance >= 0 (-0.0 -> +0.0)
+        bits = tl.where(forced, INF_BITS, bits)
+        key = ((bits.to(tl.int64) + 1) << 32) - 1 - j[None, :]
+        key = tl.where(valid, key, -1)
+        for e in tl.static_range(LOG_WIDEN):  # n > BJ: pad the chunk to W with empty keys
+            key = tl.reshape(tl.join(key, tl.full([ROWS, BJ << e], -1, tl.int64)), [ROWS, BJ << (e + 1)])
+        # 5. merge: max(descending, ascending) is the top W of both, bitonic
+        asc = _bitonic(key, ROWS, W, 1, LOG_W, False)
+        top = _bitonic(tl.maximum(top, asc), ROWS, W, LOG_W, LOG_W, True)
 
-    # Ascending indices, unused slots (-inf, padding) last as -1.
-    key = tl.sort(tl.where((col < N_SEL) & (top_v > float("-inf")), top_i, BIG), 1)
-    key = tl.where(key >= BIG, -1, key)
+    # Ascending indices of the first n keys; empty slots (key -1) sort last and are written -1.
+    col = tl.arange(0, W)[None, :]
+    sel = tl.where((col < N_SEL) & (top >= 0), (-1 - top).to(tl.int32), BIG)
+    sel = _bitonic(sel, ROWS, W, 1, LOG_W, False)
+    sel = tl.where(sel >= BIG, -1, sel)
     if SHARED:
         out_row = (b * T + tr).to(tl.int64) * H + h
         out_ok = tr < T
     else:
         out_row = row_off
         out_ok = row_ok
-    tl.store(OUT + out_row[:, None] * N_SEL + col, key, mask=out_ok[:, None] & (col < N_SEL))
+    tl.store(OUT + out_row[:, None] * N_SEL + col, sel, mask=out_ok[:, None] & (col < N_SEL))
 
 
-def _tiles(G, per_sel, per_cmp):
-    """(BLOCK_M, BJ): about 64 query rows and 64 compressed keys per step; small in the interpreter."""
+def _tiles(G, per_sel, dtype):
+    """(BLOCK_M, BJ, num_warps, num_stages): about 128 query rows (64 for fp32) and 64 compressed keys
+    per step; small in the interpreter. NSA_TOPN_TILES="bm,bj,warps,stages" overrides (tuning)."""
     GP = triton.next_power_of_2(G)
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    bm = max(16 if interpreting else 64, GP)
-    bj = 16 if interpreting else max(16, triton.next_power_of_2(triton.cdiv(64, per_sel)))
-    # The carried-over next chunk must hold everything a chunk's compressed blocks reach.
-    while (bj * per_sel) < per_cmp - 1:
-        bj *= 2
-    return bm, bj
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return max(16, GP), 16, 4, 1
+    if os.environ.get("NSA_TOPN_TILES"):
+        bm, bj, warps, stages = (int(x) for x in os.environ["NSA_TOPN_TILES"].split(","))
+        return max(bm, GP), bj, warps, stages
+    bj = max(16, triton.next_power_of_2(triton.cdiv(64, per_sel)))
+    if dtype == torch.float32:
+        return max(64, GP), bj, 4, 1
+    return max(128, GP), bj, 8, 2
+
+
+def _kernel_meta(G, D, dtype, block, stride, sel_block, num_selected, shared):
+    """The constexprs and launch options of `_topn_kernel` (also used by the tests to compile it ahead
+    of time for sm_90 without a GPU)."""
+    per_cmp, per_sel = block // stride, sel_block // stride
+    bm, bj, warps, stages = _tiles(G, per_sel, dtype)
+    # Planes k < K: a compressed block reaches the K - 1 selection blocks after its own; the rotation
+    # by k needs k < BJ.
+    K = 1 + triton.cdiv(per_cmp - 1, per_sel)
+    bj = max(bj, triton.next_power_of_2(K))
+    W = max(bj, triton.next_power_of_2(num_selected))
+    GP = triton.next_power_of_2(G)
+    return dict(
+        D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), GP=GP, BLOCK_M=bm, PER_CMP=per_cmp, PER_SEL=per_sel,
+        PSP=triton.next_power_of_2(per_sel), KP=triton.next_power_of_2(K), BJ=bj, W=W,
+        LOG_W=W.bit_length() - 1, LOG_WIDEN=(W // bj).bit_length() - 1, N_SEL=num_selected,
+        ROWS=bm // GP if shared else bm, SHARED=shared, PREC="tf32x3" if dtype == torch.float32 else "tf32",
+        UPCAST=os.environ.get("TRITON_INTERPRET") == "1", num_warps=warps, num_stages=stages)
 
 
 def _topn_launch(q, ck, lse, block, stride, sel_block, num_mem, num_selected, num_initial, num_local, shared,
@@ -171,17 +231,11 @@ def _topn_launch(q, ck, lse, block, stride, sel_block, num_mem, num_selected, nu
     if T == 0 or num_selected == 0:
         return out
     q, ck, lse = q.contiguous(), ck.contiguous(), lse.contiguous().float()
-    per_cmp, per_sel = block // stride, sel_block // stride
-    bm, bj = _tiles(G, per_sel, per_cmp)
-    GP = triton.next_power_of_2(G)
-    grid = (triton.cdiv(T, bm // GP), B * H)
+    meta = _kernel_meta(G, D, q.dtype, block, stride, sel_block, num_selected, shared)
+    grid = (triton.cdiv(T, meta["BLOCK_M"] // meta["GP"]), B * H)
     _topn_kernel[grid](
         q, ck, lse, out, scale * math.log2(math.e), T, H, G, ck.shape[1] - num_mem, num_mem, block, stride,
-        sel_block, per_cmp, per_sel, num_initial, num_local,
-        D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), GP=GP, BLOCK_M=bm, BJ=bj,
-        BLOCK_C=triton.next_power_of_2(bj * per_sel), N_SEL=num_selected, NP=triton.next_power_of_2(num_selected),
-        ROWS=bm // GP if shared else bm, SHARED=shared, PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
-        UPCAST=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4)
+        sel_block, num_initial, num_local, **meta)
     return out
 
 
