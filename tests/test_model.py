@@ -160,3 +160,14 @@ def test_triton_backend_matches_torch_forward_and_gradients(heads, kv_heads, T):
     assert torch.allclose(logits, ref_logits, atol=1e-4)
     for name, g in ref.items():
         assert torch.allclose(got[name], g, atol=1e-4, rtol=1e-3), name
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_model_traces_without_graph_breaks(backend):
+    """torch.compile sees the whole model as one graph: the kernels are registered custom ops and the
+    backend lookup is plain module attribute access."""
+    torch._dynamo.reset()
+    model = Transformer(small_model(backend=backend))
+    x = torch.randint(0, 256, (1, 40))
+    explanation = torch._dynamo.explain(model)(x, x)
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]

@@ -1,49 +1,39 @@
 """NSA ops behind one interface, by backend.
 
-Each backend is a namespace with the same five functions (signatures of `nsa.ops.reference`):
-compressed_attention, topn_blocks, block_importance, selection_attention, sliding_window_attention.
-`torch` is the reference itself; `flex` swaps in flex attention for the window and selection
-branches; `triton` swaps in the Triton kernels.
+A backend is a module with the five functions `SparseAttention` calls, each with the signature of
+its twin in `nsa.ops.reference`: compressed_attention, topn_blocks, block_importance,
+selection_attention, sliding_window_attention. `torch` is the reference module itself; `flex`
+(nsa/ops/flex.py) swaps in flex attention for the window and selection branches; `triton`
+(nsa/ops/triton_ops.py) the Triton kernels. Modules, not objects built per call, so torch.compile
+traces through the lookup without a graph break.
 """
 
-import types
+import os
 
-from nsa.ops import reference
+from nsa.ops import flex, reference
+
+try:  # imported here, not on first use, so that torch.compile sees no import inside the forward
+    from nsa.ops import triton_ops
+except ImportError as e:  # triton is Linux-only
+    triton_ops, _triton_error = None, e
 
 BACKENDS = ("torch", "flex", "triton")
 
 
-def _namespace(**overrides):
-    names = ("compressed_attention", "topn_blocks", "block_importance", "selection_attention",
-             "sliding_window_attention")
-    fns = {n: getattr(reference, n) for n in names}
-    fns.update(overrides)
-    return types.SimpleNamespace(**fns)
-
-
 def get_ops(backend, device):
-    """Resolve `backend` ('auto' picks triton on CUDA, torch elsewhere) to an ops namespace."""
+    """Resolve `backend` ('auto' picks triton on CUDA, torch elsewhere) to its ops module."""
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     if backend == "torch":
-        return _namespace()
+        return reference
     if backend == "flex":
-        from nsa.ops import flex
-
-        return _namespace(selection_attention=flex.selection_attention,
-                          sliding_window_attention=flex.sliding_window_attention)
+        return flex
     if backend == "triton":
-        return _triton_ops(device)
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"backend 'triton' needs a CUDA device (got {device.type}); use backend 'torch' or 'auto' on CPU, "
+                "or set TRITON_INTERPRET=1 before importing triton to run the kernels in the interpreter")
+        if triton_ops is None:
+            raise RuntimeError(f"backend 'triton' needs the triton package, which failed to import: {_triton_error}")
+        return triton_ops
     raise ValueError(f"unknown backend {backend!r}: expected one of auto, {', '.join(BACKENDS)}")
-
-
-def _triton_ops(device):
-    import os
-
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            f"backend 'triton' needs a CUDA device (got {device.type}); use backend 'torch' or 'auto' on CPU, "
-            "or set TRITON_INTERPRET=1 before importing triton to run the kernels in the interpreter")
-    from nsa.ops import triton_ops
-
-    return triton_ops.namespace(_namespace)

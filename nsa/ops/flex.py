@@ -1,4 +1,5 @@
-"""Window and selection branches through PyTorch's flex attention (block-sparse masks).
+"""The `flex` backend: window and selection branches through PyTorch's flex attention (block-sparse
+masks), the compressed branch and top-n from the references.
 
 Same signatures as the references. Flex skips the key tiles a block mask marks empty, so on GPU
 these cost about what the mask covers, not T^2. On CPU flex runs eagerly (for tests).
@@ -10,7 +11,7 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from nsa.ops.common import ceil_div
-from nsa.ops.reference import _scatter_blocks
+from nsa.ops.reference import _scatter_blocks, block_importance, compressed_attention, topn_blocks  # noqa: F401
 
 
 @functools.cache

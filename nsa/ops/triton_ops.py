@@ -1,16 +1,11 @@
-"""The `triton` backend: the Triton kernels where they exist, the references elsewhere.
+"""The `triton` backend: one module holding the five ops `SparseAttention` calls.
 
-Only `block_importance` (used by the straight-through `diff_topk` path, which the Triton selection
-kernel does not support) stays on the reference; every branch of the forward runs in Triton.
+Every branch of the forward runs in Triton; only `block_importance` (used by the straight-through
+`diff_topk` path, which the Triton selection kernel does not support) is the reference's.
 """
 
-from nsa.ops.compressed import compressed_attention
-from nsa.ops.selection import selection_attention
-from nsa.ops.topn import topn_blocks
-from nsa.ops.window import sliding_window_attention
-
-
-def namespace(base):
-    """`base(**overrides)` builds the reference namespace with the given functions swapped in."""
-    return base(compressed_attention=compressed_attention, topn_blocks=topn_blocks,
-                selection_attention=selection_attention, sliding_window_attention=sliding_window_attention)
+from nsa.ops.compressed import compressed_attention  # noqa: F401
+from nsa.ops.reference import block_importance  # noqa: F401
+from nsa.ops.selection import selection_attention  # noqa: F401
+from nsa.ops.topn import topn_blocks  # noqa: F401
+from nsa.ops.window import sliding_window_attention  # noqa: F401
