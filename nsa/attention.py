@@ -59,6 +59,12 @@ class SparseAttention(nn.Module):
         pairs = [(kv[:, :, i, 0], kv[:, :, i, 1]) for i in range(self.kv_sets)]
         return q, pairs * (3 // self.kv_sets)
 
+    def rotate_qk(self, q, k_s, k_w, pos):
+        """Rotary on the queries and the selection / window keys (the window's are the selection's
+        unless separate_kv)."""
+        q_r, k_sr = rotate(self.rotary, q, pos), rotate(self.rotary, k_s, pos)
+        return q_r, k_sr, (k_sr if k_w is k_s else rotate(self.rotary, k_w, pos))
+
     def compressed_kv(self, k, v):
         """Memory keys/values followed by the compressed blocks: [B, num_mem + N_c, H, D]."""
         B = k.shape[0]
@@ -93,8 +99,7 @@ class SparseAttention(nn.Module):
                                               self.scale, c.causal)
         idx, block_gate = self.select(ops, q, ck, lse)
 
-        q_r, k_sr = rotate(self.rotary, q, pos), rotate(self.rotary, k_s, pos)
-        k_wr = k_sr if k_w is k_s else rotate(self.rotary, k_w, pos)
+        q_r, k_sr, k_wr = self.rotate_qk(q, k_s, k_w, pos)
         o_slc = ops.selection_attention(q_r, k_sr, v_s, idx, c.sel_block, self.scale, c.causal, block_gate)
         o_win = ops.sliding_window_attention(q_r, k_wr, v_w, c.window, self.scale, c.causal)
         if cache is not None:
@@ -115,9 +120,7 @@ class SparseAttention(nn.Module):
             raise ValueError("decoding needs a causal model (nsa.causal = true)")
         B = x.shape[0]
         q, ((k_c, v_c), (k_s, v_s), (k_w, v_w)) = self.project(x)
-        p = pos[:, None]
-        q_r, k_sr = rotate(self.rotary, q, p), rotate(self.rotary, k_s, p)
-        k_wr = k_sr if k_w is k_s else rotate(self.rotary, k_w, p)
+        q_r, k_sr, k_wr = self.rotate_qk(q, k_s, k_w, pos[:, None])
         cache.append(pos, k_c, v_c, k_sr, v_s, k_wr, v_w, self.k_compress, self.v_compress)
         gates = torch.sigmoid(self.to_gates(x)).view(B, self.heads, 3)
         o = decode_fn(c.backend, x.device)(
