@@ -26,6 +26,7 @@ from nsa.checkpoint import (CheckpointError, config_from_checkpoint, load_checkp
 from nsa.config import ConfigError, load_config, to_dict
 from nsa.data import DataError, eval_windows, get_batch, iter_eval_batches, load_splits
 from nsa.model import Transformer, bits_per_byte
+from nsa.ops import BackendError
 
 
 def parse_args(argv):
@@ -337,7 +338,7 @@ def cli(argv=None):
     """Entry point: known failures (bad config, missing data or checkpoint) end with one clear line."""
     try:
         main(argv)
-    except (ConfigError, DataError, CheckpointError, yaml.YAMLError) as e:
+    except (ConfigError, DataError, CheckpointError, BackendError, yaml.YAMLError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:

@@ -235,6 +235,17 @@ def test_cuda_requested_on_cpu_machine(capsys, monkeypatch):
     assert "no CUDA device" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_triton_backend_on_cpu_machine(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    argv = ["--config", "configs/smoke.yaml", "model.nsa.backend=triton", "log.wandb_mode=disabled",
+            f"train.out_dir={tmp_path}"]
+    assert train.cli(argv) != 0
+    err = capsys.readouterr().err
+    assert "needs a CUDA device" in err and "Traceback" not in err
+
+
 def test_plot_runs_writes_png(corpus, tmp_path):
     pytest.importorskip("matplotlib")
     sys.path.insert(0, str(ROOT / "scripts"))

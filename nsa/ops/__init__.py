@@ -20,6 +20,10 @@ except ImportError as e:  # triton is Linux-only
 BACKENDS = ("torch", "flex", "triton")
 
 
+class BackendError(RuntimeError):
+    """A backend that cannot run here (triton without CUDA or without the triton package)."""
+
+
 def get_ops(backend, device):
     """Resolve `backend` ('auto' picks triton on CUDA, torch elsewhere) to its ops module."""
     if backend == "auto":
@@ -30,10 +34,10 @@ def get_ops(backend, device):
         return flex
     if backend == "triton":
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(
+            raise BackendError(
                 f"backend 'triton' needs a CUDA device (got {device.type}); use backend 'torch' or 'auto' on CPU, "
                 "or set TRITON_INTERPRET=1 before importing triton to run the kernels in the interpreter")
         if triton_ops is None:
-            raise RuntimeError(f"backend 'triton' needs the triton package, which failed to import: {_triton_error}")
+            raise BackendError(f"backend 'triton' needs the triton package, which failed to import: {_triton_error}")
         return triton_ops
     raise ValueError(f"unknown backend {backend!r}: expected one of auto, {', '.join(BACKENDS)}")
