@@ -1,0 +1,57 @@
+"""Where one training step's GPU time goes: torch.profiler over a few steps of a config's model.
+
+Prints the kernels (and ops) with the most CUDA time, so the slowest parts of an NSA layer can be
+compared against the dense twin's. Needs a CUDA GPU.
+
+    python scripts/profile_train.py --config configs/enwik8_nsa.yaml --T 8192 --batch 8
+    python scripts/profile_train.py --config configs/enwik8_dense.yaml --T 8192 --batch 8
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nsa.config import load_config  # noqa: E402
+from nsa.model import Transformer  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--T", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3, help="profiled steps, after 2 warm-up steps")
+    p.add_argument("--rows", type=int, default=25)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("profile_train.py needs a CUDA GPU")
+
+    model = Transformer(load_config(args.config).model).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randint(0, 256, (args.batch, args.T + 1), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x[:, :-1], x[:, 1:])[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):  # Triton compiles and autotunes on the first calls
+        step()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    print(f"{args.config}, T={args.T}, batch={args.batch}, {torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__}; CUDA time summed over {args.steps} steps")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
