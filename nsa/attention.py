@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from rotary_embedding_torch import RotaryEmbedding, apply_rotary_emb
 from torch import nn
 
-from nsa.cache import decode_fn
 from nsa.compress import Compressor
 from nsa.ops import get_ops
 from nsa.ops.reference import select_blocks
@@ -123,7 +122,7 @@ class SparseAttention(nn.Module):
         q_r, k_sr, k_wr = self.rotate_qk(q, k_s, k_w, pos[:, None])
         cache.append(pos, k_c, v_c, k_sr, v_s, k_wr, v_w, self.k_compress, self.v_compress)
         gates = torch.sigmoid(self.to_gates(x)).view(B, self.heads, 3)
-        o = decode_fn(c.backend, x.device)(
+        o = get_ops(c.backend, x.device).decode_attention(
             q[:, 0], q_r[:, 0], *cache.tensors(), gates, pos, c.compress_block, c.compress_stride, c.sel_block,
             c.num_mem, c.num_selected, c.num_initial, c.num_local, c.window, c.shared_selection, self.scale)
         return self.to_out(o.reshape(B, 1, -1).to(x.dtype))

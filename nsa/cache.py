@@ -154,20 +154,3 @@ def _gather_rows(src, rows):
     idx = rows.view(*rows.shape, *([1] * (src.dim() - 2))).expand(-1, -1, *src.shape[2:])
     return src.gather(1, idx)
 
-
-def decode_fn(backend, device):
-    """The decode-step op for a backend: the Triton kernel on CUDA (and under TRITON_INTERPRET=1 with
-    backend 'triton'), else the reference. Same signature as `nsa.ops.reference.decode_attention`."""
-    import os
-
-    from nsa.ops import reference
-
-    use_triton = (device.type == "cuda" and backend != "torch") or (
-        backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
-    if backend == "triton" and not use_triton:
-        raise RuntimeError(f"backend 'triton' needs a CUDA device (got {device.type}) or TRITON_INTERPRET=1")
-    if use_triton:
-        from nsa.ops.decode import decode_attention
-
-        return decode_attention
-    return reference.decode_attention

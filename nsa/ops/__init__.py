@@ -1,8 +1,8 @@
 """NSA ops behind one interface, by backend.
 
-A backend is a module with the five functions `SparseAttention` calls, each with the signature of
+A backend is a module with the six functions `SparseAttention` calls, each with the signature of
 its twin in `nsa.ops.reference`: compressed_attention, topn_blocks, block_importance,
-selection_attention, sliding_window_attention. `torch` is the reference module itself; `flex`
+selection_attention, sliding_window_attention and (one token at a time) decode_attention. `torch` is the reference module itself; `flex`
 (nsa/ops/flex.py) swaps in flex attention for the window and selection branches; `triton`
 (nsa/ops/triton_ops.py) the Triton kernels. Modules, not objects built per call, so torch.compile
 traces through the lookup without a graph break.
