@@ -44,6 +44,7 @@ def main(argv=None):
     args = parse_args(argv)
     from nsa.checkpoint import CheckpointError
     from nsa.generation import generate, load_model
+    from nsa.ops import BackendError
 
     def fail(msg):
         print(f"error: {msg}", file=sys.stderr)
@@ -76,9 +77,7 @@ def main(argv=None):
     except CheckpointError as e:
         return fail(str(e))
     if args.backend is not None:
-        for block in model.blocks:
-            if hasattr(block.attn, "cfg"):
-                block.attn.cfg.backend = args.backend
+        cfg.model.nsa.backend = args.backend  # the one NSAConfig every layer of the model reads
     context = args.max_context or cfg.train.seq_len
     if len(prompt) > context:
         return fail(f"the prompt has {len(prompt)} bytes, longer than the model context of {context} "
@@ -90,9 +89,12 @@ def main(argv=None):
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed)
     ids = torch.tensor(list(prompt), dtype=torch.long, device=device)[None].repeat(args.num_samples, 1)
-    out, stats = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, greedy=args.greedy, generator=gen, use_cache=not args.no_cache,
-                          compile=args.compile, cuda_graph=args.cuda_graph)
+    try:
+        out, stats = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, greedy=args.greedy, generator=gen, use_cache=not args.no_cache,
+                              compile=args.compile, cuda_graph=args.cuda_graph)
+    except BackendError as e:
+        return fail(str(e))
     for i, row in enumerate(out.tolist()):
         if args.num_samples > 1:
             print(f"--- sample {i} ---")

@@ -136,7 +136,7 @@ def test_generate_cli_end_to_end(tmp_path, capsys):
     assert out.count("--- sample") == 2
 
 
-def test_generate_cli_errors(tmp_path, capsys):
+def test_generate_cli_errors(tmp_path, capsys, monkeypatch):
     def fails(*args):
         rc, _, err = _cli_inprocess(capsys, *args, "--device", "cpu")
         assert rc != 0
@@ -154,6 +154,9 @@ def test_generate_cli_errors(tmp_path, capsys):
     assert "longer than the model context" in fails("--checkpoint", str(ckpt), "--prompt", "x" * 65)
     assert "empty" in fails("--checkpoint", str(ckpt), "--prompt", "")
     assert "--max-new-tokens" in fails("--checkpoint", str(ckpt), "--max-new-tokens", "0")
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        assert "needs a CUDA device" in fails("--checkpoint", str(ckpt), "--backend", "triton")
 
 
 def test_load_model_incompatible(tmp_path):
