@@ -15,6 +15,7 @@ writes them to $OUT/bench_layer.md and the raw numbers to $OUT/bench_layer.json.
     python scripts/bench_layer.py                 # T = 8k..64k, about 5 minutes on an H100
     python scripts/bench_layer.py --quick         # T = 8k, 16k, shorter timing
     python scripts/bench_layer.py --T 8192 32768
+    python scripts/bench_layer.py --T 65536 --no-flex --mem-T 131072   # + fla-core, + 128k memory
 """
 
 import argparse
@@ -38,6 +39,10 @@ def parse_args(argv=None):
     p.add_argument("--no-dense", action="store_true", help="skip the dense SDPA baseline")
     p.add_argument("--no-flex", action="store_true", help="skip the flex-attention window baseline")
     p.add_argument("--quick", action="store_true", help="T = 8k, 16k and shorter timing")
+    p.add_argument("--no-fla", action="store_true", help="skip fla-core's compression + selection")
+    p.add_argument("--mem-T", type=int, nargs="*", default=[],
+                   help="lengths (e.g. 131072) at which only one fwd+bwd of the core and of dense is run, "
+                        "for its peak memory and a single-shot time")
     args = p.parse_args(argv)
     if args.quick and args.T == p.get_default("T"):
         args.T = [8192, 16384]
@@ -97,6 +102,24 @@ def core_fn(ops):
         o_win = ops.sliding_window_attention(q, k, v, P["window"])
         g = gates.sigmoid().unsqueeze(-1)
         return g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
+
+    return fn
+
+
+def fla_fn():
+    """fla-core 0.6's parallel_nsa with the compression and selection gates (its window branch needs
+    flash-attn, which the peers' comparison leaves out): mean-pooled compression with l = d = l' = 64,
+    its own top-16, selection. None when fla-core is not installed."""
+    try:
+        from fla.ops.nsa import parallel_nsa
+    except Exception as e:
+        print(f"fla-core unavailable ({type(e).__name__}: {e}): skipping its row")
+        return None
+
+    def fn(q, k, v, gates):
+        g = gates.sigmoid()
+        return parallel_nsa(q, k, v, g[..., 0], g[..., 1], None, block_counts=PAPER["n"],
+                            block_size=PAPER["sel_block"])
 
     return fn
 
@@ -185,6 +208,49 @@ def bench(fn, inputs, quick, backward=True):
             x.grad = None
         torch.cuda.empty_cache()
     return res
+
+
+def once(fn, inputs):
+    """One fwd+bwd: (seconds, peak GiB above the inputs), or the error's name."""
+    import time
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        t0 = time.perf_counter()
+        o = fn(*inputs)
+        o.backward(torch.ones_like(o))
+        del o
+        torch.cuda.synchronize()
+        return dict(ms=1e3 * (time.perf_counter() - t0), peak_gib=(torch.cuda.max_memory_allocated() - base) / 2**30)
+    except torch.cuda.OutOfMemoryError:
+        return dict(error="oom")
+    finally:
+        for x in inputs:
+            x.grad = None
+
+
+def memory_row(T, ops, device):
+    """Peak memory of one fwd+bwd at a long T (second call: the first compiles), core vs dense."""
+    print(f"memory at T={T} ...")
+    x = make_inputs(T, device)
+    inputs = [x[n] for n in ("q", "k", "v", "ck", "cv", "gates")]
+    row = dict(T=T, total_gib=torch.cuda.get_device_properties(0).total_memory / 2**30,
+               inputs_gib=sum(t.numel() * t.element_size() for t in inputs) / 2**30)
+    if ops is not None:
+        once(core_fn(ops), inputs)
+        row["core"] = once(core_fn(ops), inputs)
+    dense_inputs = expand_kv(*inputs[:3])
+    row["dense_inputs_gib"] = sum(t.numel() * t.element_size() for t in dense_inputs) / 2**30
+    del x, inputs
+    once(dense_fn, dense_inputs)
+    row["dense_cudnn"] = once(dense_fn, dense_inputs)
+    print("  " + json.dumps(row))
+    del dense_inputs
+    torch.cuda.empty_cache()
+    return row
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,6 +350,9 @@ def main():
             row["flex_window"] = bench(flex_window_fn(T, device), [q, k, v], args.quick)
         if ops is not None:
             row["core"] = bench(core_fn(ops), [q, k, v, ck, cv, gates], args.quick)
+        fla = None if args.no_fla else fla_fn()
+        if fla is not None:
+            row["fla_cmp_slc"] = bench(fla, [q, k, v, gates], args.quick)
         if not args.no_dense:
             row["dense_cudnn"] = bench(dense_fn, expand_kv(q, k, v), args.quick)
         raw["rows"].append(row)
@@ -291,6 +360,7 @@ def main():
         del x, q, k, v, ck, cv, gates
         torch.cuda.empty_cache()
 
+    raw["memory"] = [memory_row(T, ops, device) for T in args.mem_T]
     md = render(raw)
     print(md)
     out = os.environ.get("OUT")
@@ -327,13 +397,23 @@ def render(raw):
              f"{P['sel_block']}/{P['n']}/{P['window']}, num_mem={P['num_mem']}. Median ms, fwd / fwd+bwd; "
              "peak = GiB allocated above the inputs during one fwd+bwd. Command: `" + raw["command"] + "`",
              "",
-             "| T | compressed | top-n (fwd) | window (ours) | window (flex) | core (ours) | dense cuDNN "
-             "| peak core | peak dense |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| T | compressed | top-n (fwd) | window (ours) | window (flex) | core (ours) | fla-core cmp+slc "
+             "| dense cuDNN | peak core | peak dense |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in raw["rows"]:
         lines.append(f"| {r['T'] // 1024}k | {cell(r['compressed'])} | {cell(r['topn'], False)} "
                      f"| {cell(r['window'])} | {cell(r.get('flex_window'))} | {cell(r.get('core'))} "
-                     f"| {cell(r.get('dense_cudnn'))} | {peak(r.get('core'))} | {peak(r.get('dense_cudnn'))} |")
+                     f"| {cell(r.get('fla_cmp_slc'))} | {cell(r.get('dense_cudnn'))} | {peak(r.get('core'))} | {peak(r.get('dense_cudnn'))} |")
+    if raw.get("memory"):
+        lines += ["", "One fwd+bwd at long T (single shot after a warm-up call): ms and peak GiB allocated above "
+                  "the inputs (core inputs incl. ck/cv/gates; dense inputs have k, v expanded to HQ heads).", "",
+                  "| T | card GiB | core ms | core peak | core inputs | dense ms | dense peak | dense inputs |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m in raw["memory"]:
+            c, d = m.get("core", {}), m["dense_cudnn"]
+            lines.append(f"| {m['T'] // 1024}k | {m['total_gib']:.1f} | {fmt(c.get('ms', c.get('error')))} "
+                         f"| {fmt(c.get('peak_gib'))} | {m['inputs_gib']:.2f} | {fmt(d.get('ms', d.get('error')))} "
+                         f"| {fmt(d.get('peak_gib'))} | {m['dense_inputs_gib']:.2f} |")
     if raw["check"]:
         lines += ["", "Correctness vs nsa.ops.reference (max error relative to the reference's max |value|; "
                   "top-n: fraction of rows differing, and for those the picked-importance error):", "",

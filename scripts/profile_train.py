@@ -50,7 +50,7 @@ def main():
         torch.cuda.synchronize()
     print(f"{args.config}, T={args.T}, batch={args.batch}, {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}; CUDA time summed over {args.steps} steps")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=70))
 
 
 if __name__ == "__main__":
