@@ -48,9 +48,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("splits", [None, (3, 2), (7, 5)], ids=["auto", "split3-2", "split7-5"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"G{c[0]}-mem{c[1]}-l{c[2]}-ring{c[3]}-shared{c[4]}")
-def test_decode_kernel_matches_reference(case, dtype):
+def test_decode_kernel_matches_reference(case, dtype, splits):
+    # splits = (compressed chunks, window chunks) per pair: the partials and their merge, including
+    # chunks that start past the current length (t = 3 with 7 chunks) and so must stay empty.
     G, num_mem, (block, stride, sel_block), ring, shared = case
     B, H, D, S, window, n = 3, 2, 16, 64, 16, 4
     # t crosses the block boundaries: before l - 1, at l - 1, mid-sequence, the last position
@@ -59,7 +62,7 @@ def test_decode_kernel_matches_reference(case, dtype):
     kw = dict(block=block, stride=stride, sel_block=sel_block, num_mem=num_mem, num_selected=n, window=window,
               shared=shared, return_indices=True)
     o_ref, idx_ref = reference.decode_attention(*args, **kw)
-    o, idx = decode.decode_attention(*args, **kw)
+    o, idx = decode.decode_attention(*args, **kw, splits=splits)
     assert torch.equal(_sorted_idx(idx.cpu()), idx_ref.cpu())
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(o.float().cpu(), o_ref.float().cpu(), **tol)

@@ -1,25 +1,30 @@
 """Triton decode step: one query per sequence against the preallocated caches of `nsa.cache`.
 
-`decode_attention` has the signature of `nsa.ops.reference.decode_attention` and runs one fused
-kernel per layer step. Each program owns one (sequence b, selection head hs) pair: with GQA-shared
-selection (the default) hs is a kv head and the program serves its G query heads as one tile; with
-per-head selection hs is a query head (a tile of one). A program
+`decode_attention` has the signature of `nsa.ops.reference.decode_attention`. A step is two kernels,
+split flash-decoding style so that batch 1 fills the GPU as well as batch 16 does. A "pair" is one
+(sequence b, selection head hs): with GQA-shared selection (the default) hs is a kv head and its G
+query heads are one tile; with per-head selection hs is a query head (a tile of one).
 
-1. runs the compressed attention of its query heads over the memory rows and the compressed blocks
-   that are complete at t (online softmax in fp32), keeping o_cmp and the log-sum-exp;
-2. recomputes the compressed scores once more with the final log-sum-exp, sums the probabilities over
-   its query heads and writes them (one fp32 per compressed block) to a small scratch row; maps them
-   onto selection blocks by overlap (Eq. 9, 0-based) into a register vector, forced blocks at +inf,
-   invalid ones (j > t // l') at -inf;
-3. takes the top-n by n arg-max passes over that vector (ties to the lower index) and attends to each
-   picked block as soon as it is found (tokens <= t), one online softmax across blocks;
-4. attends to the window (t - w, t] (the window cache may be a ring: position p in slot p % W);
-5. writes g_cmp * o_cmp + g_slc * o_slc + g_win * o_win.
+1. `_partials_kernel`, grid (pairs, NC_SPLIT + W_SPLIT). Program c < NC_SPLIT runs the compressed
+   attention of its pair over one chunk of the compressed rows (memory rows first, then the blocks
+   complete at t), keeping an online softmax (m, l, acc) in fp32 that it writes as a partial, and it
+   writes the raw scores of its compressed blocks (fp32, per query head) to a scratch row. Programs
+   c >= NC_SPLIT each attend one chunk of the window (t - w, t] (the window cache may be a ring:
+   position p in slot p % W) and write a partial the same way. The compressed keys are read once.
+2. `_select_kernel`, grid (pairs,). A program merges the compressed partials into o_cmp and the
+   log-sum-exp, turns the scores into probabilities summed over its query heads (one fp32 per
+   compressed block, to a scratch row), maps them onto selection blocks by overlap (Eq. 9, 0-based),
+   forces the initial and local blocks (+inf) and drops invalid ones (j > t // l', -inf), takes the
+   top-n by n arg-max passes (ties to the lower index) attending to each picked block as it is found
+   (tokens <= t), merges the window partials, and writes g_cmp * o_cmp + g_slc * o_slc + g_win * o_win.
 
-No host synchronisation: every length is read from the device tensor t, so the launch can be
-captured in a CUDA graph. Any G works (the query tile is padded to a power of two >= 16).
+Grid sizes and chunk lengths depend only on static shapes (batch, heads, cache capacities), never on
+t, which every program reads from the device and masks with: no host synchronisation, so the step can
+be captured in a CUDA graph. Chunks past the current length write empty partials (m = -1e30, l = 0).
+Any G works (the query tile is padded to a power of two >= 16).
 """
 
+import functools
 import os
 
 import torch
@@ -28,7 +33,7 @@ import triton.language as tl
 
 from nsa.ops.common import ceil_div
 
-
+_EMPTY = tl.constexpr(-1.0e30)  # the running max of a partial with no key: finite, so merging never makes inf - inf
 
 
 @triton.jit
@@ -40,10 +45,8 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _online_tile(q, k, v, valid, m_i, l_i, acc, scale, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One key tile of an online softmax: q [BG, BD], k, v [BN, BD], valid [BG, BN] (or [1, BN])."""
-    s = _dot(q, tl.trans(k), PREC, UPCAST) * scale
-    s = tl.where(valid, s, float("-inf"))
+def _softmax_step(s, v, m_i, l_i, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile of an online softmax: scores s [BG, BN] (masked keys at -inf), values v [BN, BD]."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp(m_i - m_new)
     p = tl.exp(s - m_new[:, None])
@@ -53,24 +56,115 @@ def _online_tile(q, k, v, valid, m_i, l_i, acc, scale, PREC: tl.constexpr, UPCAS
 
 
 @triton.jit
-def _nsa_decode_kernel(
-    Q, QR, CK, CV, KS, VS, KW, VW, GATES, TPOS, O, IDX, PC,
-    sq_b, sq_h, sck_b, sck_r, sck_h, sks_b, sks_s, sks_h, skw_b, skw_s, skw_h,
-    sg_b, sg_h, so_b, so_h, scale,
+def _attend_range(q, K, V, row_stride, lo, hi, m_i, l_i, acc, scale, SC, sc_g, sc_off, offs_g, g_ok, offs_d, d_ok,
+                  RING: tl.constexpr, SCORES: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    """Online softmax of q over positions [lo, hi) of K, V (row x at x % RING when RING > 0). With SCORES,
+    also store the raw scores of positions x >= sc_off at SC + g * sc_g + (x - sc_off)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        x = start + offs_n
+        x_ok = x < hi
+        row = x % RING if RING > 0 else x
+        kv_off = row[:, None].to(tl.int64) * row_stride + offs_d[None, :]
+        kv_mask = x_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PREC, UPCAST) * scale
+        if SCORES:
+            sc_ptr = SC + offs_g[:, None].to(tl.int64) * sc_g + (x - sc_off)[None, :]
+            tl.store(sc_ptr, s, mask=g_ok[:, None] & (x_ok & (x >= sc_off))[None, :])
+        m_i, l_i, acc = _softmax_step(tl.where(x_ok[None, :], s, float("-inf")), v, m_i, l_i, acc, PREC, UPCAST)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _partials_kernel(
+    Q, QR, CK, CV, KW, VW, TPOS, PM, PL, PACC, SC,
+    sq_b, sq_h, sck_b, sck_r, sck_h, skw_b, skw_s, skw_h, scale,
     HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     NUM_MEM: tl.constexpr, NC_MAX: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
-    SEL: tl.constexpr, NSEL: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
-    WINDOW: tl.constexpr, W_SLOTS: tl.constexpr, NS_PAD: tl.constexpr, R_OVL: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    WINDOW: tl.constexpr, W_SLOTS: tl.constexpr, NC_SPLIT: tl.constexpr, NC_CHUNK: tl.constexpr,
+    W_CHUNK: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = (pid // HS).to(tl.int64)
-    hs = pid % HS
-    hq0 = hs * GS  # first query head of this program
+    pair = tl.program_id(0)
+    c = tl.program_id(1)
+    b = (pair // HS).to(tl.int64)
+    hq0 = (pair % HS) * GS  # first query head of this pair
     h = (hq0 // G).to(tl.int64)  # its kv head
     t = tl.load(TPOS + b).to(tl.int32)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_ok = offs_g < GS
+    d_ok = offs_d < D
+    q_off = b * sq_b + (hq0 + offs_g)[:, None].to(tl.int64) * sq_h + offs_d[None, :]
+    qmask = g_ok[:, None] & d_ok[None, :]
+    m_i = tl.full([BLOCK_G], _EMPTY, tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    sc_base = SC + pair.to(tl.int64) * (BLOCK_G * NC_MAX)
+    if c < NC_SPLIT:
+        # Compressed rows [c * NC_CHUNK, ...) of the memory rows + the blocks complete at t.
+        q = tl.load(Q + q_off, mask=qmask, other=0.0)
+        n_vis = tl.where(t + 1 >= L_CMP, (t + 1 - L_CMP) // STRIDE + 1, 0)
+        lo = c * NC_CHUNK
+        hi = tl.minimum(lo + NC_CHUNK, NUM_MEM + n_vis)
+        m_i, l_i, acc = _attend_range(q, CK + b * sck_b + h * sck_h, CV + b * sck_b + h * sck_h, sck_r, lo, hi,
+                                      m_i, l_i, acc, scale, sc_base, NC_MAX, NUM_MEM, offs_g, g_ok, offs_d, d_ok,
+                                      RING=0, SCORES=True, BLOCK_N=BLOCK_N, PREC=PREC, UPCAST=UPCAST)
+    else:
+        # Window positions (t - WINDOW, t], chunk c - NC_SPLIT of them.
+        qr = tl.load(QR + q_off, mask=qmask, other=0.0)
+        lo = tl.maximum(t - WINDOW + 1, 0) + (c - NC_SPLIT) * W_CHUNK
+        hi = tl.minimum(lo + W_CHUNK, t + 1)
+        m_i, l_i, acc = _attend_range(qr, KW + b * skw_b + h * skw_h, VW + b * skw_b + h * skw_h, skw_s, lo, hi,
+                                      m_i, l_i, acc, scale, sc_base, NC_MAX, 0, offs_g, g_ok, offs_d, d_ok,
+                                      RING=W_SLOTS, SCORES=False, BLOCK_N=BLOCK_N, PREC=PREC, UPCAST=UPCAST)
+    slot = pair.to(tl.int64) * NPART + c
+    tl.store(PM + slot * BLOCK_G + offs_g, m_i)
+    tl.store(PL + slot * BLOCK_G + offs_g, l_i)
+    tl.store(PACC + (slot * BLOCK_G + offs_g)[:, None] * BLOCK_D + offs_d[None, :], acc)
 
+
+@triton.jit
+def _merge(PM, PL, PACC, pair, first, count, offs_g, offs_d, NPART: tl.constexpr, BLOCK_G: tl.constexpr,
+           BLOCK_D: tl.constexpr):
+    """Merge the partials [first, first + count) of a pair: (normalised output, log-sum-exp, any key)."""
+    m = tl.full([BLOCK_G], _EMPTY, tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for c in range(first, first + count):
+        slot = pair.to(tl.int64) * NPART + c
+        m_c = tl.load(PM + slot * BLOCK_G + offs_g)
+        l_c = tl.load(PL + slot * BLOCK_G + offs_g)
+        acc_c = tl.load(PACC + (slot * BLOCK_G + offs_g)[:, None] * BLOCK_D + offs_d[None, :])
+        m_new = tl.maximum(m, m_c)
+        a, a_c = tl.exp(m - m_new), tl.exp(m_c - m_new)
+        l_i = l_i * a + l_c * a_c
+        acc = acc * a[:, None] + acc_c * a_c[:, None]
+        m = m_new
+    has = l_i > 0
+    l_safe = tl.where(has, l_i, 1.0)
+    return acc / l_safe[:, None], tl.where(has, m + tl.log(l_safe), 0.0), has
+
+
+@triton.jit
+def _select_kernel(
+    QR, KS, VS, GATES, TPOS, O, IDX, PM, PL, PACC, SC, PC,
+    sq_b, sq_h, sks_b, sks_s, sks_h, sg_b, sg_h, so_b, so_h, scale,
+    HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    NC_MAX: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
+    SEL: tl.constexpr, NSEL: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
+    NS_PAD: tl.constexpr, R_OVL: tl.constexpr, NC_SPLIT: tl.constexpr, W_SPLIT: tl.constexpr,
+    NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pair = tl.program_id(0)
+    b = (pair // HS).to(tl.int64)
+    hq0 = (pair % HS) * GS
+    h = (hq0 // G).to(tl.int64)
+    t = tl.load(TPOS + b).to(tl.int32)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -78,43 +172,24 @@ def _nsa_decode_kernel(
     d_ok = offs_d < D
     qmask = g_ok[:, None] & d_ok[None, :]
     q_off = b * sq_b + (hq0 + offs_g)[:, None].to(tl.int64) * sq_h + offs_d[None, :]
-    q = tl.load(Q + q_off, mask=qmask, other=0.0)
     qr = tl.load(QR + q_off, mask=qmask, other=0.0)
     g_off = b * sg_b + (hq0 + offs_g).to(tl.int64) * sg_h
     gate_cmp = tl.load(GATES + g_off + 0, mask=g_ok, other=0.0).to(tl.float32)
     gate_slc = tl.load(GATES + g_off + 1, mask=g_ok, other=0.0).to(tl.float32)
     gate_win = tl.load(GATES + g_off + 2, mask=g_ok, other=0.0).to(tl.float32)
 
-    # ---- 1. compressed attention over memory rows + complete blocks ------------------------------
+    # ---- compressed branch: merge the partials; importance from the stored scores -----------------
+    o_cmp, lse, has = _merge(PM, PL, PACC, pair, 0, NC_SPLIT, offs_g, offs_d, NPART, BLOCK_G, BLOCK_D)
+    out = gate_cmp[:, None] * o_cmp
     n_vis = tl.where(t + 1 >= L_CMP, (t + 1 - L_CMP) // STRIDE + 1, 0)
-    n_rows = NUM_MEM + n_vis
-    ck_base = CK + b * sck_b + h * sck_h
-    cv_base = CV + b * sck_b + h * sck_h
-    m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for start in range(0, n_rows, BLOCK_N):
-        r = start + offs_n
-        r_ok = r < n_rows
-        kv_off = r[:, None].to(tl.int64) * sck_r + offs_d[None, :]
-        kv_mask = r_ok[:, None] & d_ok[None, :]
-        k = tl.load(ck_base + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(cv_base + kv_off, mask=kv_mask, other=0.0)
-        m_i, l_i, acc = _online_tile(q, k, v, r_ok[None, :], m_i, l_i, acc, scale, PREC, UPCAST)
-    has = l_i > 0
-    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-    out = gate_cmp[:, None] * (acc / tl.where(has, l_i, 1.0)[:, None])
-
-    # ---- 2. importance: p_cmp summed over the tile's heads, then overlap onto selection blocks ----
-    pc_base = PC + pid.to(tl.int64) * NC_MAX
-    lse_safe = tl.where(has, lse, 0.0)
-    for start in range(0, n_vis, BLOCK_N):
-        i = start + offs_n
+    sc_base = SC + pair.to(tl.int64) * (BLOCK_G * NC_MAX)
+    pc_base = PC + pair.to(tl.int64) * NC_MAX
+    offs_p = tl.arange(0, BLOCK_P)
+    for start in range(0, n_vis, BLOCK_P):
+        i = start + offs_p
         i_ok = i < n_vis
-        k_off = (NUM_MEM + i)[:, None].to(tl.int64) * sck_r + offs_d[None, :]
-        k = tl.load(ck_base + k_off, mask=i_ok[:, None] & d_ok[None, :], other=0.0)
-        s = _dot(q, tl.trans(k), PREC, UPCAST) * scale
-        p = tl.where(g_ok[:, None] & i_ok[None, :] & has[:, None], tl.exp(s - lse_safe[:, None]), 0.0)
+        s = tl.load(sc_base + offs_g[:, None] * NC_MAX + i[None, :], mask=g_ok[:, None] & i_ok[None, :], other=0.0)
+        p = tl.where(g_ok[:, None] & i_ok[None, :] & has[:, None], tl.exp(s - lse[:, None]), 0.0)
         tl.store(pc_base + i, tl.sum(p, axis=0), mask=i_ok)
     tl.debug_barrier()
     PER_CMP: tl.constexpr = L_CMP // STRIDE  # chunks per compressed block
@@ -135,13 +210,13 @@ def _nsa_decode_kernel(
     imp = tl.where(forced, float("inf"), imp)
     imp = tl.where(valid, imp, float("-inf"))
 
-    # ---- 3. top-n by repeated arg-max, attending to each picked block ---------------------------
+    # ---- top-n by repeated arg-max, attending to each picked block ---------------------------------
     ks_base = KS + b * sks_b + h * sks_h
     vs_base = VS + b * sks_b + h * sks_h
-    m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
+    m_i = tl.full([BLOCK_G], _EMPTY, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    idx_base = IDX + pid.to(tl.int64) * NSEL
+    idx_base = IDX + pair.to(tl.int64) * NSEL
     for n in range(NSEL):
         best_v = tl.max(imp, axis=0)
         best = tl.min(tl.where(imp == best_v, offs_j, NS_PAD), axis=0)
@@ -157,38 +232,37 @@ def _nsa_decode_kernel(
             kv_mask = s_ok[:, None] & d_ok[None, :]
             k = tl.load(ks_base + kv_off, mask=kv_mask, other=0.0)
             v = tl.load(vs_base + kv_off, mask=kv_mask, other=0.0)
-            m_i, l_i, acc = _online_tile(qr, k, v, s_ok[None, :], m_i, l_i, acc, scale, PREC, UPCAST)
+            s = tl.where(s_ok[None, :], _dot(qr, tl.trans(k), PREC, UPCAST) * scale, float("-inf"))
+            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, PREC, UPCAST)
     has = l_i > 0
     out += gate_slc[:, None] * (acc / tl.where(has, l_i, 1.0)[:, None])
 
-    # ---- 4. sliding window (t - WINDOW, t], position p in slot p % W_SLOTS ----------------------
-    kw_base = KW + b * skw_b + h * skw_h
-    vw_base = VW + b * skw_b + h * skw_h
-    m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    w_lo = tl.maximum(t - WINDOW + 1, 0)
-    for start in range(w_lo, t + 1, BLOCK_N):
-        p_idx = start + offs_n
-        p_ok = p_idx <= t
-        slot = p_idx % W_SLOTS
-        kv_off = slot[:, None].to(tl.int64) * skw_s + offs_d[None, :]
-        kv_mask = p_ok[:, None] & d_ok[None, :]
-        k = tl.load(kw_base + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(vw_base + kv_off, mask=kv_mask, other=0.0)
-        m_i, l_i, acc = _online_tile(qr, k, v, p_ok[None, :], m_i, l_i, acc, scale, PREC, UPCAST)
-    has = l_i > 0
-    out += gate_win[:, None] * (acc / tl.where(has, l_i, 1.0)[:, None])
-
+    # ---- window branch: merge its partials ----------------------------------------------------------
+    o_win, _, _ = _merge(PM, PL, PACC, pair, NC_SPLIT, W_SPLIT, offs_g, offs_d, NPART, BLOCK_G, BLOCK_D)
+    out += gate_win[:, None] * o_win
     o_off = b * so_b + (hq0 + offs_g)[:, None].to(tl.int64) * so_h + offs_d[None, :]
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=qmask)
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _split(length, pairs, target, block_n):
+    """(chunks, chunk length): about `target` programs over `pairs`, chunks a multiple of block_n."""
+    length = max(length, 1)
+    chunks = max(1, min(ceil_div(target, pairs), ceil_div(length, block_n)))
+    chunk = ceil_div(ceil_div(length, chunks), block_n) * block_n
+    return ceil_div(length, chunk), chunk
+
+
 def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block, stride, sel_block,
                      num_mem, num_selected, num_initial=1, num_local=2, window=512, shared=True, scale=None,
-                     return_indices=False, block_n=None, num_warps=None):
+                     return_indices=False, block_n=None, num_warps=None, splits=None):
     """Triton twin of `nsa.ops.reference.decode_attention` (see there for shapes). The selected block
-    indices it returns (return_indices) are in the order picked, not sorted."""
+    indices it returns (return_indices) are in the order picked, not sorted. `splits` = (compressed
+    chunks, window chunks) per pair overrides the default, about two programs per SM."""
     B, HQ, D = q.shape
     H = ck.shape[2]
     G = HQ // H
@@ -196,7 +270,7 @@ def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, blo
     Hs = H if shared else HQ
     GS = HQ // Hs
     S, W = k_slc.shape[1], k_win.shape[1]
-    nc_max = ck.shape[1] - num_mem
+    nc_max = max(ck.shape[1] - num_mem, 1)
     for x in (ck, cv, k_slc, v_slc, k_win, v_win):
         if x.stride(-1) != 1:
             raise ValueError("decode caches must have a contiguous last dimension")
@@ -204,25 +278,45 @@ def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, blo
         raise ValueError("decode caches: keys and values must share strides")
     q, q_rot, gates = q.contiguous(), q_rot.contiguous(), gates.contiguous()
     t = t.to(torch.int32) if t.dtype != torch.int32 else t
-    o = torch.empty_like(q)
-    idx = torch.empty(B, Hs, num_selected, dtype=torch.int32, device=q.device)
-    pc = torch.empty(B * Hs, max(nc_max, 1), dtype=torch.float32, device=q.device)
     BLOCK_G = max(16, triton.next_power_of_2(GS))
     BLOCK_D = max(16, triton.next_power_of_2(D))
     if block_n is None:
         block_n = 64 if BLOCK_G * BLOCK_D <= 64 * 128 else 32
     if num_warps is None:
         num_warps = 4 if BLOCK_G * BLOCK_D <= 16 * 128 else 8
-    per_cmp, per_sel = block // stride, sel_block // stride
-    _nsa_decode_kernel[(B * Hs,)](
-        q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, o, idx, pc,
+    pairs = B * Hs
+    if splits is None:
+        sms = _num_sms(q.device.index or 0) if q.is_cuda else 4
+        nc_split, nc_chunk = _split(ck.shape[1], pairs, 2 * sms, block_n)
+        w_split, w_chunk = _split(min(window, S), pairs, sms, block_n)
+    else:
+        nc_split, w_split = splits
+        nc_chunk, w_chunk = ceil_div(max(ck.shape[1], 1), nc_split), ceil_div(min(window, S), w_split)
+    npart = nc_split + w_split
+    f32 = dict(dtype=torch.float32, device=q.device)
+    pm = torch.empty(pairs * npart * BLOCK_G, **f32)
+    pl = torch.empty(pairs * npart * BLOCK_G, **f32)
+    pacc = torch.empty(pairs * npart * BLOCK_G * BLOCK_D, **f32)
+    sc = torch.empty(pairs * BLOCK_G * nc_max, **f32)
+    pc = torch.empty(pairs * nc_max, **f32)
+    o = torch.empty_like(q)
+    idx = torch.empty(B, Hs, num_selected, dtype=torch.int32, device=q.device)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    upcast = os.environ.get("TRITON_INTERPRET") == "1"
+    common = dict(HS=Hs, GS=GS, G=G, D=D, NC_MAX=nc_max, L_CMP=block, STRIDE=stride, BLOCK_G=BLOCK_G,
+                  BLOCK_D=BLOCK_D, BLOCK_N=block_n, NPART=npart, PREC=prec, UPCAST=upcast, num_warps=num_warps)
+    _partials_kernel[(pairs, npart)](
+        q, q_rot, ck, cv, k_win, v_win, t, pm, pl, pacc, sc,
         q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ck.stride(2),
-        k_slc.stride(0), k_slc.stride(1), k_slc.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2),
+        k_win.stride(0), k_win.stride(1), k_win.stride(2), float(scale),
+        NUM_MEM=num_mem, WINDOW=window, W_SLOTS=W, NC_SPLIT=nc_split, NC_CHUNK=nc_chunk, W_CHUNK=w_chunk, **common)
+    per_cmp, per_sel = block // stride, sel_block // stride
+    _select_kernel[(pairs,)](
+        q_rot, k_slc, v_slc, gates, t, o, idx, pm, pl, pacc, sc, pc,
+        q.stride(0), q.stride(1), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
         gates.stride(0), gates.stride(1), o.stride(0), o.stride(1), float(scale),
-        HS=Hs, GS=GS, G=G, D=D, NUM_MEM=num_mem, NC_MAX=max(nc_max, 1), L_CMP=block, STRIDE=stride,
-        SEL=sel_block, NSEL=num_selected, NUM_INIT=num_initial, NUM_LOCAL=num_local, WINDOW=window, W_SLOTS=W,
+        SEL=sel_block, NSEL=num_selected, NUM_INIT=num_initial, NUM_LOCAL=num_local,
         NS_PAD=max(16, triton.next_power_of_2(ceil_div(S, sel_block))),
-        R_OVL=triton.next_power_of_2(per_sel + per_cmp - 1), BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, BLOCK_N=block_n,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=num_warps)
+        R_OVL=triton.next_power_of_2(per_sel + per_cmp - 1), NC_SPLIT=nc_split, W_SPLIT=w_split,
+        BLOCK_P=max(16, min(128, triton.next_power_of_2(nc_max))), **common)
     return (o, idx) if return_indices else o
