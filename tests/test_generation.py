@@ -112,7 +112,8 @@ def _cli_inprocess(capsys, *args):
 
 def _cli(*args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))},
+                          timeout=120)
 
 
 def test_generate_cli_end_to_end(tmp_path, capsys):

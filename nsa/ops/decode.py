@@ -1,8 +1,8 @@
 """Triton decode step: one query per sequence against the preallocated caches of `nsa.cache`.
 
-`decode_attention` has the signature of `nsa.ops.reference.decode_attention`. A step is two kernels,
-split flash-decoding style so that batch 1 fills the GPU as well as batch 16 does. A "pair" is one
-(sequence b, selection head hs): with GQA-shared selection (the default) hs is a kv head and its G
+`decode_attention` has the signature of `nsa.ops.reference.decode_attention`. A step is three
+kernels, split flash-decoding style so that batch 1 fills the GPU as well as batch 16 does. A "pair" is
+one (sequence b, selection head hs): with GQA-shared selection (the default) hs is a kv head and its G
 query heads are one tile; with per-head selection hs is a query head (a tile of one).
 
 1. `_partials_kernel`, grid (pairs, NC_SPLIT + W_SPLIT). Program c < NC_SPLIT runs the compressed
@@ -11,12 +11,14 @@ query heads are one tile; with per-head selection hs is a query head (a tile of 
    writes the raw scores of its compressed blocks (fp32, per query head) to a scratch row. Programs
    c >= NC_SPLIT each attend one chunk of the window (t - w, t] (the window cache may be a ring:
    position p in slot p % W) and write a partial the same way. The compressed keys are read once.
-2. `_select_kernel`, grid (pairs,). A program merges the compressed partials into o_cmp and the
-   log-sum-exp, turns the scores into probabilities summed over its query heads (one fp32 per
-   compressed block, to a scratch row), maps them onto selection blocks by overlap (Eq. 9, 0-based),
-   forces the initial and local blocks (+inf) and drops invalid ones (j > t // l', -inf), takes the
-   top-n by n arg-max passes (ties to the lower index) attending to each picked block as it is found
-   (tokens <= t), merges the window partials, and writes g_cmp * o_cmp + g_slc * o_slc + g_win * o_win.
+2. `_importance_kernel`, grid (pairs, chunks): merges the compressed (m, l) partials into the
+   log-sum-exp and turns a chunk of the scores into probabilities summed over the pair's query heads
+   (one fp32 per compressed block).
+3. `_select_kernel`, grid (pairs,): maps those onto selection blocks by overlap (Eq. 9, 0-based),
+   forces the initial and local blocks (+inf) and drops invalid ones (j > t // l'), takes the top-n by
+   n arg-max passes over int64 keys (ties to the lower index), attends to the picked blocks (tokens
+   <= t) in tiles whose loads do not wait on the arg-max, merges the compressed and window partials and
+   writes g_cmp * o_cmp + g_slc * o_slc + g_win * o_win.
 
 Grid sizes and chunk lengths depend only on static shapes (batch, heads, cache capacities), never on
 t, which every program reads from the device and masks with: no host synchronisation, so the step can
@@ -33,6 +35,7 @@ import triton.language as tl
 
 from nsa.ops.common import ceil_div
 
+MAX_SPLIT = 16  # most chunks per pair and branch (compressed, window)
 _EMPTY = tl.constexpr(-1.0e30)  # the running max of a partial with no key: finite, so merging never makes inf - inf
 
 
@@ -70,7 +73,7 @@ def _attend_range(q, K, V, row_stride, lo, hi, m_i, l_i, acc, scale, SC, sc_g, s
         kv_mask = x_ok[:, None] & d_ok[None, :]
         k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PREC, UPCAST) * scale
+        s = (_dot(q, tl.trans(k), PREC, UPCAST) * scale).to(tl.float32)
         if SCORES:
             sc_ptr = SC + offs_g[:, None].to(tl.int64) * sc_g + (x - sc_off)[None, :]
             tl.store(sc_ptr, s, mask=g_ok[:, None] & (x_ok & (x >= sc_off))[None, :])
@@ -129,8 +132,8 @@ def _partials_kernel(
 
 @triton.jit
 def _merge(PM, PL, PACC, pair, first, count, offs_g, offs_d, NPART: tl.constexpr, BLOCK_G: tl.constexpr,
-           BLOCK_D: tl.constexpr):
-    """Merge the partials [first, first + count) of a pair: (normalised output, log-sum-exp, any key)."""
+           BLOCK_D: tl.constexpr, WITH_ACC: tl.constexpr):
+    """Merge the partials [first, first + count) of a pair: (normalised output or None, log-sum-exp, any key)."""
     m = tl.full([BLOCK_G], _EMPTY, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -138,11 +141,12 @@ def _merge(PM, PL, PACC, pair, first, count, offs_g, offs_d, NPART: tl.constexpr
         slot = pair.to(tl.int64) * NPART + c
         m_c = tl.load(PM + slot * BLOCK_G + offs_g)
         l_c = tl.load(PL + slot * BLOCK_G + offs_g)
-        acc_c = tl.load(PACC + (slot * BLOCK_G + offs_g)[:, None] * BLOCK_D + offs_d[None, :])
         m_new = tl.maximum(m, m_c)
         a, a_c = tl.exp(m - m_new), tl.exp(m_c - m_new)
         l_i = l_i * a + l_c * a_c
-        acc = acc * a[:, None] + acc_c * a_c[:, None]
+        if WITH_ACC:
+            acc_c = tl.load(PACC + (slot * BLOCK_G + offs_g)[:, None] * BLOCK_D + offs_d[None, :])
+            acc = acc * a[:, None] + acc_c * a_c[:, None]
         m = m_new
     has = l_i > 0
     l_safe = tl.where(has, l_i, 1.0)
@@ -150,15 +154,44 @@ def _merge(PM, PL, PACC, pair, first, count, offs_g, offs_d, NPART: tl.constexpr
 
 
 @triton.jit
+def _importance_kernel(
+    TPOS, PM, PL, SC, PC,
+    HS: tl.constexpr, GS: tl.constexpr, NC_MAX: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
+    NC_SPLIT: tl.constexpr, P_CHUNK: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """p[i] = sum over the pair's query heads g of exp(s[g, i] - lse[g]), compressed blocks
+    [c * P_CHUNK, (c + 1) * P_CHUNK) of program c."""
+    pair = tl.program_id(0)
+    c = tl.program_id(1)
+    t = tl.load(TPOS + pair // HS).to(tl.int32)
+    offs_g = tl.arange(0, BLOCK_G)
+    g_ok = offs_g < GS
+    _, lse, has = _merge(PM, PL, PM, pair, 0, NC_SPLIT, offs_g, offs_g, NPART, BLOCK_G, 1, WITH_ACC=False)
+    n_vis = tl.where(t + 1 >= L_CMP, (t + 1 - L_CMP) // STRIDE + 1, 0)
+    sc_base = SC + pair.to(tl.int64) * (BLOCK_G * NC_MAX)
+    pc_base = PC + pair.to(tl.int64) * NC_MAX
+    offs_p = tl.arange(0, BLOCK_P)
+    lo = c * P_CHUNK
+    hi = tl.minimum(lo + P_CHUNK, n_vis)
+    for start in range(lo, hi, BLOCK_P):
+        i = start + offs_p
+        i_ok = i < hi
+        ok = g_ok[:, None] & i_ok[None, :] & has[:, None]
+        s = tl.load(sc_base + offs_g[:, None] * NC_MAX + i[None, :], mask=ok, other=0.0)
+        tl.store(pc_base + i, tl.sum(tl.where(ok, tl.exp(s - lse[:, None]), 0.0), axis=0), mask=i_ok)
+
+
+@triton.jit
 def _select_kernel(
-    QR, KS, VS, GATES, TPOS, O, IDX, PM, PL, PACC, SC, PC,
+    QR, KS, VS, GATES, TPOS, O, IDX, PM, PL, PACC, PC,
     sq_b, sq_h, sks_b, sks_s, sks_h, sg_b, sg_h, so_b, so_h, scale,
     HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     NC_MAX: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
     SEL: tl.constexpr, NSEL: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
     NS_PAD: tl.constexpr, R_OVL: tl.constexpr, NC_SPLIT: tl.constexpr, W_SPLIT: tl.constexpr,
     NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_P: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pair = tl.program_id(0)
     b = (pair // HS).to(tl.int64)
@@ -178,68 +211,64 @@ def _select_kernel(
     gate_slc = tl.load(GATES + g_off + 1, mask=g_ok, other=0.0).to(tl.float32)
     gate_win = tl.load(GATES + g_off + 2, mask=g_ok, other=0.0).to(tl.float32)
 
-    # ---- compressed branch: merge the partials; importance from the stored scores -----------------
-    o_cmp, lse, has = _merge(PM, PL, PACC, pair, 0, NC_SPLIT, offs_g, offs_d, NPART, BLOCK_G, BLOCK_D)
-    out = gate_cmp[:, None] * o_cmp
+    # ---- importance of selection block j: sum_i c(i, j) * p[i] over the blocks i overlapping it -----
     n_vis = tl.where(t + 1 >= L_CMP, (t + 1 - L_CMP) // STRIDE + 1, 0)
-    sc_base = SC + pair.to(tl.int64) * (BLOCK_G * NC_MAX)
-    pc_base = PC + pair.to(tl.int64) * NC_MAX
-    offs_p = tl.arange(0, BLOCK_P)
-    for start in range(0, n_vis, BLOCK_P):
-        i = start + offs_p
-        i_ok = i < n_vis
-        s = tl.load(sc_base + offs_g[:, None] * NC_MAX + i[None, :], mask=g_ok[:, None] & i_ok[None, :], other=0.0)
-        p = tl.where(g_ok[:, None] & i_ok[None, :] & has[:, None], tl.exp(s - lse[:, None]), 0.0)
-        tl.store(pc_base + i, tl.sum(p, axis=0), mask=i_ok)
-    tl.debug_barrier()
     PER_CMP: tl.constexpr = L_CMP // STRIDE  # chunks per compressed block
     PER_SEL: tl.constexpr = SEL // STRIDE  # chunks per selection block
     offs_j = tl.arange(0, NS_PAD)
     offs_r = tl.arange(0, R_OVL)
-    # Selection block j gets c(i, j) * p[i] from compressed blocks i = j*PER_SEL - PER_CMP + 1 + r.
     i2 = offs_j[:, None] * PER_SEL - PER_CMP + 1 + offs_r[None, :]
     lo = tl.maximum(i2, offs_j[:, None] * PER_SEL)
     hi = tl.minimum(i2 + PER_CMP, (offs_j[:, None] + 1) * PER_SEL)
     w = tl.maximum(hi - lo, 0).to(tl.float32)
     i2_ok = (i2 >= 0) & (i2 < n_vis) & (offs_r[None, :] < PER_SEL + PER_CMP - 1)
-    pc = tl.load(pc_base + i2, mask=i2_ok, other=0.0)
+    pc = tl.load(PC + pair.to(tl.int64) * NC_MAX + i2, mask=i2_ok, other=0.0)
     imp = tl.sum(w * pc, axis=1)
     cur = t // SEL
     valid = offs_j <= cur
     forced = valid & ((offs_j < NUM_INIT) | ((cur - offs_j >= 0) & (cur - offs_j < NUM_LOCAL)))
     imp = tl.where(forced, float("inf"), imp)
-    imp = tl.where(valid, imp, float("-inf"))
 
-    # ---- top-n by repeated arg-max, attending to each picked block ---------------------------------
+    # ---- top-n: n arg-max passes over int64 keys (importance bits, then the lower index) -----------
+    # imp >= 0 or +inf, so its fp32 bits order like the values; invalid blocks get key -1.
+    key = (imp.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (NS_PAD - 1 - offs_j).to(tl.int64)
+    key = tl.where(valid, key, -1)
+    idx_base = IDX + pair.to(tl.int64) * NSEL
+    for n in range(NSEL):
+        best = tl.max(key, axis=0)
+        ok = best >= 0
+        key = tl.where(key == best, -1, key)
+        tl.store(idx_base + n, tl.where(ok, NS_PAD - 1 - (best & 0xFFFFFFFF).to(tl.int32), -1))
+    tl.debug_barrier()
+
+    # ---- selected attention: tiles of BLOCK_N positions of the picked blocks, in pick order ----------
+    # The block of each row is gathered from the indices just written, so the loop's loads do not wait
+    # on the arg-max and can be pipelined.
     ks_base = KS + b * sks_b + h * sks_h
     vs_base = VS + b * sks_b + h * sks_h
     m_i = tl.full([BLOCK_G], _EMPTY, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    idx_base = IDX + pair.to(tl.int64) * NSEL
-    for n in range(NSEL):
-        best_v = tl.max(imp, axis=0)
-        best = tl.min(tl.where(imp == best_v, offs_j, NS_PAD), axis=0)
-        ok = best_v > float("-inf")
-        imp = tl.where(offs_j == best, float("-inf"), imp)
-        tl.store(idx_base + n, tl.where(ok, best, -1))
-        tok_lo = best * SEL
-        tok_hi = tl.where(ok, tl.minimum(tok_lo + SEL, t + 1), tok_lo)
-        for start in range(tok_lo, tok_hi, BLOCK_N):
-            s_idx = start + offs_n
-            s_ok = s_idx < tok_hi
-            kv_off = s_idx[:, None].to(tl.int64) * sks_s + offs_d[None, :]
-            kv_mask = s_ok[:, None] & d_ok[None, :]
-            k = tl.load(ks_base + kv_off, mask=kv_mask, other=0.0)
-            v = tl.load(vs_base + kv_off, mask=kv_mask, other=0.0)
-            s = tl.where(s_ok[None, :], _dot(qr, tl.trans(k), PREC, UPCAST) * scale, float("-inf"))
-            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, PREC, UPCAST)
+    for start in range(0, NSEL * SEL, BLOCK_N):
+        x = start + offs_n
+        r = x // SEL
+        blk = tl.load(idx_base + r, mask=r < NSEL, other=-1)
+        tok = blk * SEL + x % SEL
+        tok_ok = (blk >= 0) & (tok <= t)
+        kv_off = tok[:, None].to(tl.int64) * sks_s + offs_d[None, :]
+        kv_mask = tok_ok[:, None] & d_ok[None, :]
+        k = tl.load(ks_base + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(vs_base + kv_off, mask=kv_mask, other=0.0)
+        s = tl.where(tok_ok[None, :], (_dot(qr, tl.trans(k), PREC, UPCAST) * scale).to(tl.float32), float("-inf"))
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, PREC, UPCAST)
     has = l_i > 0
-    out += gate_slc[:, None] * (acc / tl.where(has, l_i, 1.0)[:, None])
+    out = gate_slc[:, None] * (acc / tl.where(has, l_i, 1.0)[:, None])
 
-    # ---- window branch: merge its partials ----------------------------------------------------------
-    o_win, _, _ = _merge(PM, PL, PACC, pair, NC_SPLIT, W_SPLIT, offs_g, offs_d, NPART, BLOCK_G, BLOCK_D)
-    out += gate_win[:, None] * o_win
+    # ---- compressed and window branches: merge their partials; gate combine ---------------------------
+    o_cmp, _, _ = _merge(PM, PL, PACC, pair, 0, NC_SPLIT, offs_g, offs_d, NPART, BLOCK_G, BLOCK_D, WITH_ACC=True)
+    o_win, _, _ = _merge(PM, PL, PACC, pair, NC_SPLIT, W_SPLIT, offs_g, offs_d, NPART, BLOCK_G, BLOCK_D,
+                         WITH_ACC=True)
+    out += gate_cmp[:, None] * o_cmp + gate_win[:, None] * o_win
     o_off = b * so_b + (hq0 + offs_g)[:, None].to(tl.int64) * so_h + offs_d[None, :]
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=qmask)
 
@@ -286,9 +315,11 @@ def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, blo
         num_warps = 4 if BLOCK_G * BLOCK_D <= 16 * 128 else 8
     pairs = B * Hs
     if splits is None:
+        # About 4 programs per SM for the compressed keys, but at most MAX_SPLIT chunks: the select
+        # kernel merges the partials of a pair serially.
         sms = _num_sms(q.device.index or 0) if q.is_cuda else 4
-        nc_split, nc_chunk = _split(ck.shape[1], pairs, 2 * sms, block_n)
-        w_split, w_chunk = _split(min(window, S), pairs, sms, block_n)
+        nc_split, nc_chunk = _split(ck.shape[1], pairs, min(4 * sms, MAX_SPLIT * pairs), block_n)
+        w_split, w_chunk = _split(min(window, S), pairs, min(2 * sms, MAX_SPLIT * pairs), block_n)
     else:
         nc_split, w_split = splits
         nc_chunk, w_chunk = ceil_div(max(ck.shape[1], 1), nc_split), ceil_div(min(window, S), w_split)
@@ -297,8 +328,8 @@ def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, blo
     pm = torch.empty(pairs * npart * BLOCK_G, **f32)
     pl = torch.empty(pairs * npart * BLOCK_G, **f32)
     pacc = torch.empty(pairs * npart * BLOCK_G * BLOCK_D, **f32)
-    sc = torch.empty(pairs * BLOCK_G * nc_max, **f32)
-    pc = torch.empty(pairs * nc_max, **f32)
+    sc = torch.empty(pairs * BLOCK_G * nc_max, **f32)  # raw compressed scores per query head
+    pc = torch.empty(pairs * nc_max, **f32)  # their probabilities summed over the pair's heads
     o = torch.empty_like(q)
     idx = torch.empty(B, Hs, num_selected, dtype=torch.int32, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -310,13 +341,17 @@ def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, blo
         q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ck.stride(2),
         k_win.stride(0), k_win.stride(1), k_win.stride(2), float(scale),
         NUM_MEM=num_mem, WINDOW=window, W_SLOTS=W, NC_SPLIT=nc_split, NC_CHUNK=nc_chunk, W_CHUNK=w_chunk, **common)
+    block_p = max(16, min(128, triton.next_power_of_2(nc_max)))
+    p_chunk = ceil_div(ceil_div(nc_max, nc_split), block_p) * block_p
+    _importance_kernel[(pairs, ceil_div(nc_max, p_chunk))](
+        t, pm, pl, sc, pc, HS=Hs, GS=GS, NC_MAX=nc_max, L_CMP=block, STRIDE=stride, NC_SPLIT=nc_split,
+        P_CHUNK=p_chunk, NPART=npart, BLOCK_G=BLOCK_G, BLOCK_P=block_p, num_warps=4)
     per_cmp, per_sel = block // stride, sel_block // stride
     _select_kernel[(pairs,)](
-        q_rot, k_slc, v_slc, gates, t, o, idx, pm, pl, pacc, sc, pc,
+        q_rot, k_slc, v_slc, gates, t, o, idx, pm, pl, pacc, pc,
         q.stride(0), q.stride(1), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
         gates.stride(0), gates.stride(1), o.stride(0), o.stride(1), float(scale),
         SEL=sel_block, NSEL=num_selected, NUM_INIT=num_initial, NUM_LOCAL=num_local,
         NS_PAD=max(16, triton.next_power_of_2(ceil_div(S, sel_block))),
-        R_OVL=triton.next_power_of_2(per_sel + per_cmp - 1), NC_SPLIT=nc_split, W_SPLIT=w_split,
-        BLOCK_P=max(16, min(128, triton.next_power_of_2(nc_max))), **common)
+        R_OVL=triton.next_power_of_2(per_sel + per_cmp - 1), NC_SPLIT=nc_split, W_SPLIT=w_split, **common)
     return (o, idx) if return_indices else o
