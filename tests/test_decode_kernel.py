@@ -48,11 +48,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("splits", [None, (3, 2), (7, 5)], ids=["auto", "split3-2", "split7-5"])
+@pytest.mark.parametrize("splits", [None, (3, 2, 2), (7, 5, 3)], ids=["auto", "split3-2-2", "split7-5-3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"G{c[0]}-mem{c[1]}-l{c[2]}-ring{c[3]}-shared{c[4]}")
 def test_decode_kernel_matches_reference(case, dtype, splits):
-    # splits = (compressed chunks, window chunks) per pair: the partials and their merge, including
+    # splits = (compressed chunks, window chunks, selection programs) per pair: the partials and their merge, including
     # chunks that start past the current length (t = 3 with 7 chunks) and so must stay empty.
     G, num_mem, (block, stride, sel_block), ring, shared = case
     B, H, D, S, window, n = 3, 2, 16, 64, 16, 4

@@ -82,6 +82,17 @@ def _attend_range(q, K, V, row_stride, lo, hi, m_i, l_i, acc, scale, SC, sc_g, s
 
 
 @triton.jit
+def _store_partial(PM, PL, PACC, pair, slot, m_i, l_i, acc, offs_g, offs_d, NPART: tl.constexpr,
+                   BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Partial `slot` of a pair's query heads; layout [pair, head, slot] (and [.., D] for acc), so the
+    combine kernel reads all slots of one head in one load."""
+    row = (pair.to(tl.int64) * BLOCK_G + offs_g) * NPART + slot
+    tl.store(PM + row, m_i)
+    tl.store(PL + row, l_i)
+    tl.store(PACC + row[:, None] * BLOCK_D + offs_d[None, :], acc)
+
+
+@triton.jit
 def _partials_kernel(
     Q, QR, CK, CV, KW, VW, TPOS, PM, PL, PACC, SC,
     sq_b, sq_h, sck_b, sck_r, sck_h, skw_b, skw_s, skw_h, scale,
@@ -124,50 +135,32 @@ def _partials_kernel(
         m_i, l_i, acc = _attend_range(qr, KW + b * skw_b + h * skw_h, VW + b * skw_b + h * skw_h, skw_s, lo, hi,
                                       m_i, l_i, acc, scale, sc_base, NC_MAX, 0, offs_g, g_ok, offs_d, d_ok,
                                       RING=W_SLOTS, SCORES=False, BLOCK_N=BLOCK_N, PREC=PREC, UPCAST=UPCAST)
-    slot = pair.to(tl.int64) * NPART + c
-    tl.store(PM + slot * BLOCK_G + offs_g, m_i)
-    tl.store(PL + slot * BLOCK_G + offs_g, l_i)
-    tl.store(PACC + (slot * BLOCK_G + offs_g)[:, None] * BLOCK_D + offs_d[None, :], acc)
-
-
-@triton.jit
-def _merge(PM, PL, PACC, pair, first, count, offs_g, offs_d, NPART: tl.constexpr, BLOCK_G: tl.constexpr,
-           BLOCK_D: tl.constexpr, WITH_ACC: tl.constexpr):
-    """Merge the partials [first, first + count) of a pair: (normalised output or None, log-sum-exp, any key)."""
-    m = tl.full([BLOCK_G], _EMPTY, tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for c in range(first, first + count):
-        slot = pair.to(tl.int64) * NPART + c
-        m_c = tl.load(PM + slot * BLOCK_G + offs_g)
-        l_c = tl.load(PL + slot * BLOCK_G + offs_g)
-        m_new = tl.maximum(m, m_c)
-        a, a_c = tl.exp(m - m_new), tl.exp(m_c - m_new)
-        l_i = l_i * a + l_c * a_c
-        if WITH_ACC:
-            acc_c = tl.load(PACC + (slot * BLOCK_G + offs_g)[:, None] * BLOCK_D + offs_d[None, :])
-            acc = acc * a[:, None] + acc_c * a_c[:, None]
-        m = m_new
-    has = l_i > 0
-    l_safe = tl.where(has, l_i, 1.0)
-    return acc / l_safe[:, None], tl.where(has, m + tl.log(l_safe), 0.0), has
+    _store_partial(PM, PL, PACC, pair, c, m_i, l_i, acc, offs_g, offs_d, NPART, BLOCK_G, BLOCK_D)
 
 
 @triton.jit
 def _importance_kernel(
     TPOS, PM, PL, SC, PC,
     HS: tl.constexpr, GS: tl.constexpr, NC_MAX: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
-    NC_SPLIT: tl.constexpr, P_CHUNK: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    NC_SPLIT: tl.constexpr, NC_PAD: tl.constexpr, P_CHUNK: tl.constexpr, NPART: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """p[i] = sum over the pair's query heads g of exp(s[g, i] - lse[g]), compressed blocks
-    [c * P_CHUNK, (c + 1) * P_CHUNK) of program c."""
+    [c * P_CHUNK, (c + 1) * P_CHUNK) of program c; lse from the compressed partials."""
     pair = tl.program_id(0)
     c = tl.program_id(1)
     t = tl.load(TPOS + pair // HS).to(tl.int32)
     offs_g = tl.arange(0, BLOCK_G)
+    offs_c = tl.arange(0, NC_PAD)
     g_ok = offs_g < GS
-    _, lse, has = _merge(PM, PL, PM, pair, 0, NC_SPLIT, offs_g, offs_g, NPART, BLOCK_G, 1, WITH_ACC=False)
+    row = (pair.to(tl.int64) * BLOCK_G + offs_g)[:, None] * NPART + offs_c[None, :]
+    c_ok = (offs_c < NC_SPLIT)[None, :]
+    m_c = tl.load(PM + row, mask=c_ok, other=_EMPTY)
+    l_c = tl.load(PL + row, mask=c_ok, other=0.0)
+    m = tl.max(m_c, axis=1)
+    l_i = tl.sum(l_c * tl.exp(m_c - m[:, None]), axis=1)
+    has = l_i > 0
+    lse = m + tl.log(tl.where(has, l_i, 1.0))
     n_vis = tl.where(t + 1 >= L_CMP, (t + 1 - L_CMP) // STRIDE + 1, 0)
     sc_base = SC + pair.to(tl.int64) * (BLOCK_G * NC_MAX)
     pc_base = PC + pair.to(tl.int64) * NC_MAX
@@ -184,16 +177,19 @@ def _importance_kernel(
 
 @triton.jit
 def _select_kernel(
-    QR, KS, VS, GATES, TPOS, O, IDX, PM, PL, PACC, PC,
-    sq_b, sq_h, sks_b, sks_s, sks_h, sg_b, sg_h, so_b, so_h, scale,
+    QR, KS, VS, TPOS, IDX, PM, PL, PACC, PC,
+    sq_b, sq_h, sks_b, sks_s, sks_h, scale,
     HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     NC_MAX: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
-    SEL: tl.constexpr, NSEL: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
-    NS_PAD: tl.constexpr, R_OVL: tl.constexpr, NC_SPLIT: tl.constexpr, W_SPLIT: tl.constexpr,
-    NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    SEL: tl.constexpr, NSEL: tl.constexpr, NSEL_PAD: tl.constexpr, NUM_INIT: tl.constexpr,
+    NUM_LOCAL: tl.constexpr, NS_PAD: tl.constexpr, R_OVL: tl.constexpr, S_SPLIT: tl.constexpr,
+    SLOT0: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    """Top-n of the pair (every program of the pair computes it; program 0 writes the indices), then
+    program k attends to the picks of rank k, k + S_SPLIT, ... and writes partial SLOT0 + k."""
     pair = tl.program_id(0)
+    k_split = tl.program_id(1)
     b = (pair // HS).to(tl.int64)
     hq0 = (pair % HS) * GS
     h = (hq0 // G).to(tl.int64)
@@ -203,13 +199,6 @@ def _select_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     g_ok = offs_g < GS
     d_ok = offs_d < D
-    qmask = g_ok[:, None] & d_ok[None, :]
-    q_off = b * sq_b + (hq0 + offs_g)[:, None].to(tl.int64) * sq_h + offs_d[None, :]
-    qr = tl.load(QR + q_off, mask=qmask, other=0.0)
-    g_off = b * sg_b + (hq0 + offs_g).to(tl.int64) * sg_h
-    gate_cmp = tl.load(GATES + g_off + 0, mask=g_ok, other=0.0).to(tl.float32)
-    gate_slc = tl.load(GATES + g_off + 1, mask=g_ok, other=0.0).to(tl.float32)
-    gate_win = tl.load(GATES + g_off + 2, mask=g_ok, other=0.0).to(tl.float32)
 
     # ---- importance of selection block j: sum_i c(i, j) * p[i] over the blocks i overlapping it -----
     n_vis = tl.where(t + 1 >= L_CMP, (t + 1 - L_CMP) // STRIDE + 1, 0)
@@ -233,44 +222,73 @@ def _select_kernel(
     # imp >= 0 or +inf, so its fp32 bits order like the values; invalid blocks get key -1.
     key = (imp.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (NS_PAD - 1 - offs_j).to(tl.int64)
     key = tl.where(valid, key, -1)
-    idx_base = IDX + pair.to(tl.int64) * NSEL
+    offs_s = tl.arange(0, NSEL_PAD)
+    picks = tl.full([NSEL_PAD], -1, tl.int32)
     for n in range(NSEL):
         best = tl.max(key, axis=0)
-        ok = best >= 0
         key = tl.where(key == best, -1, key)
-        tl.store(idx_base + n, tl.where(ok, NS_PAD - 1 - (best & 0xFFFFFFFF).to(tl.int32), -1))
-    tl.debug_barrier()
+        picks = tl.where(offs_s == n, tl.where(best >= 0, NS_PAD - 1 - (best & 0xFFFFFFFF).to(tl.int32), -1), picks)
+    if k_split == 0:
+        tl.store(IDX + pair.to(tl.int64) * NSEL + offs_s, picks, mask=offs_s < NSEL)
 
-    # ---- selected attention: tiles of BLOCK_N positions of the picked blocks, in pick order ----------
-    # The block of each row is gathered from the indices just written, so the loop's loads do not wait
-    # on the arg-max and can be pipelined.
+    # ---- selected attention over this program's picks ----------------------------------------------
+    q_off = b * sq_b + (hq0 + offs_g)[:, None].to(tl.int64) * sq_h + offs_d[None, :]
+    qr = tl.load(QR + q_off, mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     ks_base = KS + b * sks_b + h * sks_h
     vs_base = VS + b * sks_b + h * sks_h
     m_i = tl.full([BLOCK_G], _EMPTY, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for start in range(0, NSEL * SEL, BLOCK_N):
-        x = start + offs_n
-        r = x // SEL
-        blk = tl.load(idx_base + r, mask=r < NSEL, other=-1)
-        tok = blk * SEL + x % SEL
-        tok_ok = (blk >= 0) & (tok <= t)
-        kv_off = tok[:, None].to(tl.int64) * sks_s + offs_d[None, :]
-        kv_mask = tok_ok[:, None] & d_ok[None, :]
-        k = tl.load(ks_base + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(vs_base + kv_off, mask=kv_mask, other=0.0)
-        s = tl.where(tok_ok[None, :], (_dot(qr, tl.trans(k), PREC, UPCAST) * scale).to(tl.float32), float("-inf"))
-        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, PREC, UPCAST)
-    has = l_i > 0
-    out = gate_slc[:, None] * (acc / tl.where(has, l_i, 1.0)[:, None])
+    for r in range(k_split, NSEL, S_SPLIT):
+        blk = tl.sum(tl.where(offs_s == r, picks, 0), axis=0)
+        for sub in range(0, SEL, BLOCK_N):
+            x = sub + offs_n
+            tok = blk * SEL + x
+            tok_ok = (x < SEL) & (tok <= t) & (tok >= 0)  # a missing pick (-1) gives tok < 0
+            kv_off = tok[:, None].to(tl.int64) * sks_s + offs_d[None, :]
+            kv_mask = tok_ok[:, None] & d_ok[None, :]
+            k = tl.load(ks_base + kv_off, mask=kv_mask, other=0.0)
+            v = tl.load(vs_base + kv_off, mask=kv_mask, other=0.0)
+            s = tl.where(tok_ok[None, :], (_dot(qr, tl.trans(k), PREC, UPCAST) * scale).to(tl.float32),
+                         float("-inf"))
+            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, PREC, UPCAST)
+    _store_partial(PM, PL, PACC, pair, SLOT0 + k_split, m_i, l_i, acc, offs_g, offs_d, NPART, BLOCK_G, BLOCK_D)
 
-    # ---- compressed and window branches: merge their partials; gate combine ---------------------------
-    o_cmp, _, _ = _merge(PM, PL, PACC, pair, 0, NC_SPLIT, offs_g, offs_d, NPART, BLOCK_G, BLOCK_D, WITH_ACC=True)
-    o_win, _, _ = _merge(PM, PL, PACC, pair, NC_SPLIT, W_SPLIT, offs_g, offs_d, NPART, BLOCK_G, BLOCK_D,
-                         WITH_ACC=True)
-    out += gate_cmp[:, None] * o_cmp + gate_win[:, None] * o_win
-    o_off = b * so_b + (hq0 + offs_g)[:, None].to(tl.int64) * so_h + offs_d[None, :]
-    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=qmask)
+
+@triton.jit
+def _branch(m_c, l_c, acc_c, in_branch):
+    """Merge the partials (rows of m_c, l_c, acc_c) where in_branch into the normalised branch output."""
+    m_c = tl.where(in_branch, m_c, _EMPTY)
+    a = tl.where(in_branch, tl.exp(m_c - tl.max(m_c, axis=0)), 0.0)
+    l_i = tl.sum(a * l_c, axis=0)
+    return tl.sum(a[:, None] * acc_c, axis=0) / tl.where(l_i > 0, l_i, 1.0)
+
+
+@triton.jit
+def _combine_kernel(
+    GATES, O, PM, PL, PACC, sg_b, sg_h, so_b, so_h,
+    HQ: tl.constexpr, HS: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, NC_SPLIT: tl.constexpr,
+    W_SPLIT: tl.constexpr, NPART: tl.constexpr, NPART_PAD: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One query head: merge each branch's partials (one load of all its slots) and gate them."""
+    pid = tl.program_id(0)
+    b = (pid // HQ).to(tl.int64)
+    hq = pid % HQ
+    pair = b * HS + hq // GS
+    offs_c = tl.arange(0, NPART_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    c_ok = offs_c < NPART
+    row = (pair * BLOCK_G + hq % GS) * NPART + offs_c
+    m_c = tl.load(PM + row, mask=c_ok, other=_EMPTY)
+    l_c = tl.load(PL + row, mask=c_ok, other=0.0)
+    acc_c = tl.load(PACC + row[:, None] * BLOCK_D + offs_d[None, :], mask=c_ok[:, None], other=0.0)
+    g_off = b * sg_b + hq.to(tl.int64) * sg_h
+    out = tl.load(GATES + g_off).to(tl.float32) * _branch(m_c, l_c, acc_c, offs_c < NC_SPLIT)
+    out += tl.load(GATES + g_off + 1).to(tl.float32) * _branch(m_c, l_c, acc_c, c_ok & (offs_c >= NC_SPLIT + W_SPLIT))
+    out += tl.load(GATES + g_off + 2).to(tl.float32) * _branch(
+        m_c, l_c, acc_c, (offs_c >= NC_SPLIT) & (offs_c < NC_SPLIT + W_SPLIT))
+    tl.store(O + b * so_b + hq.to(tl.int64) * so_h + offs_d, out.to(O.dtype.element_ty), mask=offs_d < D)
 
 
 @functools.lru_cache(maxsize=None)
@@ -291,7 +309,7 @@ def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, blo
                      return_indices=False, block_n=None, num_warps=None, splits=None):
     """Triton twin of `nsa.ops.reference.decode_attention` (see there for shapes). The selected block
     indices it returns (return_indices) are in the order picked, not sorted. `splits` = (compressed
-    chunks, window chunks) per pair overrides the default, about two programs per SM."""
+    chunks, window chunks, selection programs) per pair overrides the default."""
     B, HQ, D = q.shape
     H = ck.shape[2]
     G = HQ // H
@@ -315,43 +333,50 @@ def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, blo
         num_warps = 4 if BLOCK_G * BLOCK_D <= 16 * 128 else 8
     pairs = B * Hs
     if splits is None:
-        # About 4 programs per SM for the compressed keys, but at most MAX_SPLIT chunks: the select
-        # kernel merges the partials of a pair serially.
+        # About 4 programs per SM for the compressed keys (the most bytes), 2 for the window and the
+        # selected blocks; at most MAX_SPLIT chunks per pair and branch, so the merges stay one load.
         sms = _num_sms(q.device.index or 0) if q.is_cuda else 4
         nc_split, nc_chunk = _split(ck.shape[1], pairs, min(4 * sms, MAX_SPLIT * pairs), block_n)
         w_split, w_chunk = _split(min(window, S), pairs, min(2 * sms, MAX_SPLIT * pairs), block_n)
+        s_split = max(1, min(num_selected, ceil_div(2 * sms, pairs)))
     else:
-        nc_split, w_split = splits
+        nc_split, w_split, s_split = splits
         nc_chunk, w_chunk = ceil_div(max(ck.shape[1], 1), nc_split), ceil_div(min(window, S), w_split)
-    npart = nc_split + w_split
+    npart = nc_split + w_split + s_split
     f32 = dict(dtype=torch.float32, device=q.device)
-    pm = torch.empty(pairs * npart * BLOCK_G, **f32)
-    pl = torch.empty(pairs * npart * BLOCK_G, **f32)
-    pacc = torch.empty(pairs * npart * BLOCK_G * BLOCK_D, **f32)
+    pm = torch.empty(pairs * BLOCK_G * npart, **f32)
+    pl = torch.empty(pairs * BLOCK_G * npart, **f32)
+    pacc = torch.empty(pairs * BLOCK_G * npart * BLOCK_D, **f32)
     sc = torch.empty(pairs * BLOCK_G * nc_max, **f32)  # raw compressed scores per query head
     pc = torch.empty(pairs * nc_max, **f32)  # their probabilities summed over the pair's heads
     o = torch.empty_like(q)
     idx = torch.empty(B, Hs, num_selected, dtype=torch.int32, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     upcast = os.environ.get("TRITON_INTERPRET") == "1"
-    common = dict(HS=Hs, GS=GS, G=G, D=D, NC_MAX=nc_max, L_CMP=block, STRIDE=stride, BLOCK_G=BLOCK_G,
-                  BLOCK_D=BLOCK_D, BLOCK_N=block_n, NPART=npart, PREC=prec, UPCAST=upcast, num_warps=num_warps)
-    _partials_kernel[(pairs, npart)](
+    common = dict(HS=Hs, GS=GS, NPART=npart, BLOCK_G=BLOCK_G)
+    attn = dict(G=G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n, PREC=prec, UPCAST=upcast, num_warps=num_warps)
+    cmp = dict(NC_MAX=nc_max, L_CMP=block, STRIDE=stride)
+    _partials_kernel[(pairs, nc_split + w_split)](
         q, q_rot, ck, cv, k_win, v_win, t, pm, pl, pacc, sc,
         q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ck.stride(2),
         k_win.stride(0), k_win.stride(1), k_win.stride(2), float(scale),
-        NUM_MEM=num_mem, WINDOW=window, W_SLOTS=W, NC_SPLIT=nc_split, NC_CHUNK=nc_chunk, W_CHUNK=w_chunk, **common)
+        NUM_MEM=num_mem, WINDOW=window, W_SLOTS=W, NC_SPLIT=nc_split, NC_CHUNK=nc_chunk, W_CHUNK=w_chunk,
+        **common, **attn, **cmp)
     block_p = max(16, min(128, triton.next_power_of_2(nc_max)))
     p_chunk = ceil_div(ceil_div(nc_max, nc_split), block_p) * block_p
     _importance_kernel[(pairs, ceil_div(nc_max, p_chunk))](
-        t, pm, pl, sc, pc, HS=Hs, GS=GS, NC_MAX=nc_max, L_CMP=block, STRIDE=stride, NC_SPLIT=nc_split,
-        P_CHUNK=p_chunk, NPART=npart, BLOCK_G=BLOCK_G, BLOCK_P=block_p, num_warps=4)
+        t, pm, pl, sc, pc, NC_SPLIT=nc_split, NC_PAD=triton.next_power_of_2(nc_split), P_CHUNK=p_chunk,
+        BLOCK_P=block_p, **common, **cmp, num_warps=4)
     per_cmp, per_sel = block // stride, sel_block // stride
-    _select_kernel[(pairs,)](
-        q_rot, k_slc, v_slc, gates, t, o, idx, pm, pl, pacc, pc,
-        q.stride(0), q.stride(1), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
-        gates.stride(0), gates.stride(1), o.stride(0), o.stride(1), float(scale),
-        SEL=sel_block, NSEL=num_selected, NUM_INIT=num_initial, NUM_LOCAL=num_local,
-        NS_PAD=max(16, triton.next_power_of_2(ceil_div(S, sel_block))),
-        R_OVL=triton.next_power_of_2(per_sel + per_cmp - 1), NC_SPLIT=nc_split, W_SPLIT=w_split, **common)
+    _select_kernel[(pairs, s_split)](
+        q_rot, k_slc, v_slc, t, idx, pm, pl, pacc, pc,
+        q.stride(0), q.stride(1), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2), float(scale),
+        SEL=sel_block, NSEL=num_selected, NSEL_PAD=triton.next_power_of_2(num_selected), NUM_INIT=num_initial,
+        NUM_LOCAL=num_local, NS_PAD=max(16, triton.next_power_of_2(ceil_div(S, sel_block))),
+        R_OVL=triton.next_power_of_2(per_sel + per_cmp - 1), S_SPLIT=s_split, SLOT0=nc_split + w_split,
+        **common, **attn, **cmp)
+    _combine_kernel[(B * HQ,)](
+        gates, o, pm, pl, pacc, gates.stride(0), gates.stride(1), o.stride(0), o.stride(1),
+        HQ=HQ, D=D, NC_SPLIT=nc_split, W_SPLIT=w_split, NPART_PAD=triton.next_power_of_2(npart),
+        BLOCK_D=BLOCK_D, **common, num_warps=4)
     return (o, idx) if return_indices else o
