@@ -3,8 +3,7 @@
 `generate` runs the prompt through the model's parallel forward once (`Transformer.prefill`, which
 fills a preallocated `nsa.cache.ModelCache`), then one `Transformer.decode_step` per new token. The
 step has static shapes and never synchronises with the host, so on CUDA it can be captured once in a
-CUDA graph (`cuda_graph=True`) or compiled with torch.compile(mode="reduce-overhead") (`compile=True`)
-and replayed for every token. `use_cache=False` instead reruns the full forward on the whole sequence
+CUDA graph (`cuda_graph=True`; `compile=True` torch.compiles it first) and replayed for every token. `use_cache=False` instead reruns the full forward on the whole sequence
 each step: slow, for comparison and tests.
 """
 
@@ -112,7 +111,7 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=N
 
     step = None
     if use_cache and max_new_tokens > 1:
-        step = make_step(model, cache, compile=compile, cuda_graph=cuda_graph and device.type == "cuda")
+        step = make_step(model, cache, compile=compile, cuda_graph=(cuda_graph or compile) and device.type == "cuda")
     _sync(device)
     t2 = time.perf_counter()
     for i in range(max_new_tokens):
@@ -139,16 +138,14 @@ def make_step(model, cache, compile=False, cuda_graph=False):
     """A function tok [B] -> logits [B, V] that runs one decode step and advances the cache.
 
     cuda_graph: capture the step once in a CUDA graph and replay it (inputs copied into a static
-    buffer). compile: torch.compile(mode="reduce-overhead"), which also uses CUDA graphs on GPU.
-    The returned logits of a graphed step are a static buffer, overwritten by the next call."""
+    buffer). compile: torch.compile the step first, which fuses its many small ops (rotary, cache
+    writes, the compression of a finished block); `generate` graphs a compiled step on GPU too. Our own
+    capture, not mode="reduce-overhead": the step mutates the caches, which that mode's graph trees
+    handle by re-recording. The returned logits of a graphed step are a static buffer, overwritten by
+    the next call."""
     fn = model.decode_step
     if compile:
-        fn = torch.compile(fn, mode="reduce-overhead", fullgraph=False)
-
-        def step(tok):
-            return fn(tok, cache).clone()
-
-        return step
+        fn = torch.compile(fn, fullgraph=False)
     if not cuda_graph:
         return lambda tok: fn(tok, cache)
     return _graphed_step(fn, cache)
