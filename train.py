@@ -25,6 +25,7 @@ from nsa.checkpoint import (CheckpointError, config_from_checkpoint, load_checkp
                             rng_state, save_checkpoint, set_rng_state)
 from nsa.config import ConfigError, load_config, to_dict
 from nsa.data import DataError, eval_windows, get_batch, iter_eval_batches, load_splits
+from nsa.generation import generate
 from nsa.model import Transformer, bits_per_byte
 from nsa.ops import BackendError
 
@@ -74,20 +75,16 @@ def evaluate(model, data, seq_len, batch_size, starts, device, autocast, rank, w
     return (total[0] / total[1].clamp_min(1)).item()
 
 
-@torch.no_grad()
-def sample(model, prompt, length, seq_len, device, autocast, seed):
-    """Plain autoregressive sampling (no cache) at temperature 1, from a fixed seed."""
+def sample(model, prompt, length, device, seed):
+    """A sample at temperature 1 from a fixed seed, through the cached decoding of nsa.generation.
+    In fp32 without autocast: the caches take the weights' dtype, and the decode kernels want one
+    dtype for queries and caches."""
     model.eval()
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     idx = torch.tensor([list(prompt.encode("utf-8")) or [10]], dtype=torch.long, device=device)
-    for _ in range(length):
-        with autocast:
-            logits, _ = model(idx[:, -seq_len:])
-        probs = torch.softmax(logits[0, -1].float(), -1).cpu()
-        nxt = torch.multinomial(probs, 1, generator=g).to(device)
-        idx = torch.cat([idx, nxt[None]], 1)
+    out, _ = generate(model, idx, length, generator=g)
     model.train()
-    return bytes(idx[0].tolist()).decode("utf-8", errors="replace")
+    return bytes(out[0].tolist()).decode("utf-8", errors="replace")
 
 
 def main(argv=None):
@@ -289,7 +286,7 @@ def main(argv=None):
             if master:
                 pbar.write(f"step {done}: val bpb {bits_per_byte(val_loss):.4f}")
         if master and t.sample_every and done % t.sample_every == 0:
-            text = sample(raw_model, t.sample_prompt, t.sample_len, t.seq_len, device, autocast, seed=t.seed)
+            text = sample(raw_model, t.sample_prompt, t.sample_len, device, seed=t.seed)
             log({"step": done, "sample": text})
             pbar.write(f"step {done} sample: {text!r}")
         if done % t.save_every == 0 and done != t.max_steps:

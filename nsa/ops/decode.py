@@ -333,12 +333,13 @@ def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, blo
         num_warps = 4 if BLOCK_G * BLOCK_D <= 16 * 128 else 8
     pairs = B * Hs
     if splits is None:
-        # About 4 programs per SM for the compressed keys (the most bytes), 2 for the window and the
-        # selected blocks; at most MAX_SPLIT chunks per pair and branch, so the merges stay one load.
+        # About 4 programs per SM for the compressed keys (the most bytes), 2 for the window; at most
+        # MAX_SPLIT chunks per pair and branch, so the merges stay one load. The selection programs
+        # each redo the pair's top-n, so they fill one wave at most.
         sms = _num_sms(q.device.index or 0) if q.is_cuda else 4
         nc_split, nc_chunk = _split(ck.shape[1], pairs, min(4 * sms, MAX_SPLIT * pairs), block_n)
         w_split, w_chunk = _split(min(window, S), pairs, min(2 * sms, MAX_SPLIT * pairs), block_n)
-        s_split = max(1, min(num_selected, ceil_div(2 * sms, pairs)))
+        s_split = max(1, min(num_selected, sms // pairs))
     else:
         nc_split, w_split, s_split = splits
         nc_chunk, w_chunk = ceil_div(max(ck.shape[1], 1), nc_split), ceil_div(min(window, S), w_split)
