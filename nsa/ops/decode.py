@@ -239,19 +239,22 @@ def _select_kernel(
     m_i = tl.full([BLOCK_G], _EMPTY, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for r in range(k_split, NSEL, S_SPLIT):
-        blk = tl.sum(tl.where(offs_s == r, picks, 0), axis=0)
-        for sub in range(0, SEL, BLOCK_N):
-            x = sub + offs_n
-            tok = blk * SEL + x
-            tok_ok = (x < SEL) & (tok <= t) & (tok >= 0)  # a missing pick (-1) gives tok < 0
-            kv_off = tok[:, None].to(tl.int64) * sks_s + offs_d[None, :]
-            kv_mask = tok_ok[:, None] & d_ok[None, :]
-            k = tl.load(ks_base + kv_off, mask=kv_mask, other=0.0)
-            v = tl.load(vs_base + kv_off, mask=kv_mask, other=0.0)
-            s = tl.where(tok_ok[None, :], (_dot(qr, tl.trans(k), PREC, UPCAST) * scale).to(tl.float32),
-                         float("-inf"))
-            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, PREC, UPCAST)
+    # One flat loop with a static trip count over this program's tiles (rank k_split + S_SPLIT * u,
+    # BLOCK_N positions at a time): the addresses do not depend on earlier loads, so Triton pipelines it.
+    TILES: tl.constexpr = (SEL + BLOCK_N - 1) // BLOCK_N  # tiles per selection block
+    MY_RANKS: tl.constexpr = (NSEL + S_SPLIT - 1) // S_SPLIT
+    for it in range(MY_RANKS * TILES):
+        r = k_split + (it // TILES) * S_SPLIT
+        blk = tl.where(r < NSEL, tl.sum(tl.where(offs_s == r, picks, 0), axis=0), -1)  # -1: no pick
+        x = (it % TILES) * BLOCK_N + offs_n
+        tok = blk * SEL + x
+        tok_ok = (x < SEL) & (tok <= t) & (tok >= 0)  # a missing pick (-1) gives tok < 0
+        kv_off = tok[:, None].to(tl.int64) * sks_s + offs_d[None, :]
+        kv_mask = tok_ok[:, None] & d_ok[None, :]
+        k = tl.load(ks_base + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(vs_base + kv_off, mask=kv_mask, other=0.0)
+        s = tl.where(tok_ok[None, :], (_dot(qr, tl.trans(k), PREC, UPCAST) * scale).to(tl.float32), float("-inf"))
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, PREC, UPCAST)
     _store_partial(PM, PL, PACC, pair, SLOT0 + k_split, m_i, l_i, acc, offs_g, offs_d, NPART, BLOCK_G, BLOCK_D)
 
 
