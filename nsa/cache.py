@@ -144,9 +144,10 @@ def _ring_fill(ring, x):
 
 
 def _write_rows(dst, rows, x):
-    """dst[b, rows[b]] = x[b, 0] for every b: dst [B, S, ...], rows [B] int64, x [B, 1, ...]."""
-    idx = rows.view(-1, 1, *([1] * (dst.dim() - 2))).expand(-1, 1, *dst.shape[2:])
-    dst.scatter_(1, idx, x.to(dst.dtype))
+    """dst[b, rows[b]] = x[b, 0] for every b: dst [B, S, ...], rows [B] int64, x [B, 1, ...]. An
+    index_put, which torch.compile writes in place; a scatter_ into a graph input it would
+    functionalise into a copy of the whole cache and back, every step."""
+    dst[torch.arange(dst.shape[0], device=dst.device), rows] = x[:, 0].to(dst.dtype)
 
 
 def _gather_rows(src, rows):

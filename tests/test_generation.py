@@ -195,3 +195,29 @@ def test_gpu_bf16_cached_decoding_matches_full_forward():
     agree = (steps.argmax(-1) == want.argmax(-1)).float().mean().item()
     print(f"bf16 decode vs forward: median rel err {rel.median():.4f}, max {rel.max():.4f}, argmax agreement {agree:.4f}")
     assert rel.median() < 0.05 and agree > 0.95
+
+
+def test_compiled_cache_append_writes_in_place():
+    # torch.compile'd decode steps write the caches in place: a cache-sized buffer in the generated
+    # code would mean a copy of the whole cache (and back) on every token, growing with the context.
+    from torch._inductor.utils import run_and_get_code
+
+    from nsa.cache import ModelCache
+    from nsa.config import ModelConfig, NSAConfig
+    from nsa.model import Transformer
+
+    nsa = NSAConfig(compress_block=8, compress_stride=4, sel_block=16, num_selected=4, window=16, separate_kv=True)
+    model = Transformer(ModelConfig(dim=32, depth=1, heads=4, kv_heads=2, dim_head=16, nsa=nsa)).eval()
+    B, S = 2, 97
+    layer, attn = ModelCache(model, B, S).layers[0], model.blocks[0].attn
+    pos = torch.tensor([40, 7])
+    k, v = torch.randn(B, 1, 2, 16), torch.randn(B, 1, 2, 16)
+
+    def append(pos, k, v):
+        layer.append(pos, k, v, k, v, k, v, attn.k_compress, attn.v_compress)
+
+    with torch.no_grad():
+        _, codes = run_and_get_code(torch.compile(append), pos, k, v)
+    assert not any(f"(({B}, {S}," in line for code in codes for line in code.splitlines() if "empty_strided" in line)
+    torch.testing.assert_close(layer.k_slc[torch.arange(B), pos], k[:, 0])
+    torch.testing.assert_close(layer.v_win[torch.arange(B), pos % layer.v_win.shape[1]], v[:, 0])
