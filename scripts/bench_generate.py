@@ -1,7 +1,7 @@
 """Decode benchmarks (GPU): the NSA Triton decode step vs dense SDPA decode, and cached generation.
 
 (a) One attention decode step per layer, paper setting HQ=64, H=4, D=128, l/d/l'/n/w = 32/16/64/16/512,
-    bf16, context 8k..64k, batch 1 and 16: `nsa.ops.decode.decode_attention` (the fused decode kernel) vs
+    bf16, context 8k..64k, batch 1 and 16: `nsa.ops.decode.decode_attention` (four split kernels) vs
     F.scaled_dot_product_attention of one query over the full dense cache. Median ms, the bytes each
     reads (estimated from what it must load) and the achieved GB/s. --extra-contexts (default 32768)
     are always added to --contexts. --breakdown also prints each decode kernel's GPU time (profiler).

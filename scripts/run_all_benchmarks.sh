@@ -19,15 +19,17 @@ timeout 150 torchrun --standalone --nproc_per_node 2 train.py --config configs/q
 (
   export CUDA_VISIBLE_DEVICES=0
   timeout 100 python3 -m pytest -q -m gpu tests/test_topn_kernel.py tests/test_decode_kernel.py 2>&1 | tail -4
-  OUT=$tmp/layer timeout 170 python3 scripts/bench_layer.py --T 16384 65536 --no-flex 2>&1 | tail -12
+  OUT=$tmp/layer timeout 240 python3 scripts/bench_layer.py --T 16384 65536 --no-flex --mem-T 131072 2>&1 | tail -12
   OUT=$tmp/kernels timeout 230 python3 scripts/bench_kernels.py --T 16384 65536 --small-T 65536 --small-HQ 4 8 16 64 2>&1 | tail -12
 ) > "$RESULTS/gpu0.log" 2>&1 &
 (
   export CUDA_VISIBLE_DEVICES=1
-  OUT=$tmp/gen timeout 200 python3 scripts/bench_generate.py 2>&1 | tail -12
+  OUT=$tmp/gen timeout 300 python3 scripts/bench_generate.py --modes cuda_graph compile 2>&1 | tail -12
   OUT=$tmp/train timeout 260 python3 scripts/bench_train.py --T 512 2048 8192 32768 --iters 5 2>&1 | tail -12
+  OUT=$tmp/train_compiled timeout 400 python3 scripts/bench_train.py --compile --iters 5 2>&1 | tail -12
 ) > "$RESULTS/gpu1.log" 2>&1 &
 wait
-mkdir -p $tmp/layer $tmp/kernels $tmp/gen $tmp/train
+mkdir -p $tmp/layer $tmp/kernels $tmp/gen $tmp/train $tmp/train_compiled
 cp $tmp/layer/*.md $tmp/kernels/*.md $tmp/gen/*.md $tmp/train/*.md "$RESULTS/" 2>/dev/null
+cp $tmp/train_compiled/bench_train.md "$RESULTS/bench_train_compiled.md" 2>/dev/null
 ls "$RESULTS"

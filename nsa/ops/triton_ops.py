@@ -1,6 +1,6 @@
 """The `triton` backend: one module holding the six ops `SparseAttention` calls.
 
-Every branch of the forward and the fused decode step run in Triton; only `block_importance` (used by the straight-through
+Every branch of the forward and the decode step run in Triton; only `block_importance` (used by the straight-through
 `diff_topk` path, which the Triton selection kernel does not support) is the reference's.
 """
 
