@@ -107,3 +107,24 @@ def _prefill_torch(model, prompt, cache):
     out = model.prefill(prompt, cache)
     nsa.backend = "triton"
     return out
+
+
+def test_compiled_decode_step_is_one_graph_and_matches_eager():
+    # generate.py --compile: the whole decode step, Triton decode op included (a custom op), compiles
+    # without a graph break (fullgraph=True raises on one) and gives the eager step's logits.
+    from nsa.cache import ModelCache
+    from nsa.config import ModelConfig, NSAConfig
+    from nsa.model import Transformer
+
+    nsa = NSAConfig(compress_block=8, compress_stride=4, sel_block=16, num_selected=4, window=16, backend="torch")
+    model = Transformer(ModelConfig(dim=32, depth=1, heads=4, kv_heads=2, dim_head=16, nsa=nsa)).to(DEVICE).eval()
+    idx = torch.randint(0, 256, (2, 24), device=DEVICE)
+    caches = [ModelCache(model, 2, 24) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model.prefill(idx[:, :18], cache)
+        nsa.backend = "triton"
+        step = torch.compile(model.decode_step, fullgraph=True)
+        eager = torch.stack([model.decode_step(idx[:, i], caches[0]) for i in range(18, 24)])
+        compiled = torch.stack([step(idx[:, i], caches[1]) for i in range(18, 24)])
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)

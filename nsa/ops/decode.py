@@ -28,6 +28,7 @@ Any G works (the query tile is padded to a power of two >= 16).
 
 import functools
 import os
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -307,25 +308,15 @@ def _split(length, pairs, target, block_n):
     return ceil_div(length, chunk), chunk
 
 
-def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block, stride, sel_block,
-                     num_mem, num_selected, num_initial=1, num_local=2, window=512, shared=True, scale=None,
-                     return_indices=False, block_n=None, num_warps=None, splits=None):
-    """Triton twin of `nsa.ops.reference.decode_attention` (see there for shapes). The selected block
-    indices it returns (return_indices) are in the order picked, not sorted. `splits` = (compressed
-    chunks, window chunks, selection programs) per pair overrides the default."""
+def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block, stride, sel_block, num_mem,
+                   num_selected, num_initial, num_local, window, shared, scale, block_n, num_warps, splits):
     B, HQ, D = q.shape
     H = ck.shape[2]
     G = HQ // H
-    scale = D**-0.5 if scale is None else scale
     Hs = H if shared else HQ
     GS = HQ // Hs
     S, W = k_slc.shape[1], k_win.shape[1]
     nc_max = max(ck.shape[1] - num_mem, 1)
-    for x in (ck, cv, k_slc, v_slc, k_win, v_win):
-        if x.stride(-1) != 1:
-            raise ValueError("decode caches must have a contiguous last dimension")
-    if k_slc.stride() != v_slc.stride() or k_win.stride() != v_win.stride() or ck.stride() != cv.stride():
-        raise ValueError("decode caches: keys and values must share strides")
     q, q_rot, gates = q.contiguous(), q_rot.contiguous(), gates.contiguous()
     t = t.to(torch.int32) if t.dtype != torch.int32 else t
     BLOCK_G = max(16, triton.next_power_of_2(GS))
@@ -383,4 +374,43 @@ def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, blo
         gates, o, pm, pl, pacc, gates.stride(0), gates.stride(1), o.stride(0), o.stride(1),
         HQ=HQ, D=D, NC_SPLIT=nc_split, W_SPLIT=w_split, NPART_PAD=triton.next_power_of_2(npart),
         BLOCK_D=BLOCK_D, **common, num_warps=4)
+    return o, idx
+
+
+@torch.library.custom_op("nsa::decode_attention", mutates_args=())
+def _decode_op(q: torch.Tensor, q_rot: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, k_slc: torch.Tensor,
+               v_slc: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, gates: torch.Tensor, t: torch.Tensor,
+               block: int, stride: int, sel_block: int, num_mem: int, num_selected: int, num_initial: int,
+               num_local: int, window: int, shared: bool, scale: float, block_n: Optional[int],
+               num_warps: Optional[int], splits: Optional[List[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    # A custom op, so torch.compile calls it as one opaque step instead of tracing the launches (which
+    # would copy the scratch buffers the kernels write into).
+    return _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block, stride, sel_block, num_mem,
+                          num_selected, num_initial, num_local, window, shared, scale, block_n, num_warps, splits)
+
+
+@_decode_op.register_fake
+def _(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block, stride, sel_block, num_mem, num_selected,
+      num_initial, num_local, window, shared, scale, block_n, num_warps, splits):
+    Hs = ck.shape[2] if shared else q.shape[1]
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], Hs, num_selected), dtype=torch.int32)
+
+
+def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block, stride, sel_block,
+                     num_mem, num_selected, num_initial=1, num_local=2, window=512, shared=True, scale=None,
+                     return_indices=False, block_n=None, num_warps=None, splits=None):
+    """Triton twin of `nsa.ops.reference.decode_attention` (see there for shapes). The selected block
+    indices it returns (return_indices) are in the order picked, not sorted. `splits` = (compressed
+    chunks, window chunks, selection programs) per pair overrides the default."""
+    for x in (ck, cv, k_slc, v_slc, k_win, v_win):
+        if x.stride(-1) != 1:
+            raise ValueError("decode caches must have a contiguous last dimension")
+    if k_slc.stride() != v_slc.stride() or k_win.stride() != v_win.stride() or ck.stride() != cv.stride():
+        raise ValueError("decode caches: keys and values must share strides")
+    if q.shape[1] % ck.shape[2]:
+        raise ValueError(f"query heads {q.shape[1]} must be a multiple of kv heads {ck.shape[2]}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    o, idx = _decode_op(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, int(block), int(stride),
+                        int(sel_block), int(num_mem), int(num_selected), int(num_initial), int(num_local), int(window),
+                        bool(shared), float(scale), block_n, num_warps, None if splits is None else list(splits))
     return (o, idx) if return_indices else o
