@@ -36,8 +36,11 @@ import triton.language as tl
 
 from nsa.ops.common import ceil_div
 
+# Allocator of the outputs and scratch; the tests swap in a poisoned one to catch elements the kernels
+# forget to write, or read before writing.
+_empty = torch.empty
 MAX_SPLIT = 16  # most chunks per pair and branch (compressed, window)
-_EMPTY = tl.constexpr(-1.0e30)  # the running max of a partial with no key: finite, so merging never makes inf - inf
+_NO_KEY = tl.constexpr(-1.0e30)  # the running max of a partial with no key: finite, so merging never makes inf - inf
 
 
 @triton.jit
@@ -115,7 +118,7 @@ def _partials_kernel(
     d_ok = offs_d < D
     q_off = b * sq_b + (hq0 + offs_g)[:, None].to(tl.int64) * sq_h + offs_d[None, :]
     qmask = g_ok[:, None] & d_ok[None, :]
-    m_i = tl.full([BLOCK_G], _EMPTY, tl.float32)
+    m_i = tl.full([BLOCK_G], _NO_KEY, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     sc_base = SC + pair.to(tl.int64) * (BLOCK_G * NC_MAX)
@@ -156,7 +159,7 @@ def _importance_kernel(
     g_ok = offs_g < GS
     row = (pair.to(tl.int64) * BLOCK_G + offs_g)[:, None] * NPART + offs_c[None, :]
     c_ok = (offs_c < NC_SPLIT)[None, :]
-    m_c = tl.load(PM + row, mask=c_ok, other=_EMPTY)
+    m_c = tl.load(PM + row, mask=c_ok, other=_NO_KEY)
     l_c = tl.load(PL + row, mask=c_ok, other=0.0)
     m = tl.max(m_c, axis=1)
     l_i = tl.sum(l_c * tl.exp(m_c - m[:, None]), axis=1)
@@ -237,7 +240,7 @@ def _select_kernel(
     qr = tl.load(QR + q_off, mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     ks_base = KS + b * sks_b + h * sks_h
     vs_base = VS + b * sks_b + h * sks_h
-    m_i = tl.full([BLOCK_G], _EMPTY, tl.float32)
+    m_i = tl.full([BLOCK_G], _NO_KEY, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     # One flat loop with a static trip count over this program's tiles (rank k_split + S_SPLIT * u,
@@ -262,7 +265,7 @@ def _select_kernel(
 @triton.jit
 def _branch(m_c, l_c, acc_c, in_branch):
     """Merge the partials (rows of m_c, l_c, acc_c) where in_branch into the normalised branch output."""
-    m_c = tl.where(in_branch, m_c, _EMPTY)
+    m_c = tl.where(in_branch, m_c, _NO_KEY)
     a = tl.where(in_branch, tl.exp(m_c - tl.max(m_c, axis=0)), 0.0)
     l_i = tl.sum(a * l_c, axis=0)
     return tl.sum(a[:, None] * acc_c, axis=0) / tl.where(l_i > 0, l_i, 1.0)
@@ -284,7 +287,7 @@ def _combine_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     c_ok = offs_c < NPART
     row = (pair * BLOCK_G + hq % GS) * NPART + offs_c
-    m_c = tl.load(PM + row, mask=c_ok, other=_EMPTY)
+    m_c = tl.load(PM + row, mask=c_ok, other=_NO_KEY)
     l_c = tl.load(PL + row, mask=c_ok, other=0.0)
     acc_c = tl.load(PACC + row[:, None] * BLOCK_D + offs_d[None, :], mask=c_ok[:, None], other=0.0)
     g_off = b * sg_b + hq.to(tl.int64) * sg_h
@@ -339,13 +342,13 @@ def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block
         nc_chunk, w_chunk = ceil_div(max(ck.shape[1], 1), nc_split), ceil_div(min(window, S), w_split)
     npart = nc_split + w_split + s_split
     f32 = dict(dtype=torch.float32, device=q.device)
-    pm = torch.empty(pairs * BLOCK_G * npart, **f32)
-    pl = torch.empty(pairs * BLOCK_G * npart, **f32)
-    pacc = torch.empty(pairs * BLOCK_G * npart * BLOCK_D, **f32)
-    sc = torch.empty(pairs * BLOCK_G * nc_max, **f32)  # raw compressed scores per query head
-    pc = torch.empty(pairs * nc_max, **f32)  # their probabilities summed over the pair's heads
-    o = torch.empty_like(q)
-    idx = torch.empty(B, Hs, num_selected, dtype=torch.int32, device=q.device)
+    pm = _empty(pairs * BLOCK_G * npart, **f32)
+    pl = _empty(pairs * BLOCK_G * npart, **f32)
+    pacc = _empty(pairs * BLOCK_G * npart * BLOCK_D, **f32)
+    sc = _empty(pairs * BLOCK_G * nc_max, **f32)  # raw compressed scores per query head
+    pc = _empty(pairs * nc_max, **f32)  # their probabilities summed over the pair's heads
+    o = _empty(q.shape, dtype=q.dtype, device=q.device)
+    idx = _empty((B, Hs, num_selected), dtype=torch.int32, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     upcast = os.environ.get("TRITON_INTERPRET") == "1"
     common = dict(HS=Hs, GS=GS, NPART=npart, BLOCK_G=BLOCK_G)
