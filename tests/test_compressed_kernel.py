@@ -122,3 +122,22 @@ def test_gpu_large(G, D, dtype):
 @pytest.mark.gpu
 def test_gpu_long_split_dkdv():
     check(1, 8192, 4, 16, 128, 32, 16, 1, torch.bfloat16, "cuda")
+
+
+def test_range_attention_kernels_compile_for_sm90_ahead_of_time():
+    # The compressed and window branches' forward and backward launches (GPU tile sizes), bf16 paper
+    # setting and fp32 with G = 1, D = 64.
+    from kernel_checks import compile_launches_for_sm90
+
+    call = """
+from nsa.ops.compressed import compressed_attention
+from nsa.ops.window import sliding_window_attention
+for dtype, HQ, H, D in [(torch.bfloat16, 64, 4, 128), (torch.float32, 2, 2, 64)]:
+    T = 1000
+    x = lambda *shape: torch.zeros(*shape, dtype=dtype, requires_grad=True)
+    q, k, v, ck, cv = x(1, T, HQ, D), x(1, T, H, D), x(1, T, H, D), x(1, 62, H, D), x(1, 62, H, D)
+    compressed_attention(q, ck, cv, 32, 16, 1)[0].sum().backward()
+    sliding_window_attention(q, k, v, 512).sum().backward()
+"""
+    kernels = ["_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_sum_splits_kernel"]
+    assert compile_launches_for_sm90("nsa.ops.range_attention", kernels, call) >= 12

@@ -139,3 +139,20 @@ def test_compiled_decode_step_is_one_graph_and_matches_eager():
         eager = torch.stack([model.decode_step(idx[:, i], caches[0]) for i in range(18, 24)])
         compiled = torch.stack([step(idx[:, i], caches[1]) for i in range(18, 24)])
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_kernels_compile_for_sm90_ahead_of_time():
+    # bf16 paper setting (G = 16, D = 128) and fp32 with G = 4, D = 64, per-head selection.
+    from kernel_checks import compile_launches_for_sm90
+
+    call = """
+for dtype, HQ, H, D, shared in [(torch.bfloat16, 64, 4, 128, True), (torch.float32, 8, 2, 64, False)]:
+    B, S = 2, 4096
+    nc = (S - 32) // 16 + 1
+    x = lambda *shape: torch.zeros(*shape, dtype=dtype)
+    mod.decode_attention(x(B, HQ, D), x(B, HQ, D), x(B, 1 + nc, H, D), x(B, 1 + nc, H, D), x(B, S, H, D),
+                         x(B, S, H, D), x(B, 512, H, D), x(B, 512, H, D), x(B, HQ, 3),
+                         torch.full((B,), S - 1), 32, 16, 64, 1, 16, window=512, shared=shared)
+"""
+    assert compile_launches_for_sm90("nsa.ops.decode", ["_partials_kernel", "_importance_kernel", "_select_kernel",
+                                                        "_combine_kernel"], call) == 8

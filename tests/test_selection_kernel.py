@@ -188,3 +188,23 @@ def test_input_errors():
 def test_gpu_larger(G, shared, dtype):
     _check(B=2, T=1537, H=2, G=G, D=128, sel_block=64, n=8, shared=shared, dtype=dtype)
     _check(B=1, T=1000, H=1, G=G, D=96, sel_block=32, n=16, shared=shared, dtype=dtype)
+
+
+def test_selection_kernels_compile_for_sm90_ahead_of_time():
+    # Forward, dQ, dK/dV and its reduction as launched on GPU: bf16 paper setting (shared G = 16) and
+    # fp32 per-head selection with G = 2, D = 64.
+    from kernel_checks import compile_launches_for_sm90
+
+    call = """
+from nsa.ops.selection import selection_attention
+for dtype, HQ, H, D, Hs in [(torch.bfloat16, 64, 4, 128, 4), (torch.float32, 4, 2, 64, 4)]:
+    T, n = 1024, 16
+    x = lambda *shape: torch.zeros(*shape, dtype=dtype, requires_grad=True)
+    q, k, v = x(1, T, HQ, D), x(1, T, H, D), x(1, T, H, D)
+    cur = torch.arange(T).view(1, T, 1, 1) // 64
+    idx = (cur - torch.arange(n).view(1, 1, 1, n)).expand(1, T, Hs, n).to(torch.int32)
+    idx = torch.where(idx >= 0, idx, -1).contiguous()
+    selection_attention(q, k, v, idx, 64).sum().backward()
+"""
+    kernels = ["_fwd_kernel", "_dq_kernel", "_dkv_kernel", "_dkv_reduce_kernel"]
+    assert compile_launches_for_sm90("nsa.ops.selection", kernels, call) >= 6
