@@ -156,3 +156,16 @@ for dtype, HQ, H, D, shared in [(torch.bfloat16, 64, 4, 128, True), (torch.float
 """
     assert compile_launches_for_sm90("nsa.ops.decode", ["_partials_kernel", "_importance_kernel", "_select_kernel",
                                                         "_combine_kernel"], call) == 8
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_decode_kernel_long_cache_matches_reference(shared):
+    # 1100 positions of 8-token selection blocks: 138 blocks, so the importance runs in several chunks
+    # of 128 blocks and the top-n walks a 256-key vector; t in the first chunk, across, at the end.
+    args = _inputs(3, 1, 4, 16, 1100, 1, 8, 4, None, [100, 1030, 1099], torch.float32, seed=3)
+    kw = dict(block=8, stride=4, sel_block=8, num_mem=1, num_selected=8, window=32, shared=shared,
+              return_indices=True)
+    o_ref, idx_ref = reference.decode_attention(*args, **kw)
+    o, idx = decode.decode_attention(*args, **kw)
+    assert torch.equal(_sorted_idx(idx.cpu()), idx_ref.cpu())
+    torch.testing.assert_close(o.cpu(), o_ref.cpu(), atol=1e-5, rtol=1e-5)
