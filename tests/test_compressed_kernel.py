@@ -139,5 +139,5 @@ for dtype, HQ, H, D in [(torch.bfloat16, 64, 4, 128), (torch.float32, 2, 2, 64)]
     compressed_attention(q, ck, cv, 32, 16, 1)[0].sum().backward()
     sliding_window_attention(q, k, v, 512).sum().backward()
 """
-    kernels = ["_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_sum_splits_kernel"]
+    kernels = ["_range_fwd_kernel", "_range_dq_kernel", "_range_dkdv_kernel", "_range_sum_splits_kernel"]
     assert compile_launches_for_sm90("nsa.ops.range_attention", kernels, call) >= 12

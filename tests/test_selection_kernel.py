@@ -206,5 +206,5 @@ for dtype, HQ, H, D, Hs in [(torch.bfloat16, 64, 4, 128, 4), (torch.float32, 4, 
     idx = torch.where(idx >= 0, idx, -1).contiguous()
     selection_attention(q, k, v, idx, 64).sum().backward()
 """
-    kernels = ["_fwd_kernel", "_dq_kernel", "_dkv_kernel", "_dkv_reduce_kernel"]
+    kernels = ["_sel_fwd_kernel", "_sel_dq_kernel", "_sel_dkv_kernel", "_sel_dkv_reduce_kernel"]
     assert compile_launches_for_sm90("nsa.ops.selection", kernels, call) >= 6

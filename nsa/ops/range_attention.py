@@ -20,7 +20,7 @@ Forward writes o and the fp32 log-sum-exp (natural log; -inf for a row that sees
 do)), then dk/dv per key tile, looping over exactly the query tiles that can see that key tile. For
 the prefix rule the first key tiles are seen by every query, so there the query range is split over
 many programs (so the last wave is short) that write fp32 partial sums, added afterwards in a fixed
-order by `_sum_splits_kernel`: deterministic. Every kernel runs the tiles that lie wholly inside all
+order by `_range_sum_splits_kernel`: deterministic. Every kernel runs the tiles that lie wholly inside all
 its rows' intervals through an unmasked loop (`FAST_PATH`), the boundary tiles through a masked one.
 Forward and dq programs start with the last query tiles, which see the most keys.
 
@@ -142,7 +142,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, kv_base, lo, hi, qk_scale, first, last, S
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, qk_scale, T, S, H, G, HI_BASE, HI_OFF, HI_DIV, LO_BACK,
+def _range_fwd_kernel(Q, K, V, O, LSE, qk_scale, T, S, H, G, HI_BASE, HI_OFF, HI_DIV, LO_BACK,
                 D: tl.constexpr, BLOCK_D: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr):
     BLOCK_T: tl.constexpr = BLOCK_M // GP
@@ -214,7 +214,7 @@ def _dq_tiles(dq, q, do, lse2, delta, K, V, kv_base, lo, hi, qk_scale, first, la
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, qk_scale, scale, T, S, H, G,
+def _range_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, qk_scale, scale, T, S, H, G,
                    HI_BASE, HI_OFF, HI_DIV, LO_BACK,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr):
@@ -298,7 +298,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, s, first, last, b, T, H, G, HI_
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, scale, T, S, H, G,
+def _range_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, scale, T, S, H, G,
                      HI_BASE, HI_OFF, HI_DIV, LO_BACK, TILES_PER_SPLIT,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
@@ -319,7 +319,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, scale, T, S, H, 
     m_first, m_end = _query_span(s0, T, S, HI_BASE, HI_OFF, HI_DIV, LO_BACK, BLOCK_T, BLOCK_N)
     m_first = tl.maximum(m_first, split * TILES_PER_SPLIT)
     m_end = tl.minimum(m_end, (split + 1) * TILES_PER_SPLIT)
-    # With SPLIT, DK/DV are fp32 partial buffers [SPLIT, B, S, H, D] of which `_sum_splits_kernel` reads
+    # With SPLIT, DK/DV are fp32 partial buffers [SPLIT, B, S, H, D] of which `_range_sum_splits_kernel` reads
     # only the splits with some query tile: an empty one writes nothing.
     if (m_first < m_end) | (SPLIT == 0):
         k = tl.load(K + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
@@ -347,7 +347,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, scale, T, S, H, 
 
 
 @triton.jit
-def _sum_splits_kernel(DKP, DVP, DK, DV, T, S, H, HI_BASE, HI_OFF, HI_DIV, LO_BACK, TILES_PER_SPLIT,
+def _range_sum_splits_kernel(DKP, DVP, DK, DV, T, S, H, HI_BASE, HI_OFF, HI_DIV, LO_BACK, TILES_PER_SPLIT,
                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_S: tl.constexpr):
     """DK/DV rows [s0, s0 + BLOCK_S) of key tile pid_n: the sum, in split order, of the partials of the
@@ -455,7 +455,7 @@ def range_attention_fwd(q, k, v, scale, hi_base, hi_off, hi_div, lo_back):
         return o, lse
     (bm, bn, warps, stages), _, _ = _tiles(G, D, q.dtype, banded=lo_back < T)
     grid = (triton.cdiv(T, bm // _group_pad(G)), B * H)
-    _fwd_kernel[grid](q, k, v, o, lse, scale * math.log2(math.e), T, S, H, G, hi_base, hi_off, hi_div, lo_back,
+    _range_fwd_kernel[grid](q, k, v, o, lse, scale * math.log2(math.e), T, S, H, G, hi_base, hi_off, hi_div, lo_back,
                       D=D, BLOCK_D=_block_d(D), GP=_group_pad(G), BLOCK_M=bm, BLOCK_N=bn,
                       PREC=_precision(q.dtype), UPCAST=_interpreting(), FAST=FAST_PATH,
                       num_warps=warps, num_stages=stages)
@@ -487,7 +487,7 @@ def range_attention_bwd(do, q, k, v, o, lse, scale, hi_base, hi_off, hi_div, lo_
     common = dict(D=D, BLOCK_D=_block_d(D), GP=GP, PREC=_precision(q.dtype), UPCAST=_interpreting(), FAST=FAST_PATH)
     qk_scale = scale * math.log2(math.e)
     rule = (hi_base, hi_off, hi_div, lo_back)
-    _bwd_dq_kernel[(triton.cdiv(T, bm2 // GP), B * H)](
+    _range_dq_kernel[(triton.cdiv(T, bm2 // GP), B * H)](
         q, k, v, o, do, lse, delta, dq, qk_scale, scale, T, S, H, G, *rule,
         BLOCK_M=bm2, BLOCK_N=bn2, num_warps=warps2, num_stages=stages2, **common)
 
@@ -501,14 +501,14 @@ def range_attention_bwd(do, q, k, v, o, lse, scale, hi_base, hi_off, hi_div, lo_
         # Only the splits that meet some query tile of a key tile write it, and only those are read.
         dk = _empty((splits, *k.shape), dtype=torch.float32, device=k.device)
         dv = _empty((splits, *v.shape), dtype=torch.float32, device=v.device)
-    _bwd_dkdv_kernel[(n_key_tiles, B * H, splits)](
+    _range_dkdv_kernel[(n_key_tiles, B * H, splits)](
         q, k, v, do, lse, delta, dk, dv, qk_scale, scale, T, S, H, G, *rule, tiles_per_split,
         BLOCK_M=bm3, BLOCK_N=bn3, SPLIT=int(splits > 1), num_warps=warps3, num_stages=stages3, **common)
     if splits > 1:
         dkp, dvp = dk, dv
         dk, dv = _empty(k.shape, dtype=k.dtype, device=k.device), _empty(v.shape, dtype=v.dtype, device=v.device)
         block_s = min(bn3, 32)
-        _sum_splits_kernel[(n_key_tiles, B * H, bn3 // block_s)](
+        _range_sum_splits_kernel[(n_key_tiles, B * H, bn3 // block_s)](
             dkp, dvp, dk, dv, T, S, H, *rule, tiles_per_split, D=D, BLOCK_D=_block_d(D), BLOCK_T=bm3 // GP,
             BLOCK_N=bn3, BLOCK_S=block_s, num_warps=4)
     return dq, dk, dv

@@ -165,7 +165,7 @@ def _row_lists(idx, idx_row, row_ok, N_SEL: tl.constexpr, N_P2: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(q, k, v, o, lse, idx, uni, ucnt, T, S, BS, UL, scale_log2,
+def _sel_fwd_kernel(q, k, v, o, lse, idx, uni, ucnt, T, S, BS, UL, scale_log2,
                 HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, N_SEL: tl.constexpr,
                 N_P2: tl.constexpr, TT: tl.constexpr, WALK: tl.constexpr, KSPLIT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
@@ -255,11 +255,11 @@ def _dq_step(b_q, b_do, b_k, b_v, vis, lse2, delta, dq, scale_log2, IEEE: tl.con
 
 
 @triton.jit
-def _dq_kernel(q, k, v, do, lse, delta, dq, idx, uni, ucnt, T, S, BS, UL, scale, scale_log2,
+def _sel_dq_kernel(q, k, v, do, lse, delta, dq, idx, uni, ucnt, T, S, BS, UL, scale, scale_log2,
                HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, N_SEL: tl.constexpr,
                N_P2: tl.constexpr, TT: tl.constexpr, WALK: tl.constexpr, KSPLIT: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    # Same tiling and block walks as _fwd_kernel; P is recomputed from the saved log-sum-exp.
+    # Same tiling and block walks as _sel_fwd_kernel; P is recomputed from the saved log-sum-exp.
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     NB = tl.cdiv(S, BS)
@@ -313,7 +313,7 @@ def _dq_kernel(q, k, v, do, lse, delta, dq, idx, uni, ucnt, T, S, BS, UL, scale,
 
 
 @triton.jit
-def _dkv_kernel(q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries,
+def _sel_dkv_kernel(q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries,
                 item_key, item_lo, item_hi, item_slot, T, S, BS, scale, scale_log2,
                 HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
                 BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -377,7 +377,7 @@ def _dkv_kernel(q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries,
 
 
 @triton.jit
-def _dkv_reduce_kernel(part_dk, part_dv, dk, dv, key_items, key_first_slot, S, BS,
+def _sel_dkv_reduce_kernel(part_dk, part_dv, dk, dv, key_items, key_first_slot, S, BS,
                        H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     # Sum the fp32 partials of a split block in item order: deterministic, no atomics.
     key = tl.program_id(0)
@@ -410,7 +410,7 @@ def _interpreting():
 
 
 def _fwd_tiling(G, Hs, H, tokens):
-    """(BLOCK_M, TT, WALK): rows per tile, tokens per tile, block walk (see _fwd_kernel)."""
+    """(BLOCK_M, TT, WALK): rows per tile, tokens per tile, block walk (see _sel_fwd_kernel)."""
     if G >= 16:
         block_m = _pow2(G) * max(1, int(tokens))
     else:
@@ -525,7 +525,7 @@ def selection_fwd(q, k, v, indices, sel_block, scale, o, lse):
     T, S = q.shape[1], k.shape[1]
     cfg, grid = _launch_cfg(q, k, indices, sel_block, FWD_TOKENS)
     uni, cnt, ul = _walk_args(cfg, indices, S, sel_block)
-    _fwd_kernel[grid](q, k, v, o, lse, indices, uni, cnt, T, S, sel_block, ul, scale * LOG2E,
+    _sel_fwd_kernel[grid](q, k, v, o, lse, indices, uni, cnt, T, S, sel_block, ul, scale * LOG2E,
                       **_launch_opts(FWD_WARPS, FWD_STAGES), **cfg)
 
 
@@ -534,7 +534,7 @@ def selection_dq(do, q, k, v, lse, delta, indices, sel_block, scale, dq):
     T, S = q.shape[1], k.shape[1]
     cfg, grid = _launch_cfg(q, k, indices, sel_block, DQ_TOKENS)
     uni, cnt, ul = _walk_args(cfg, indices, S, sel_block)
-    _dq_kernel[grid](q, k, v, do, lse, delta, dq, indices, uni, cnt, T, S, sel_block, ul, scale, scale * LOG2E,
+    _sel_dq_kernel[grid](q, k, v, do, lse, delta, dq, indices, uni, cnt, T, S, sel_block, ul, scale, scale * LOG2E,
                      **_launch_opts(DQ_WARPS, DQ_STAGES), **cfg)
 
 
@@ -549,12 +549,12 @@ def selection_dkv(do, q, k, v, lse, delta, indices, sel_block, scale, dk, dv):
     ieee = q.dtype == torch.float32 or _interpreting()
     part_dk = torch.empty(n_slots, block_s, block_d, dtype=torch.float32, device=q.device)
     part_dv = torch.empty_like(part_dk)
-    _dkv_kernel[(item_key.numel(),)](
+    _sel_dkv_kernel[(item_key.numel(),)](
         q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries, item_key, item_lo, item_hi, item_slot,
         T, S, sel_block, scale, scale * LOG2E, HQ=HQ, H=H, HS=Hs, D=D, BLOCK_E=block_e,
         BLOCK_R=_pow2(block_e * (HQ // Hs)), BLOCK_S=block_s, BLOCK_D=block_d, IEEE=ieee,
         **_launch_opts(DKV_WARPS, DKV_STAGES))
-    _dkv_reduce_kernel[(key_items.numel(),)](part_dk, part_dv, dk, dv, key_items, key_first_slot, S, sel_block,
+    _sel_dkv_reduce_kernel[(key_items.numel(),)](part_dk, part_dv, dk, dv, key_items, key_first_slot, S, sel_block,
                                              H=H, D=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
 
 
