@@ -31,7 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--no-cache", action="store_true", help="recompute the full forward each step")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on cuda, fp32 on cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (fuses its small ops; graphed on GPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (fuses its small ops; graphed on GPU)")
     p.add_argument("--cuda-graph", action="store_true", help="capture the decode step in a CUDA graph (cuda only)")
     p.add_argument("--max-context", type=int, default=0,
                    help="longest prompt accepted (default: the checkpoint's train.seq_len)")

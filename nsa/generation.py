@@ -3,8 +3,9 @@
 `generate` runs the prompt through the model's parallel forward once (`Transformer.prefill`, which
 fills a preallocated `nsa.cache.ModelCache`), then one `Transformer.decode_step` per new token. The
 step has static shapes and never synchronises with the host, so on CUDA it can be captured once in a
-CUDA graph (`cuda_graph=True`; `compile=True` torch.compiles it first) and replayed for every token. `use_cache=False` instead reruns the full forward on the whole sequence
-each step: slow, for comparison and tests.
+CUDA graph (`cuda_graph=True`; `compile=True` torch.compiles it first) and replayed for every token.
+`use_cache=False` instead reruns the full forward on the whole sequence each step: slow, for
+comparison and tests.
 """
 
 import time

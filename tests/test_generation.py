@@ -221,3 +221,15 @@ def test_compiled_cache_append_writes_in_place():
     assert not any(f"(({B}, {S}," in line for code in codes for line in code.splitlines() if "empty_strided" in line)
     torch.testing.assert_close(layer.k_slc[torch.arange(B), pos], k[:, 0])
     torch.testing.assert_close(layer.v_win[torch.arange(B), pos % layer.v_win.shape[1]], v[:, 0])
+
+
+def test_generate_compiled_equals_eager_greedy():
+    # generate.py --compile: the compiled decode step gives the eager step's greedy continuation.
+    from nsa.model import Transformer
+
+    nsa = NSAConfig(compress_block=8, compress_stride=4, sel_block=16, num_selected=4, window=16)
+    model = Transformer(ModelConfig(dim=32, depth=2, heads=4, kv_heads=2, dim_head=16, nsa=nsa)).eval()
+    prompt = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(0))
+    eager, _ = generate(model, prompt, 12, greedy=True)
+    compiled, _ = generate(model, prompt, 12, greedy=True, compile=True)
+    assert torch.equal(compiled, eager)
