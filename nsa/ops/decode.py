@@ -86,6 +86,27 @@ def _attend_range(q, K, V, row_stride, lo, hi, m_i, l_i, acc, scale, SC, sc_g, s
 
 
 @triton.jit
+def _num_visible(t, L_CMP: tl.constexpr, STRIDE: tl.constexpr):
+    """Compressed blocks complete at position t: block i once i * STRIDE + L_CMP - 1 <= t."""
+    return tl.where(t + 1 >= L_CMP, (t + 1 - L_CMP) // STRIDE + 1, 0)
+
+
+@triton.jit
+def _pair_heads(pair, TPOS, sq_b, sq_h, HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A pair's sequence b, kv head h, position t, its query-head rows (offs_g, g_ok), head dims
+    (offs_d, d_ok) and the offsets of its query rows in a [B, HQ, D] tensor of strides sq_b, sq_h."""
+    b = (pair // HS).to(tl.int64)
+    hq0 = (pair % HS) * GS  # first query head of this pair
+    h = (hq0 // G).to(tl.int64)  # its kv head
+    t = tl.load(TPOS + b).to(tl.int32)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_off = b * sq_b + (hq0 + offs_g)[:, None].to(tl.int64) * sq_h + offs_d[None, :]
+    return b, h, t, offs_g, offs_g < GS, offs_d, offs_d < D, q_off
+
+
+@triton.jit
 def _store_partial(PM, PL, PACC, pair, slot, m_i, l_i, acc, offs_g, offs_d, NPART: tl.constexpr,
                    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partial `slot` of a pair's query heads; layout [pair, head, slot] (and [.., D] for acc), so the
@@ -108,15 +129,7 @@ def _partials_kernel(
 ):
     pair = tl.program_id(0)
     c = tl.program_id(1)
-    b = (pair // HS).to(tl.int64)
-    hq0 = (pair % HS) * GS  # first query head of this pair
-    h = (hq0 // G).to(tl.int64)  # its kv head
-    t = tl.load(TPOS + b).to(tl.int32)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    g_ok = offs_g < GS
-    d_ok = offs_d < D
-    q_off = b * sq_b + (hq0 + offs_g)[:, None].to(tl.int64) * sq_h + offs_d[None, :]
+    b, h, t, offs_g, g_ok, offs_d, d_ok, q_off = _pair_heads(pair, TPOS, sq_b, sq_h, HS, GS, G, D, BLOCK_G, BLOCK_D)
     qmask = g_ok[:, None] & d_ok[None, :]
     m_i = tl.full([BLOCK_G], _NO_KEY, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -125,9 +138,8 @@ def _partials_kernel(
     if c < NC_SPLIT:
         # Compressed rows [c * NC_CHUNK, ...) of the memory rows + the blocks complete at t.
         q = tl.load(Q + q_off, mask=qmask, other=0.0)
-        n_vis = tl.where(t + 1 >= L_CMP, (t + 1 - L_CMP) // STRIDE + 1, 0)
         lo = c * NC_CHUNK
-        hi = tl.minimum(lo + NC_CHUNK, NUM_MEM + n_vis)
+        hi = tl.minimum(lo + NC_CHUNK, NUM_MEM + _num_visible(t, L_CMP, STRIDE))
         m_i, l_i, acc = _attend_range(q, CK + b * sck_b + h * sck_h, CV + b * sck_b + h * sck_h, sck_r, lo, hi,
                                       m_i, l_i, acc, scale, sc_base, NC_MAX, NUM_MEM, offs_g, g_ok, offs_d, d_ok,
                                       RING=0, SCORES=True, BLOCK_N=BLOCK_N, PREC=PREC, UPCAST=UPCAST)
@@ -165,7 +177,7 @@ def _importance_kernel(
     l_i = tl.sum(l_c * tl.exp(m_c - m[:, None]), axis=1)
     has = l_i > 0
     lse = m + tl.log(tl.where(has, l_i, 1.0))
-    n_vis = tl.where(t + 1 >= L_CMP, (t + 1 - L_CMP) // STRIDE + 1, 0)
+    n_vis = _num_visible(t, L_CMP, STRIDE)
     sc_base = SC + pair.to(tl.int64) * (BLOCK_G * NC_MAX)
     pc_base = PC + pair.to(tl.int64) * NC_MAX
     offs_p = tl.arange(0, BLOCK_P)
@@ -194,18 +206,11 @@ def _select_kernel(
     program k attends to the picks of rank k, k + S_SPLIT, ... and writes partial SLOT0 + k."""
     pair = tl.program_id(0)
     k_split = tl.program_id(1)
-    b = (pair // HS).to(tl.int64)
-    hq0 = (pair % HS) * GS
-    h = (hq0 // G).to(tl.int64)
-    t = tl.load(TPOS + b).to(tl.int32)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
+    b, h, t, offs_g, g_ok, offs_d, d_ok, q_off = _pair_heads(pair, TPOS, sq_b, sq_h, HS, GS, G, D, BLOCK_G, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    g_ok = offs_g < GS
-    d_ok = offs_d < D
 
     # ---- importance of selection block j: sum_i c(i, j) * p[i] over the blocks i overlapping it -----
-    n_vis = tl.where(t + 1 >= L_CMP, (t + 1 - L_CMP) // STRIDE + 1, 0)
+    n_vis = _num_visible(t, L_CMP, STRIDE)
     PER_CMP: tl.constexpr = L_CMP // STRIDE  # chunks per compressed block
     PER_SEL: tl.constexpr = SEL // STRIDE  # chunks per selection block
     offs_j = tl.arange(0, NS_PAD)
@@ -236,7 +241,6 @@ def _select_kernel(
         tl.store(IDX + pair.to(tl.int64) * NSEL + offs_s, picks, mask=offs_s < NSEL)
 
     # ---- selected attention over this program's picks ----------------------------------------------
-    q_off = b * sq_b + (hq0 + offs_g)[:, None].to(tl.int64) * sq_h + offs_d[None, :]
     qr = tl.load(QR + q_off, mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     ks_base = KS + b * sks_b + h * sks_h
     vs_base = VS + b * sks_b + h * sks_h
