@@ -77,16 +77,22 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["enwik8", "file", "hf", "synthetic"] = "enwik8"  # synthetic: in-process pseudo-text, no data needed
+    source: Literal["enwik8", "file", "hf", "synthetic", "retrieval"] = "enwik8"  # synthetic: in-process pseudo-text, no data needed
     path: str = ""  # enwik8: where the 100 MB file lives (default data/enwik8); file: any byte file
     hf_name: str = ""  # hf: dataset name for datasets.load_dataset
     hf_config: str = ""  # hf: dataset configuration, if any
     hf_field: str = "text"  # hf: text column, encoded as UTF-8 bytes
     val_frac: float = 0.05  # file / hf sources: fractions split off the end (enwik8: fixed 90/5/5 M)
     test_frac: float = 0.05
+    # retrieval (the in-process key-retrieval probe, nsa/retrieval.py): bytes from a key's statement to
+    # its query, drawn log-uniformly; keep the maximum below train.seq_len so windows hold whole pairs
+    retrieval_min_distance: int = 32
+    retrieval_max_distance: int = 4096
 
     def validate(self):
         _require(self.source != "hf" or self.hf_name, "data.hf_name is required when data.source is 'hf'")
+        _require(0 < self.retrieval_min_distance <= self.retrieval_max_distance,
+                 "data.retrieval_min_distance must be positive and at most data.retrieval_max_distance")
         _require(0 < self.val_frac < 1 and 0 <= self.test_frac < 1 and self.val_frac + self.test_frac < 1,
                  "data.val_frac and data.test_frac must be fractions that leave training data")
 

@@ -10,6 +10,7 @@ Sources (`data.source`):
   split like `file`.
 - `synthetic`: a deterministic pseudo-text byte stream made in-process, so smoke runs and tests
   need neither network nor files. Split like `file`.
+- `retrieval`: the long-range key-retrieval probe of nsa/retrieval.py, made in-process.
 
 Splits are uint8 numpy arrays (memory-mapped for files). Training batches are random windows of
 seq_len + 1 bytes drawn by a torch.Generator seeded from a hash of (seed, step, rank, micro), so a
@@ -233,6 +234,10 @@ def load_splits(cfg):
         train, val, test = _split_fractions(_memmap(hf_bytes_file(cfg)), cfg.val_frac, cfg.test_frac)
     elif cfg.source == "synthetic":
         train, val, test = _split_fractions(synthetic_bytes(), cfg.val_frac, cfg.test_frac)
+    elif cfg.source == "retrieval":
+        from nsa.retrieval import retrieval_splits  # here, not at the top: nsa.retrieval imports this module
+
+        train, val, test = retrieval_splits(cfg)
     else:
         raise DataError(f"unknown data.source {cfg.source!r}")
     return {"train": train, "val": val, "test": test}
