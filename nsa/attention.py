@@ -11,6 +11,7 @@ from torch import nn
 
 from nsa.compress import Compressor
 from nsa.ops import get_ops
+from nsa.ops.common import NSAParams
 from nsa.ops.reference import select_blocks
 
 
@@ -22,7 +23,7 @@ def rotate(rotary, x, pos):
 
 
 class SparseAttention(nn.Module):
-    """NSA: o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win per query head (DESIGN.md section 1).
+    """NSA: o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win per query head (docs/SPEC.md section 1).
 
     Branches: compressed attention over blocks of keys compressed by a learned network (plus
     memory keys); selected attention over the top-n selection blocks ranked by the compressed
@@ -31,8 +32,11 @@ class SparseAttention(nn.Module):
 
     def __init__(self, dim, heads, kv_heads, dim_head, nsa, rotary_base=10000.0):
         super().__init__()
-        self.heads, self.kv_heads, self.dim_head, self.cfg = heads, kv_heads, dim_head, nsa
+        _check_heads(dim, heads, kv_heads, dim_head)
+        nsa.validate()  # a module built directly (not through load_config) gets the same checks
+        self.dim, self.heads, self.kv_heads, self.dim_head, self.cfg = dim, heads, kv_heads, dim_head, nsa
         self.scale = dim_head**-0.5
+        self.params = NSAParams.from_config(nsa, self.scale)
         # With separate_kv each branch gets its own keys/values (cmp, slc, win); else all share one.
         self.kv_sets = 3 if nsa.separate_kv else 1
         self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
@@ -42,13 +46,16 @@ class SparseAttention(nn.Module):
         self.v_compress = Compressor(kv_heads, dim_head, nsa.compress_block, nsa.compress_stride,
                                      nsa.compress_net, nsa.compress_expand)
         self.mem_kv = nn.Parameter(torch.randn(2, nsa.num_mem, kv_heads, dim_head) * 0.02)
+        self.mem_kv._no_weight_decay = True  # read by train.make_optimizer
         # Gates: zero weights and zero bias open every branch at 0.5, so none starts starved of
         # gradient; the network learns the mix (the seed favours the window at init instead).
         self.to_gates = nn.Linear(dim, 3 * heads)
         nn.init.zeros_(self.to_gates.weight)
         nn.init.zeros_(self.to_gates.bias)
+        self.to_gates.weight._own_init = True  # Transformer._init_weights leaves it at zero
         self.rotary = RotaryEmbedding(dim_head, theta=rotary_base)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+        self.to_out.weight._residual_out = True  # init scaled down by depth (Transformer._init_weights)
 
     def project(self, x):
         """x -> q [B, T, HQ, D] and kv_sets pairs (k, v) [B, T, H, D], ordered (cmp, slc, win)."""
@@ -72,35 +79,31 @@ class SparseAttention(nn.Module):
 
     def select(self, ops, q, ck, lse):
         """Top-n block indices [B, T, Hs, n] and, with diff_topk, the straight-through block gates."""
-        c = self.cfg
-        args = (c.compress_block, c.compress_stride, c.sel_block, c.num_mem)
-        if not c.diff_topk:
+        if not self.cfg.diff_topk:
             with torch.no_grad():
-                idx = ops.topn_blocks(q, ck, lse, *args, c.num_selected, c.num_initial, c.num_local,
-                                      c.shared_selection, self.scale, c.causal)
+                idx = ops.topn_blocks(q, ck, lse, self.params)
             return idx, None
-        imp = ops.block_importance(q, ck, lse.detach(), *args, c.shared_selection, self.scale, c.causal)
-        idx = select_blocks(imp.detach(), c.sel_block, c.num_selected, c.num_initial, c.num_local, c.causal)
+        imp = ops.block_importance(q, ck, lse.detach(), self.params)
+        idx = select_blocks(imp.detach(), self.params)
         picked = imp.gather(-1, idx.long().clamp_min(0))
         return idx, 1.0 + picked - picked.detach()  # forward: exactly 1; backward: d/d importance
 
     def forward(self, x, pos=None, cache=None):
         """x [B, T, dim] at positions pos (default 0..T-1) -> [B, T, dim]. With `cache` (an
         nsa.cache.SparseCache) this is the prefill: the keys, values and compressed blocks are kept."""
-        c = self.cfg
+        _check_input(x, self.dim)
         B, T, _ = x.shape
-        ops = get_ops(c.backend, x.device)
+        ops = get_ops(self.cfg.backend, x.device)
         pos = torch.arange(T, device=x.device) if pos is None else pos
         q, ((k_c, v_c), (k_s, v_s), (k_w, v_w)) = self.project(x)
 
         ck, cv = self.compressed_kv(k_c, v_c)
-        o_cmp, lse = ops.compressed_attention(q, ck, cv, c.compress_block, c.compress_stride, c.num_mem,
-                                              self.scale, c.causal)
+        o_cmp, lse = ops.compressed_attention(q, ck, cv, self.params)
         idx, block_gate = self.select(ops, q, ck, lse)
 
         q_r, k_sr, k_wr = self.rotate_qk(q, k_s, k_w, pos)
-        o_slc = ops.selection_attention(q_r, k_sr, v_s, idx, c.sel_block, self.scale, c.causal, block_gate)
-        o_win = ops.sliding_window_attention(q_r, k_wr, v_w, c.window, self.scale, c.causal)
+        o_slc = ops.selection_attention(q_r, k_sr, v_s, idx, self.params, block_gate)
+        o_win = ops.sliding_window_attention(q_r, k_wr, v_w, self.params)
         if cache is not None:
             cache.fill(ck, cv, k_c, v_c, k_sr, v_s, k_wr, v_w)
 
@@ -122,10 +125,24 @@ class SparseAttention(nn.Module):
         q_r, k_sr, k_wr = self.rotate_qk(q, k_s, k_w, pos[:, None])
         cache.append(pos, k_c, v_c, k_sr, v_s, k_wr, v_w, self.k_compress, self.v_compress)
         gates = torch.sigmoid(self.to_gates(x)).view(B, self.heads, 3)
-        o = get_ops(c.backend, x.device).decode_attention(
-            q[:, 0], q_r[:, 0], *cache.tensors(), gates, pos, c.compress_block, c.compress_stride, c.sel_block,
-            c.num_mem, c.num_selected, c.num_initial, c.num_local, c.window, c.shared_selection, self.scale)
+        o = get_ops(c.backend, x.device).decode_attention(q[:, 0], q_r[:, 0], *cache.tensors(), gates, pos,
+                                                          self.params)
         return self.to_out(o.reshape(B, 1, -1).to(x.dtype))
+
+
+def _check_heads(dim, heads, kv_heads, dim_head):
+    if min(dim, heads, kv_heads, dim_head) < 1:
+        raise ValueError(f"dim, heads, kv_heads and dim_head must be positive; got {dim}, {heads}, {kv_heads}, "
+                         f"{dim_head}")
+    if heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+
+
+def _check_input(x, dim):
+    if x.dim() != 3 or x.shape[-1] != dim:
+        raise ValueError(f"attention input must be [batch, time, {dim}], got {list(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"attention input has no tokens: shape {list(x.shape)} (batch and time must be >= 1)")
 
 
 class DenseAttention(nn.Module):
@@ -133,14 +150,17 @@ class DenseAttention(nn.Module):
 
     def __init__(self, dim, heads, kv_heads, dim_head, rotary_base=10000.0):
         super().__init__()
-        self.heads, self.kv_heads, self.dim_head = heads, kv_heads, dim_head
+        _check_heads(dim, heads, kv_heads, dim_head)
+        self.dim, self.heads, self.kv_heads, self.dim_head = dim, heads, kv_heads, dim_head
         self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
         self.to_kv = nn.Linear(dim, 2 * kv_heads * dim_head, bias=False)
         self.rotary = RotaryEmbedding(dim_head, theta=rotary_base)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+        self.to_out.weight._residual_out = True  # init scaled down by depth (Transformer._init_weights)
 
     def forward(self, x, pos=None, cache=None):
         """x [B, T, dim] -> [B, T, dim]; with `cache` (nsa.cache.DenseCache) also keeps the keys/values."""
+        _check_input(x, self.dim)
         B, T, _ = x.shape
         pos = torch.arange(T, device=x.device) if pos is None else pos
         q = rotate(self.rotary, self.to_q(x).view(B, T, self.heads, self.dim_head), pos)

@@ -75,6 +75,7 @@ def kernel_bench(args, rows):
     import torch.nn.functional as F
 
     from nsa.ops import reference
+    from nsa.ops.common import NSAParams
     from nsa.ops.decode import decode_attention
 
     HQ, H, D = args.heads, args.kv_heads, args.dim_head
@@ -94,16 +95,16 @@ def kernel_bench(args, rows):
             v = torch.randn_like(k)
             gates = torch.rand(B, HQ, 3, device=dev, dtype=dt, generator=g)
             t = torch.full((B,), T - 1, device=dev, dtype=torch.int32)
-            kw = dict(block=c["block"], stride=c["stride"], sel_block=c["sel_block"], num_mem=c["num_mem"],
-                      num_selected=c["num_selected"], window=c["window"])
+            p = NSAParams(compress_block=c["block"], compress_stride=c["stride"], sel_block=c["sel_block"],
+                          num_mem=c["num_mem"], num_selected=c["num_selected"], window=c["window"])
 
             def nsa():
-                return decode_attention(q, q_rot, ck, cv, k, v, k, v, gates, t, **kw)
+                return decode_attention(q, q_rot, ck, cv, k, v, k, v, gates, t, p)
 
             # Correctness spot check against the reference (batch row 0 only: the reference is slow).
-            o, idx = decode_attention(q, q_rot, ck, cv, k, v, k, v, gates, t, return_indices=True, **kw)
-            o_ref, idx_ref = reference.decode_attention(*(x[:1] for x in (q, q_rot, ck, cv, k, v, k, v, gates, t)),
-                                                        return_indices=True, **kw)
+            o, idx = decode_attention(q, q_rot, ck, cv, k, v, k, v, gates, t, p, return_indices=True)
+            o_ref, idx_ref = reference.decode_attention(*(x[:1] for x in (q, q_rot, ck, cv, k, v, k, v, gates, t)), p,
+                                                        return_indices=True)
             err = (o[:1].float() - o_ref.float()).abs().max().item()
             big = torch.iinfo(torch.int32).max  # the kernel's picks are in pick order: sort, -1 last
             idx_s = torch.where(idx[:1] < 0, big, idx[:1]).sort(-1).values

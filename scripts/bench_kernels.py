@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from nsa.ops.common import NSAParams
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PAPER = dict(HQ=64, H=4, D=128, sel_block=64, n=16)
@@ -112,7 +114,7 @@ def bench(fn, inputs, do, quick):
 def ours(indices, sel_block):
     from nsa.ops.selection import selection_attention
 
-    return lambda q, k, v: selection_attention(q, k, v, indices, sel_block)
+    return lambda q, k, v: selection_attention(q, k, v, indices, NSAParams(sel_block=sel_block))
 
 
 def fla_selection(indices, sel_block):
@@ -176,15 +178,15 @@ def correctness(args):
         q, k, v, do = make_inputs(1, T, H * G, H, D, seed=G)
         idx = random_picks(1, T, H if shared else H * G, bs, n, DEVICE)
         q1, k1, v1 = leaf(q, k, v)
-        o1 = selection_attention(q1, k1, v1, idx, bs)
+        o1 = selection_attention(q1, k1, v1, idx, NSAParams(sel_block=bs))
         o1.backward(do)
         got = (o1, q1.grad, k1.grad, v1.grad)
         q2, k2, v2 = leaf(q, k, v)
-        o2 = selection_attention(q2, k2, v2, idx, bs)
+        o2 = selection_attention(q2, k2, v2, idx, NSAParams(sel_block=bs))
         o2.backward(do)
         same = all(torch.equal(a, b) for a, b in zip(got, (o2, q2.grad, k2.grad, v2.grad)))
         qf, kf, vf = leaf(q.float(), k.float(), v.float())
-        of = reference.selection_attention(qf, kf, vf, idx, bs)
+        of = reference.selection_attention(qf, kf, vf, idx, NSAParams(sel_block=bs))
         of.backward(do.float())
         want = (of, qf.grad, kf.grad, vf.grad)
         errs = [((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() for a, b in zip(got, want)]
@@ -217,13 +219,13 @@ def check_variants(args, paper_vs, small_vs):
         q, k, v, do = make_inputs(1, T, H * G, H, D, seed=G)
         idx = random_picks(1, T, H, bs, n, DEVICE)
         qf, kf, vf = leaf(q.float(), k.float(), v.float())
-        of = reference.selection_attention(qf, kf, vf, idx, bs)
+        of = reference.selection_attention(qf, kf, vf, idx, NSAParams(sel_block=bs))
         of.backward(do.float())
         want = (of.detach(), qf.grad, kf.grad, vf.grad)
         for name in names:
             with selection.variant(name):
                 q1, k1, v1 = leaf(q, k, v)
-                o1 = selection.selection_attention(q1, k1, v1, idx, bs)
+                o1 = selection.selection_attention(q1, k1, v1, idx, NSAParams(sel_block=bs))
                 o1.backward(do)
             got = (o1, q1.grad, k1.grad, v1.grad)
             err = max(((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() for a, b in zip(got, want))

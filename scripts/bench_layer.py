@@ -27,9 +27,13 @@ from pathlib import Path
 
 import torch
 
+from nsa.ops.common import NSAParams
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PAPER = dict(HQ=64, H=4, D=128, block=32, stride=16, sel_block=64, n=16, window=512, num_mem=1)
+# The same setting as the ops' parameter object (l/d/l'/n/w = 32/16/64/16/512, one memory key).
+PARAMS = NSAParams(compress_block=32, compress_stride=16, sel_block=64, num_mem=1, num_selected=16, window=512)
 
 
 def parse_args(argv=None):
@@ -57,21 +61,19 @@ def parse_args(argv=None):
 def compressed_fn(q, ck, cv):
     from nsa.ops.compressed import compressed_attention
 
-    P = PAPER
-    return compressed_attention(q, ck, cv, P["block"], P["stride"], P["num_mem"])[0]
+    return compressed_attention(q, ck, cv, PARAMS)[0]
 
 
 def topn_fn(lse):
     from nsa.ops.topn import topn_blocks
 
-    P = PAPER
-    return lambda q, ck: topn_blocks(q, ck, lse, P["block"], P["stride"], P["sel_block"], P["num_mem"], P["n"])
+    return lambda q, ck: topn_blocks(q, ck, lse, PARAMS)
 
 
 def window_fn(q, k, v):
     from nsa.ops.window import sliding_window_attention
 
-    return sliding_window_attention(q, k, v, PAPER["window"])
+    return sliding_window_attention(q, k, v, PARAMS)
 
 
 def flex_window_fn(T, device):
@@ -92,14 +94,12 @@ def flex_window_fn(T, device):
 def core_fn(ops):
     """The attention core of one NSA layer through `ops` (a namespace with the reference signatures):
     every branch from the same q, k, v (no rotary), random compressed keys, sigmoid gates."""
-    P = PAPER
-
     def fn(q, k, v, ck, cv, gates):
-        o_cmp, lse = ops.compressed_attention(q, ck, cv, P["block"], P["stride"], P["num_mem"])
+        o_cmp, lse = ops.compressed_attention(q, ck, cv, PARAMS)
         with torch.no_grad():
-            idx = ops.topn_blocks(q, ck, lse, P["block"], P["stride"], P["sel_block"], P["num_mem"], P["n"])
-        o_slc = ops.selection_attention(q, k, v, idx, P["sel_block"])
-        o_win = ops.sliding_window_attention(q, k, v, P["window"])
+            idx = ops.topn_blocks(q, ck, lse, PARAMS)
+        o_slc = ops.selection_attention(q, k, v, idx, PARAMS)
+        o_win = ops.sliding_window_attention(q, k, v, PARAMS)
         g = gates.sigmoid().unsqueeze(-1)
         return g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
 
@@ -285,21 +285,19 @@ def correctness(T, device):
     P = PAPER
     x = make_inputs(T, device, seed=1)
     q, k, v, ck, cv = (x[n].detach() for n in ("q", "k", "v", "ck", "cv"))
-    cmp_args = (P["block"], P["stride"], P["num_mem"])
     res = check_grads("compressed", compressed_fn,
-                      lambda q, ck, cv: R.compressed_attention(q, ck, cv, *cmp_args)[0], (q, ck, cv), "q ck cv".split())
-    lse, ref_lse = compressed_attention(q, ck, cv, *cmp_args)[1], R.compressed_attention(q, ck, cv, *cmp_args)[1]
+                      lambda q, ck, cv: R.compressed_attention(q, ck, cv, PARAMS)[0], (q, ck, cv), "q ck cv".split())
+    lse, ref_lse = compressed_attention(q, ck, cv, PARAMS)[1], R.compressed_attention(q, ck, cv, PARAMS)[1]
     res["compressed lse"] = rel_err(lse, ref_lse)
-    res.update(check_grads("window", window_fn, lambda q, k, v: R.sliding_window_attention(q, k, v, P["window"]),
+    res.update(check_grads("window", window_fn, lambda q, k, v: R.sliding_window_attention(q, k, v, PARAMS),
                            (q, k, v), "q k v".split()))
     # Top-n from the same lse: rows that differ must be rounding near-ties (importance of the
     # differing picks equal within 1e-4 relative).
-    topn_args = (P["block"], P["stride"], P["sel_block"], P["num_mem"], P["n"])
-    idx, ref_idx = topn_blocks(q, ck, ref_lse, *topn_args), R.topn_blocks(q, ck, ref_lse, *topn_args)
+    idx, ref_idx = topn_blocks(q, ck, ref_lse, PARAMS), R.topn_blocks(q, ck, ref_lse, PARAMS)
     bad = (idx != ref_idx).any(-1)
     res["topn rows differing"] = bad.float().mean().item()
     if bad.any():
-        imp = R.block_importance(q, ck, ref_lse, P["block"], P["stride"], P["sel_block"], P["num_mem"])
+        imp = R.block_importance(q, ck, ref_lse, PARAMS)
         picked = [imp[bad].gather(-1, i[bad].clamp_min(0).long()).where(i[bad] >= 0, 0).sum(-1) for i in (idx, ref_idx)]
         res["topn picked-importance err"] = rel_err(*picked)
     ops = triton_ops()
@@ -342,7 +340,7 @@ def main():
         from nsa.ops.compressed import compressed_attention
 
         with torch.no_grad():
-            lse = compressed_attention(q, ck, cv, P["block"], P["stride"], P["num_mem"])[1]
+            lse = compressed_attention(q, ck, cv, PARAMS)[1]
         row["topn"] = bench(topn_fn(lse), [q, ck], args.quick, backward=False)
         del lse
         row["window"] = bench(window_fn, [q, k, v], args.quick)

@@ -14,7 +14,7 @@ import torch
 from kernel_checks import assert_close
 
 from nsa.ops import range_attention, reference
-from nsa.ops.common import num_compressed_blocks
+from nsa.ops.common import NSAParams, num_compressed_blocks
 from nsa.ops.compressed import compressed_attention
 
 @pytest.fixture(autouse=True)
@@ -41,8 +41,9 @@ def inputs(B, T, H, G, D, block, stride, num_mem, dtype, dev):
 def check(B, T, H, G, D, block, stride, num_mem, dtype, dev=None):
     dev = dev or device()
     q, ck, cv = inputs(B, T, H, G, D, block, stride, num_mem, dtype, dev)
-    o, lse = compressed_attention(q, ck, cv, block, stride, num_mem)
-    ro, rlse = reference.compressed_attention(q, ck, cv, block, stride, num_mem)
+    p = NSAParams(compress_block=block, compress_stride=stride, num_mem=num_mem)
+    o, lse = compressed_attention(q, ck, cv, p)
+    ro, rlse = reference.compressed_attention(q, ck, cv, p)
     assert o.dtype == q.dtype and lse.dtype == torch.float32
     assert_close(o, ro, dtype, "o")
     # Rows that see no key: lse = -inf in both, o = 0.
@@ -96,20 +97,20 @@ def test_lse_gets_no_gradient_and_compiles_without_graph_break():
     q, ck, cv = inputs(1, 37, 1, 2, 16, 8, 4, 1, torch.float32, device())
 
     def f(q, ck, cv):
-        o, lse = compressed_attention(q, ck, cv, 8, 4, 1)
+        o, lse = compressed_attention(q, ck, cv, NSAParams(compress_block=8, compress_stride=4, num_mem=1))
         return o.sum() + lse.sum()
 
     torch.compile(f, backend="aot_eager", fullgraph=True)(q, ck, cv).backward()
     dq = q.grad.clone()
     q.grad = None
-    reference.compressed_attention(q, ck, cv, 8, 4, 1)[0].sum().backward()
+    reference.compressed_attention(q, ck, cv, NSAParams(compress_block=8, compress_stride=4, num_mem=1))[0].sum().backward()
     assert_close(dq, q.grad, torch.float32, "dq")
 
 
 def test_not_causal_raises():
     q, ck, cv = inputs(1, 8, 1, 1, 16, 4, 4, 1, torch.float32, device())
     with pytest.raises(NotImplementedError):
-        compressed_attention(q, ck, cv, 4, 4, 1, causal=False)
+        compressed_attention(q, ck, cv, NSAParams(compress_block=4, compress_stride=4, causal=False))
 
 
 @pytest.mark.gpu
@@ -131,13 +132,14 @@ def test_range_attention_kernels_compile_for_sm90_ahead_of_time():
 
     call = """
 from nsa.ops.compressed import compressed_attention
+from nsa.ops.common import NSAParams
 from nsa.ops.window import sliding_window_attention
 for dtype, HQ, H, D in [(torch.bfloat16, 64, 4, 128), (torch.float32, 2, 2, 64)]:
     T = 1000
     x = lambda *shape: torch.zeros(*shape, dtype=dtype, requires_grad=True)
     q, k, v, ck, cv = x(1, T, HQ, D), x(1, T, H, D), x(1, T, H, D), x(1, 62, H, D), x(1, 62, H, D)
-    compressed_attention(q, ck, cv, 32, 16, 1)[0].sum().backward()
-    sliding_window_attention(q, k, v, 512).sum().backward()
+    compressed_attention(q, ck, cv, NSAParams())[0].sum().backward()
+    sliding_window_attention(q, k, v, NSAParams()).sum().backward()
 """
     kernels = ["_range_fwd_kernel", "_range_dq_kernel", "_range_dkdv_kernel", "_range_sum_splits_kernel"]
     assert compile_launches_for_sm90("nsa.ops.range_attention", kernels, call) >= 12

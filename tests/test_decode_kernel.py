@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nsa.ops import reference
+from nsa.ops.common import NSAParams
 
 decode = pytest.importorskip("nsa.ops.decode")
 
@@ -70,10 +71,10 @@ def test_decode_kernel_matches_reference(case, dtype, splits):
     # t crosses the block boundaries: before l - 1, at l - 1, mid-sequence, the last position
     t = [3, block - 1, 40] if num_mem else [block - 1, 30, S - 1]
     args = _inputs(B, H, G, D, S, num_mem, block, stride, ring, t, dtype)
-    kw = dict(block=block, stride=stride, sel_block=sel_block, num_mem=num_mem, num_selected=n, window=window,
-              shared=shared, return_indices=True)
-    o_ref, idx_ref = reference.decode_attention(*args, **kw)
-    o, idx = decode.decode_attention(*args, **kw, splits=splits)
+    p = NSAParams(compress_block=block, compress_stride=stride, sel_block=sel_block, num_mem=num_mem, num_selected=n,
+                  window=window, shared_selection=shared)
+    o_ref, idx_ref = reference.decode_attention(*args, p, return_indices=True)
+    o, idx = decode.decode_attention(*args, p, return_indices=True, splits=splits)
     assert torch.equal(_sorted_idx(idx.cpu()), idx_ref.cpu())
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(o.float().cpu(), o_ref.float().cpu(), **tol)
@@ -82,10 +83,10 @@ def test_decode_kernel_matches_reference(case, dtype, splits):
 def test_decode_kernel_empty_compressed_set_is_finite():
     # num_mem = 0 and t < l - 1: no compressed key at all, o_cmp must be 0, not NaN.
     args = _inputs(1, 1, 4, 16, 32, 0, 8, 4, None, [2], torch.float32)
-    kw = dict(block=8, stride=4, sel_block=8, num_mem=0, num_selected=4, window=16)
-    o = decode.decode_attention(*args, **kw)
+    p = NSAParams(compress_block=8, compress_stride=4, sel_block=8, num_mem=0, num_selected=4, window=16)
+    o = decode.decode_attention(*args, p)
     assert torch.isfinite(o).all()
-    torch.testing.assert_close(o, reference.decode_attention(*args, **kw), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(o, reference.decode_attention(*args, p), atol=1e-5, rtol=1e-5)
 
 
 def test_model_decode_through_triton_matches_torch():
@@ -146,13 +147,14 @@ def test_decode_kernels_compile_for_sm90_ahead_of_time():
     from kernel_checks import compile_launches_for_sm90
 
     call = """
+from nsa.ops.common import NSAParams
 for dtype, HQ, H, D, shared in [(torch.bfloat16, 64, 4, 128, True), (torch.float32, 8, 2, 64, False)]:
     B, S = 2, 4096
     nc = (S - 32) // 16 + 1
     x = lambda *shape: torch.zeros(*shape, dtype=dtype)
     mod.decode_attention(x(B, HQ, D), x(B, HQ, D), x(B, 1 + nc, H, D), x(B, 1 + nc, H, D), x(B, S, H, D),
                          x(B, S, H, D), x(B, 512, H, D), x(B, 512, H, D), x(B, HQ, 3),
-                         torch.full((B,), S - 1), 32, 16, 64, 1, 16, window=512, shared=shared)
+                         torch.full((B,), S - 1), NSAParams(shared_selection=shared))
 """
     assert compile_launches_for_sm90("nsa.ops.decode", ["_partials_kernel", "_importance_kernel", "_select_kernel",
                                                         "_combine_kernel"], call) == 8
@@ -163,9 +165,9 @@ def test_decode_kernel_long_cache_matches_reference(shared):
     # 1100 positions of 8-token selection blocks: 138 blocks, so the importance runs in several chunks
     # of 128 blocks and the top-n walks a 256-key vector; t in the first chunk, across, at the end.
     args = _inputs(3, 1, 4, 16, 1100, 1, 8, 4, None, [100, 1030, 1099], torch.float32, seed=3)
-    kw = dict(block=8, stride=4, sel_block=8, num_mem=1, num_selected=8, window=32, shared=shared,
-              return_indices=True)
-    o_ref, idx_ref = reference.decode_attention(*args, **kw)
-    o, idx = decode.decode_attention(*args, **kw)
+    p = NSAParams(compress_block=8, compress_stride=4, sel_block=8, num_mem=1, num_selected=8, window=32,
+                  shared_selection=shared)
+    o_ref, idx_ref = reference.decode_attention(*args, p, return_indices=True)
+    o, idx = decode.decode_attention(*args, p, return_indices=True)
     assert torch.equal(_sorted_idx(idx.cpu()), idx_ref.cpu())
     torch.testing.assert_close(o.cpu(), o_ref.cpu(), atol=1e-5, rtol=1e-5)

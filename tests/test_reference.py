@@ -1,4 +1,4 @@
-"""The reference ops against brute-force, loop-by-loop readings of DESIGN.md section 1."""
+"""The reference ops against brute-force, loop-by-loop readings of docs/SPEC.md section 1."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nsa.ops import reference as R
-from nsa.ops.common import ceil_div, num_compressed_blocks
+from nsa.ops.common import NSAParams, ceil_div, num_compressed_blocks
 
 TRIPLES = [(32, 16, 64), (16, 8, 16), (8, 4, 16), (4, 4, 4), (64, 16, 32), (16, 16, 48), (12, 4, 8)]
 
@@ -48,7 +48,7 @@ def test_compressed_attention_matches_loops():
     B, T, HQ, H, D, l, d, m = 1, 29, 4, 2, 8, 8, 4, 2
     n_cmp = num_compressed_blocks(T, l, d)
     q, ck, cv = _rand(B, T, HQ, H, D, n_cmp, m)
-    o, lse = R.compressed_attention(q, ck, cv, l, d, m)
+    o, lse = R.compressed_attention(q, ck, cv, NSAParams(compress_block=l, compress_stride=d, num_mem=m))
     for t in range(T):
         for hq in range(HQ):
             h = hq // (HQ // H)
@@ -63,7 +63,7 @@ def test_compressed_attention_empty_rows_are_zero_not_nan():
     q, ck, cv = _rand(1, 10, 2, 1, 4, num_compressed_blocks(10, 8, 4), 0)
     for x in (q, ck, cv):
         x.requires_grad_(True)
-    o, lse = R.compressed_attention(q, ck, cv, 8, 4, 0)
+    o, lse = R.compressed_attention(q, ck, cv, NSAParams(compress_block=8, compress_stride=4, num_mem=0))
     assert torch.all(o[0, :7] == 0) and torch.all(torch.isneginf(lse[0, :7]))
     assert torch.isfinite(lse[0, 7:]).all()
     o.sum().backward()
@@ -91,8 +91,9 @@ def test_block_importance_matches_loops(shared, block, stride, sel_block):
     G = HQ // H
     n_cmp, n_sel = num_compressed_blocks(T, block, stride), ceil_div(T, sel_block)
     q, ck, cv = _rand(B, T, HQ, H, D, n_cmp, m)
-    _, lse = R.compressed_attention(q, ck, cv, block, stride, m)
-    imp = R.block_importance(q, ck, lse, block, stride, sel_block, m, shared)
+    p = NSAParams(compress_block=block, compress_stride=stride, sel_block=sel_block, num_mem=m, shared_selection=shared)
+    _, lse = R.compressed_attention(q, ck, cv, p)
+    imp = R.block_importance(q, ck, lse, p)
     assert imp.shape == (B, T, H if shared else HQ, n_sel)
     for t in (0, 11, 20, 36):
         rows = [_importance_row(q, ck, lse, t, hq, m, block, stride, sel_block, n_cmp, n_sel) for hq in range(HQ)]
@@ -115,7 +116,7 @@ def _brute_select(scores, t, sel_block, n, num_initial, num_local):
 def test_select_blocks_brute_force(T, n, num_initial, num_local):
     sel_block = 8
     imp = torch.rand(2, T, 3, ceil_div(T, sel_block))
-    idx = R.select_blocks(imp, sel_block, n, num_initial, num_local)
+    idx = R.select_blocks(imp, NSAParams(sel_block=sel_block, num_selected=n, num_initial=num_initial, num_local=num_local))
     assert idx.dtype == torch.int32 and idx.shape == (2, T, 3, n)
     for b in range(2):
         for t in range(T):
@@ -126,7 +127,7 @@ def test_select_blocks_brute_force(T, n, num_initial, num_local):
 def test_select_blocks_ties_go_to_lower_index():
     T, sel_block = 64, 4
     imp = torch.ones(1, T, 1, T // sel_block)
-    idx = R.select_blocks(imp, sel_block, 5, 1, 2)
+    idx = R.select_blocks(imp, NSAParams(sel_block=sel_block, num_selected=5))
     # Query 63: forced 0, 14, 15; the two free picks are the lowest tied indices 1 and 2.
     assert idx[0, 63, 0].tolist() == [0, 1, 2, 14, 15]
 
@@ -134,7 +135,7 @@ def test_select_blocks_ties_go_to_lower_index():
 def test_selected_blocks_never_in_future_and_forced_always_present():
     T, sel_block = 200, 16
     imp = torch.randn(1, T, 2, ceil_div(T, sel_block)).exp()
-    idx = R.select_blocks(imp, sel_block, 5, 1, 2)
+    idx = R.select_blocks(imp, NSAParams(sel_block=sel_block, num_selected=5))
     t = torch.arange(T)[None, :, None, None]
     assert torch.all((idx < 0) | (idx <= t // sel_block))
     for tt in range(T):
@@ -150,8 +151,9 @@ def test_selection_attention_matches_loops():
     k, v = torch.randn(B, T, H, D), torch.randn(B, T, H, D)
     for shared in (True, False):
         Hs = H if shared else HQ
-        idx = R.select_blocks(torch.rand(B, T, Hs, ceil_div(T, sel_block)), sel_block, 3)
-        o = R.selection_attention(q, k, v, idx, sel_block)
+        p = NSAParams(sel_block=sel_block, num_selected=3)
+        idx = R.select_blocks(torch.rand(B, T, Hs, ceil_div(T, sel_block)), p)
+        o = R.selection_attention(q, k, v, idx, p)
         for t in (0, 9, 30, 44):
             for hq in range(HQ):
                 h = hq // G
@@ -164,11 +166,12 @@ def test_selection_attention_matches_loops():
 def test_selection_block_gate_is_identity_forward_and_carries_gradient():
     B, T, HQ, H, D, sel_block = 1, 20, 2, 1, 4, 4
     q, k, v = torch.randn(B, T, HQ, D), torch.randn(B, T, H, D), torch.randn(B, T, H, D)
-    idx = R.select_blocks(torch.rand(B, T, H, 5), sel_block, 3)
+    p = NSAParams(sel_block=sel_block, num_selected=3)
+    idx = R.select_blocks(torch.rand(B, T, H, 5), p)
     score = torch.rand(B, T, H, 3, requires_grad=True)
     gate = 1 + score - score.detach()
-    o = R.selection_attention(q, k, v, idx, sel_block, block_gate=gate)
-    assert torch.allclose(o, R.selection_attention(q, k, v, idx, sel_block), atol=1e-6)
+    o = R.selection_attention(q, k, v, idx, p, block_gate=gate)
+    assert torch.allclose(o, R.selection_attention(q, k, v, idx, p), atol=1e-6)
     o.square().sum().backward()
     assert score.grad.abs().sum() > 0
 
@@ -177,7 +180,7 @@ def test_selection_block_gate_is_identity_forward_and_carries_gradient():
 def test_sliding_window_matches_loops(window):
     T, D = 23, 8
     q, k, v = torch.randn(1, T, 2, D), torch.randn(1, T, 1, D), torch.randn(1, T, 1, D)
-    o = R.sliding_window_attention(q, k, v, window)
+    o = R.sliding_window_attention(q, k, v, NSAParams(window=window))
     for t in range(T):
         keys = list(range(max(0, t - window + 1), t + 1))
         p = torch.stack([q[0, t, 1] @ k[0, s, 0] for s in keys]).div(math.sqrt(D)).softmax(0)
@@ -195,16 +198,17 @@ def test_dense_reference_matches_sdpa():
 def test_topn_blocks_is_importance_then_select():
     B, T, HQ, H, D, l, d, lp, m = 1, 50, 4, 2, 8, 8, 4, 8, 1
     q, ck, cv = _rand(B, T, HQ, H, D, num_compressed_blocks(T, l, d), m)
-    _, lse = R.compressed_attention(q, ck, cv, l, d, m)
-    idx = R.topn_blocks(q, ck, lse, l, d, lp, m, 4)
-    assert torch.equal(idx, R.select_blocks(R.block_importance(q, ck, lse, l, d, lp, m), lp, 4))
+    p = NSAParams(compress_block=l, compress_stride=d, sel_block=lp, num_mem=m, num_selected=4)
+    _, lse = R.compressed_attention(q, ck, cv, p)
+    idx = R.topn_blocks(q, ck, lse, p)
+    assert torch.equal(idx, R.select_blocks(R.block_importance(q, ck, lse, p), p))
 
 
 def test_compressed_attention_with_no_keys_at_all():
     """num_mem = 0 and T < block: no compressed key exists yet."""
     q = torch.randn(1, 5, 2, 4, requires_grad=True)
     ck = torch.zeros(1, 0, 1, 4)
-    o, lse = R.compressed_attention(q, ck, ck, 8, 4, 0)
+    o, lse = R.compressed_attention(q, ck, ck, NSAParams(compress_block=8, compress_stride=4, num_mem=0))
     assert torch.all(o == 0) and torch.all(torch.isneginf(lse))
     o.sum().backward()
     assert torch.all(q.grad == 0)

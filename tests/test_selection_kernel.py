@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from nsa.ops import reference, selection
-from nsa.ops.common import ceil_div
+from nsa.ops.common import NSAParams, ceil_div
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+P16 = NSAParams(sel_block=16)
 # Errors are measured relative to the largest reference value of each tensor. bf16 keeps 8 bits of
 # mantissa: the kernel rounds q, k, v and P to bf16 like any flash kernel, so a few ulps of 2^-8.
 RTOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
@@ -19,7 +20,7 @@ RTOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 def _indices(B, T, Hs, sel_block, n):
     """Random importance through the reference top-n: forced initial/local blocks, -1 padding."""
     imp = torch.rand(B, T, Hs, ceil_div(T, sel_block), device=DEVICE)
-    return reference.select_blocks(imp, sel_block, n)
+    return reference.select_blocks(imp, NSAParams(sel_block=sel_block, num_selected=n))
 
 
 def _inputs(B, T, H, G, D, dtype):
@@ -49,7 +50,7 @@ def _check(B, T, H, G, D, sel_block, n, shared=True, dtype=torch.float32):
 
     # Reference in fp32 on the same (possibly bf16-rounded) inputs.
     qf, kf, vf = (x.float().requires_grad_() for x in (q, k, v))
-    o = reference.selection_attention(qf, kf, vf, idx, sel_block)
+    o = reference.selection_attention(qf, kf, vf, idx, NSAParams(sel_block=sel_block))
     want = (o,) + torch.autograd.grad(o, (qf, kf, vf), do.float())
     for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
         assert g.dtype == dtype and g.shape == w.shape, name
@@ -146,9 +147,9 @@ def test_autograd_and_custom_op():
     q, k, v, do = _inputs(1, 20, 1, 2, 16, torch.float32)
     idx = _indices(1, 20, 1, 16, 2)
     qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
-    selection.selection_attention(qs, ks, vs, idx, 16).backward(do)
+    selection.selection_attention(qs, ks, vs, idx, P16).backward(do)
     qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
-    reference.selection_attention(qr, kr, vr, idx, 16).backward(do)
+    reference.selection_attention(qr, kr, vr, idx, P16).backward(do)
     for a, b in ((qs, qr), (ks, kr), (vs, vr)):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
     # Fake-tensor kernels and schemas are consistent (what torch.compile relies on).
@@ -159,27 +160,27 @@ def test_autograd_and_custom_op():
 def test_compile_without_graph_break():
     q, k, v, _ = _inputs(1, 9, 1, 2, 16, torch.float32)
     idx = _indices(1, 9, 1, 16, 1)
-    fn = torch.compile(lambda q, k, v: selection.selection_attention(q, k, v, idx, 16) * 2,
+    fn = torch.compile(lambda q, k, v: selection.selection_attention(q, k, v, idx, P16) * 2,
                        backend="eager", fullgraph=True)
-    torch.testing.assert_close(fn(q, k, v), 2 * reference.selection_attention(q, k, v, idx, 16))
+    torch.testing.assert_close(fn(q, k, v), 2 * reference.selection_attention(q, k, v, idx, P16))
 
 
 def test_input_errors():
     q, k, v, _ = _inputs(1, 8, 1, 2, 16, torch.float32)
     idx = _indices(1, 8, 1, 16, 1)
     with pytest.raises(NotImplementedError):
-        selection.selection_attention(q, k, v, idx, 16, causal=False)
+        selection.selection_attention(q, k, v, idx, NSAParams(sel_block=16, causal=False))
     with pytest.raises(NotImplementedError):
-        selection.selection_attention(q, k, v, idx, 16, block_gate=torch.ones(1, 8, 1, 1))
+        selection.selection_attention(q, k, v, idx, P16, block_gate=torch.ones(1, 8, 1, 1))
     with pytest.raises(TypeError, match="int32"):
-        selection.selection_attention(q, k, v, idx.long(), 16)
+        selection.selection_attention(q, k, v, idx.long(), P16)
     with pytest.raises(TypeError, match="dtype"):
-        selection.selection_attention(q, k.double(), v, idx, 16)
+        selection.selection_attention(q, k.double(), v, idx, P16)
     with pytest.raises(ValueError, match="indices"):
-        selection.selection_attention(q, k, v, idx[:, :4], 16)
+        selection.selection_attention(q, k, v, idx[:, :4], P16)
     with pytest.raises(ValueError, match="multiple"):
         selection.selection_attention(q[:, :, :1].expand(1, 8, 3, 16), k.expand(1, 8, 2, 16),
-                                      v.expand(1, 8, 2, 16), idx.expand(1, 8, 2, 1), 16)
+                                      v.expand(1, 8, 2, 16), idx.expand(1, 8, 2, 1), P16)
 
 
 @pytest.mark.gpu
@@ -196,6 +197,7 @@ def test_selection_kernels_compile_for_sm90_ahead_of_time():
     from kernel_checks import compile_launches_for_sm90
 
     call = """
+from nsa.ops.common import NSAParams
 from nsa.ops.selection import selection_attention
 for dtype, HQ, H, D, Hs in [(torch.bfloat16, 64, 4, 128, 4), (torch.float32, 4, 2, 64, 4)]:
     T, n = 1024, 16
@@ -204,7 +206,7 @@ for dtype, HQ, H, D, Hs in [(torch.bfloat16, 64, 4, 128, 4), (torch.float32, 4, 
     cur = torch.arange(T).view(1, T, 1, 1) // 64
     idx = (cur - torch.arange(n).view(1, 1, 1, n)).expand(1, T, Hs, n).to(torch.int32)
     idx = torch.where(idx >= 0, idx, -1).contiguous()
-    selection_attention(q, k, v, idx, 64).sum().backward()
+    selection_attention(q, k, v, idx, NSAParams()).sum().backward()
 """
     kernels = ["_sel_fwd_kernel", "_sel_dq_kernel", "_sel_dkv_kernel", "_sel_dkv_reduce_kernel"]
     assert compile_launches_for_sm90("nsa.ops.selection", kernels, call) >= 6

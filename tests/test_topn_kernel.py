@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nsa.ops import reference, topn
-from nsa.ops.common import num_compressed_blocks
+from nsa.ops.common import NSAParams, num_compressed_blocks
 from nsa.ops.topn import topn_blocks
 
 
@@ -29,14 +29,16 @@ def check(T, G, block, stride, sel_block, num_mem=1, n=5, shared=True, num_initi
     dev = dev or ("cuda" if torch.cuda.is_available() else "cpu")
     q = torch.randn(B, T, H * G, D, device=dev, dtype=dtype)
     ck = torch.randn(B, num_mem + num_compressed_blocks(T, block, stride), H, D, device=dev, dtype=dtype)
-    lse = reference.compressed_attention(q, ck, ck, block, stride, num_mem)[1]
+    lse = reference.compressed_attention(q, ck, ck, NSAParams(compress_block=block, compress_stride=stride,
+                                                              num_mem=num_mem))[1]
     return compare(q, ck, lse, block, stride, sel_block, num_mem, n, num_initial, num_local, shared)
 
 
 def compare(q, ck, lse, block, stride, sel_block, num_mem, n, num_initial=1, num_local=2, shared=True):
-    args = (q, ck, lse, block, stride, sel_block, num_mem, n, num_initial, num_local, shared)
-    got = topn_blocks(*args)
-    want = reference.topn_blocks(*args)
+    p = NSAParams(compress_block=block, compress_stride=stride, sel_block=sel_block, num_mem=num_mem,
+                  num_selected=n, num_initial=num_initial, num_local=num_local, shared_selection=shared)
+    got = topn_blocks(q, ck, lse, p)
+    want = reference.topn_blocks(q, ck, lse, p)
     assert got.dtype == torch.int32 and got.shape == want.shape
     bad = (got != want).any(-1)
     assert not bad.any(), f"{int(bad.sum())} rows differ, first at {bad.nonzero()[0].tolist()}: " \
@@ -128,16 +130,17 @@ def test_head_dim_96():
 
 def test_compiles_without_graph_break():
     q, ck = torch.randn(1, 37, 2, 16), torch.randn(1, 1 + num_compressed_blocks(37, 8, 4), 1, 16)
-    lse = reference.compressed_attention(q, ck, ck, 8, 4, 1)[1]
-    f = torch.compile(lambda q, ck, lse: topn_blocks(q, ck, lse, 8, 4, 16, 1, 3), backend="aot_eager",
-                      fullgraph=True)
-    assert torch.equal(f(q, ck, lse), reference.topn_blocks(q, ck, lse, 8, 4, 16, 1, 3))
+    p = NSAParams(compress_block=8, compress_stride=4, sel_block=16, num_mem=1, num_selected=3)
+    lse = reference.compressed_attention(q, ck, ck, p)[1]
+    f = torch.compile(lambda q, ck, lse: topn_blocks(q, ck, lse, p), backend="aot_eager", fullgraph=True)
+    assert torch.equal(f(q, ck, lse), reference.topn_blocks(q, ck, lse, p))
 
 
 def test_not_causal_raises():
     q = torch.randn(1, 8, 1, 16)
     with pytest.raises(NotImplementedError):
-        topn_blocks(q, q, q[..., 0], 4, 4, 4, 0, 2, causal=False)
+        topn_blocks(q, q, q[..., 0], NSAParams(compress_block=4, compress_stride=4, sel_block=4, num_mem=0,
+                                             num_selected=4, causal=False))
 
 
 def _gpu_check_tolerant(T, G, shared, dtype, H=4, D=128, n=16):
@@ -146,12 +149,13 @@ def _gpu_check_tolerant(T, G, shared, dtype, H=4, D=128, n=16):
     the reference picked, within 1e-4 relative."""
     q = torch.randn(1, T, H * G, D, device="cuda", dtype=dtype)
     ck = torch.randn(1, 1 + num_compressed_blocks(T, 32, 16), H, D, device="cuda", dtype=dtype)
-    lse = reference.compressed_attention(q, ck, ck, 32, 16, 1)[1]
-    got = topn_blocks(q, ck, lse, 32, 16, 64, 1, n, shared=shared)
-    want = reference.topn_blocks(q, ck, lse, 32, 16, 64, 1, n, shared=shared)
+    p = NSAParams(num_selected=n, shared_selection=shared)
+    lse = reference.compressed_attention(q, ck, ck, p)[1]
+    got = topn_blocks(q, ck, lse, p)
+    want = reference.topn_blocks(q, ck, lse, p)
     bad = (got != want).any(-1)
     if bad.any():
-        imp = reference.block_importance(q, ck, lse, 32, 16, 64, 1, shared)
+        imp = reference.block_importance(q, ck, lse, p)
         gathered = [imp[bad].gather(-1, x[bad].clamp_min(0).long()).where(x[bad] >= 0, 0).sum(-1) for x in (got, want)]
         assert torch.allclose(*gathered, rtol=1e-4, atol=1e-6)
     assert bad.float().mean() < 1e-3, f"{bad.float().mean():.2%} rows differ"
@@ -176,9 +180,10 @@ def test_compiles_for_sm90_ahead_of_time():
     from kernel_checks import compile_launches_for_sm90
 
     call = """
+from nsa.ops.common import NSAParams
 for dtype, shared, n, D in [(torch.bfloat16, True, 16, 128), (torch.float32, False, 32, 64)]:
     T, H, G = 2048, 2, 16
     q, ck = torch.zeros(1, T, H * G, D, dtype=dtype), torch.zeros(1, 128, H, D, dtype=dtype)
-    mod.topn_blocks(q, ck, torch.zeros(1, T, H * G), 32, 16, 64, 1, n, shared=shared)
+    mod.topn_blocks(q, ck, torch.zeros(1, T, H * G), NSAParams(num_selected=n, shared_selection=shared))
 """
     assert compile_launches_for_sm90("nsa.ops.topn", ["_topn_kernel"], call) == 2

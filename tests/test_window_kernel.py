@@ -13,6 +13,7 @@ import torch
 from kernel_checks import assert_close
 
 from nsa.ops import range_attention, reference
+from nsa.ops.common import NSAParams
 from nsa.ops.window import sliding_window_attention
 
 @pytest.fixture(autouse=True)
@@ -29,8 +30,8 @@ def check(B, T, H, G, D, window, dtype, dev=None):
     q = torch.randn(B, T, H * G, D, device=dev, dtype=dtype, requires_grad=True)
     k = torch.randn(B, T, H, D, device=dev, dtype=dtype, requires_grad=True)
     v = torch.randn(B, T, H, D, device=dev, dtype=dtype, requires_grad=True)
-    o = sliding_window_attention(q, k, v, window)
-    ro = reference.sliding_window_attention(q, k, v, window)
+    o = sliding_window_attention(q, k, v, NSAParams(window=window))
+    ro = reference.sliding_window_attention(q, k, v, NSAParams(window=window))
     assert o.dtype == q.dtype
     assert_close(o, ro, dtype, "o")
     do = torch.randn_like(o)
@@ -69,16 +70,16 @@ def test_masked_path_only(monkeypatch):
 
 def test_compiles_without_graph_break():
     q, k, v = (torch.randn(1, 20, 2, 16, requires_grad=True) for _ in range(3))
-    f = torch.compile(lambda q, k, v: sliding_window_attention(q, k, v, 6), backend="aot_eager", fullgraph=True)
+    f = torch.compile(lambda q, k, v: sliding_window_attention(q, k, v, NSAParams(window=6)), backend="aot_eager", fullgraph=True)
     f(q, k, v).sum().backward()
-    assert_close(q.grad, torch.autograd.grad(reference.sliding_window_attention(q, k, v, 6).sum(), q)[0],
+    assert_close(q.grad, torch.autograd.grad(reference.sliding_window_attention(q, k, v, NSAParams(window=6)).sum(), q)[0],
                  torch.float32, "dq")
 
 
 def test_not_causal_raises():
     q = torch.randn(1, 8, 1, 16)
     with pytest.raises(NotImplementedError):
-        sliding_window_attention(q, q, q, 4, causal=False)
+        sliding_window_attention(q, q, q, NSAParams(window=4, causal=False))
 
 
 @pytest.mark.gpu

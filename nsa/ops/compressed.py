@@ -19,14 +19,14 @@ def compressed_rule(block, stride, num_mem):
     return num_mem - 1, stride - block + 1, stride, NO_LO_BOUND
 
 
-def compressed_attention(q, ck, cv, block, stride, num_mem, scale=None, causal=True):
+def compressed_attention(q, ck, cv, p):
     """(o [B, T, HQ, D], lse [B, T, HQ] fp32) over memory + compressed keys ck, cv [B, num_mem + N_c, H, D].
 
     A query that sees no key (num_mem = 0 and t < block - 1) gets o = 0 and lse = -inf. Differentiable in
     q, ck and cv; no gradient flows through lse.
     """
-    if not causal:
+    if not p.causal:
         raise NotImplementedError("the Triton compressed attention is causal only: use the torch backend "
                                   "(nsa.ops.reference.compressed_attention) for causal=False")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return range_attention(q, ck, cv, scale, *compressed_rule(block, stride, num_mem))
+    rule = compressed_rule(p.compress_block, p.compress_stride, p.num_mem)
+    return range_attention(q, ck, cv, p.scale_for(q.shape[-1]), *rule)

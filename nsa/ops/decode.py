@@ -403,9 +403,8 @@ def _(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block, stride, sel
     return q.new_empty(q.shape), q.new_empty((q.shape[0], Hs, num_selected), dtype=torch.int32)
 
 
-def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block, stride, sel_block,
-                     num_mem, num_selected, num_initial=1, num_local=2, window=512, shared=True, scale=None,
-                     return_indices=False, block_n=None, num_warps=None, splits=None):
+def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, p, return_indices=False,
+                     block_n=None, num_warps=None, splits=None):
     """Triton twin of `nsa.ops.reference.decode_attention` (see there for shapes). The selected block
     indices it returns (return_indices) are in the order picked, not sorted. `splits` = (compressed
     chunks, window chunks, selection programs) per pair overrides the default."""
@@ -416,8 +415,8 @@ def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, blo
         raise ValueError("decode caches: keys and values must share strides")
     if q.shape[1] % ck.shape[2]:
         raise ValueError(f"query heads {q.shape[1]} must be a multiple of kv heads {ck.shape[2]}")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    o, idx = _decode_op(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, int(block), int(stride),
-                        int(sel_block), int(num_mem), int(num_selected), int(num_initial), int(num_local), int(window),
-                        bool(shared), float(scale), block_n, num_warps, None if splits is None else list(splits))
+    o, idx = _decode_op(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, int(p.compress_block),
+                        int(p.compress_stride), int(p.sel_block), int(p.num_mem), int(p.num_selected),
+                        int(p.num_initial), int(p.num_local), int(p.window), bool(p.shared_selection),
+                        float(p.scale_for(q.shape[-1])), block_n, num_warps, None if splits is None else list(splits))
     return (o, idx) if return_indices else o

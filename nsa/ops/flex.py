@@ -30,20 +30,20 @@ def _flex(q, k, v, mask_mod, B, Hm, scale):
     return o.transpose(1, 2)
 
 
-def sliding_window_attention(q, k, v, window, scale=None, causal=True):
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+def sliding_window_attention(q, k, v, p):
+    window, causal = p.window, p.causal
 
     def mask_mod(b, h, t, s):
         return ((t - s < window) & (s <= t)) if causal else ((t - s).abs() < window)
 
-    return _flex(q, k, v, mask_mod, None, None, scale)
+    return _flex(q, k, v, mask_mod, None, None, p.scale_for(q.shape[-1]))
 
 
-def selection_attention(q, k, v, indices, sel_block, scale=None, causal=True, block_gate=None):
+def selection_attention(q, k, v, indices, p, block_gate=None):
     if block_gate is not None:
         raise NotImplementedError("the flex backend has no straight-through block gate: use backend torch for diff_topk")
     B, T, HQ, D = q.shape
-    scale = D**-0.5 if scale is None else scale
+    sel_block, causal = p.sel_block, p.causal
     Hs = indices.shape[2]
     group = HQ // Hs  # query heads sharing one block set (G if shared, 1 if per head)
     sel = _scatter_blocks(indices, ceil_div(k.shape[1], sel_block), torch.ones_like(indices, dtype=torch.bool))
@@ -53,4 +53,4 @@ def selection_attention(q, k, v, indices, sel_block, scale=None, causal=True, bl
         picked = sel[b, h // group, t, s // sel_block]
         return (picked & (s <= t)) if causal else picked
 
-    return _flex(q, k, v, mask_mod, B, HQ, scale)
+    return _flex(q, k, v, mask_mod, B, HQ, p.scale_for(D))

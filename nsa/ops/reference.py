@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of every NSA op: the executable spec of DESIGN.md section 1.
+"""Pure-PyTorch reference of every NSA op: the executable spec of docs/SPEC.md section 1.
 
 Layout is [B, T, H, D] everywhere. Queries have HQ = G * H heads, keys and values H heads, and
 query head hq belongs to kv head hq // G. All indices are 0-based.
@@ -62,16 +62,16 @@ def compressed_visibility(T, num_blocks, block, stride, num_mem, causal=True, de
     return torch.cat([mem, vis], dim=1)
 
 
-def compressed_attention(q, ck, cv, block, stride, num_mem, scale=None, causal=True):
-    """Attention over memory + compressed keys.
+def compressed_attention(q, ck, cv, p):
+    """Attention over memory + compressed keys (p: `NSAParams`).
 
     q [B, T, HQ, D]; ck, cv [B, num_mem + N_c, H, D], the first num_mem rows being the memory keys.
     Returns (o [B, T, HQ, D], lse [B, T, HQ] fp32); lse is what block importance renormalises with.
     """
     T, D = q.shape[1], q.shape[3]
-    scale = D**-0.5 if scale is None else scale
-    vis = compressed_visibility(T, ck.shape[1] - num_mem, block, stride, num_mem, causal, q.device)
-    return attend(q, ck, cv, _mask5(vis), scale)
+    vis = compressed_visibility(T, ck.shape[1] - p.num_mem, p.compress_block, p.compress_stride, p.num_mem,
+                                p.causal, q.device)
+    return attend(q, ck, cv, _mask5(vis), p.scale_for(D))
 
 
 def overlap_matrix(num_cmp, num_sel, block, stride, sel_block, device=None):
@@ -86,7 +86,7 @@ def overlap_matrix(num_cmp, num_sel, block, stride, sel_block, device=None):
     return (hi - lo).clamp_min(0)
 
 
-def block_importance(q, ck, lse, block, stride, sel_block, num_mem, shared=True, scale=None, causal=True):
+def block_importance(q, ck, lse, p):
     """Selection-block importance p_slc [B, T, Hs, N_s] in fp32, Hs = H if shared else HQ.
 
     p_cmp are the compression branch's softmax probabilities (recomputed from q, ck and its lse,
@@ -96,25 +96,28 @@ def block_importance(q, ck, lse, block, stride, sel_block, num_mem, shared=True,
     B, T, HQ, D = q.shape
     H = ck.shape[2]
     G = HQ // H
-    scale = D**-0.5 if scale is None else scale
-    num_cmp = ck.shape[1] - num_mem
-    vis = compressed_visibility(T, num_cmp, block, stride, 0, causal, q.device)
-    s = torch.einsum("bthgd,bshd->bthgs", q.float().view(B, T, H, G, D), ck[:, num_mem:].float()) * scale
+    num_cmp = ck.shape[1] - p.num_mem
+    vis = compressed_visibility(T, num_cmp, p.compress_block, p.compress_stride, 0, p.causal, q.device)
+    s = torch.einsum("bthgd,bshd->bthgs", q.float().view(B, T, H, G, D), ck[:, p.num_mem:].float()) * p.scale_for(D)
     lse_g = lse.view(B, T, H, G, 1)
     p_cmp = torch.where(vis[None, :, None, None, :], torch.exp(s - lse_g), torch.zeros_like(s))
-    C = overlap_matrix(num_cmp, ceil_div(T, sel_block), block, stride, sel_block, q.device).float()
+    C = overlap_matrix(num_cmp, ceil_div(T, p.sel_block), p.compress_block, p.compress_stride, p.sel_block,
+                       q.device).float()
     p_slc = p_cmp @ C  # [B, T, H, G, N_s]
-    return p_slc.sum(dim=3) if shared else p_slc.reshape(B, T, HQ, -1)
+    return p_slc.sum(dim=3) if p.shared_selection else p_slc.reshape(B, T, HQ, -1)
 
 
-def select_blocks(importance, sel_block, num_selected, num_initial=1, num_local=2, causal=True):
+def select_blocks(importance, p):
     """Top-n selection blocks per query [B, T, Hs, n] int32, ascending, -1 padded at the end.
+    n, l', the forced blocks and causality come from p (`NSAParams`).
 
     Valid blocks for query t are j <= t // sel_block (all blocks if not causal). Forced: blocks
     j < num_initial and the num_local blocks ending at t // sel_block. The rest are the most important
     other valid blocks; ties go to the lower index.
     """
     B, T, Hs, N = importance.shape
+    sel_block, num_selected, num_initial, num_local, causal = (p.sel_block, p.num_selected, p.num_initial,
+                                                               p.num_local, p.causal)
     t = torch.arange(T, device=importance.device)[:, None]
     j = torch.arange(N, device=importance.device)[None, :]
     cur = t // sel_block
@@ -156,7 +159,7 @@ def _heads_first(x, H):
     return x.view(B, T, H, Hs // H, S).permute(0, 2, 3, 1, 4)
 
 
-def selection_attention(q, k, v, indices, sel_block, scale=None, causal=True, block_gate=None):
+def selection_attention(q, k, v, indices, p, block_gate=None):
     """Attention of each query over the tokens (<= t if causal) of its selected blocks.
 
     indices [B, T, Hs, n] int, -1 unused; Hs = H (one block set per kv head, shared by its G query
@@ -166,13 +169,12 @@ def selection_attention(q, k, v, indices, sel_block, scale=None, causal=True, bl
     """
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
-    scale = D**-0.5 if scale is None else scale
-    mask = _heads_first(selected_token_mask(indices, T, S, sel_block, causal), H)
+    mask = _heads_first(selected_token_mask(indices, T, S, p.sel_block, p.causal), H)
     gate = None
     if block_gate is not None:
-        g_blocks = _scatter_blocks(indices, ceil_div(S, sel_block), block_gate.float())
-        gate = _heads_first(g_blocks[..., torch.arange(S, device=q.device) // sel_block], H)
-    return attend(q, k, v, mask, scale, gate)[0]
+        g_blocks = _scatter_blocks(indices, ceil_div(S, p.sel_block), block_gate.float())
+        gate = _heads_first(g_blocks[..., torch.arange(S, device=q.device) // p.sel_block], H)
+    return attend(q, k, v, mask, p.scale_for(D), gate)[0]
 
 
 def window_mask(T, S, window, causal=True, device=None):
@@ -182,19 +184,16 @@ def window_mask(T, S, window, causal=True, device=None):
     return ((t - s < window) & (s <= t)) if causal else ((t - s).abs() < window)
 
 
-def sliding_window_attention(q, k, v, window, scale=None, causal=True):
-    """Attention over the `window` most recent keys, the query's own token included."""
+def sliding_window_attention(q, k, v, p):
+    """Attention over the `p.window` most recent keys, the query's own token included."""
     T, D, S = q.shape[1], q.shape[3], k.shape[1]
-    scale = D**-0.5 if scale is None else scale
-    return attend(q, k, v, _mask5(window_mask(T, S, window, causal, q.device)), scale)[0]
+    return attend(q, k, v, _mask5(window_mask(T, S, p.window, p.causal, q.device)), p.scale_for(D))[0]
 
 
-def topn_blocks(q, ck, lse, block, stride, sel_block, num_mem, num_selected, num_initial=1, num_local=2,
-                shared=True, scale=None, causal=True):
+def topn_blocks(q, ck, lse, p):
     """Importance + top-n in one call: the fused op the Triton kernel implements, which never stores
     the importance matrix."""
-    imp = block_importance(q, ck, lse, block, stride, sel_block, num_mem, shared, scale, causal)
-    return select_blocks(imp, sel_block, num_selected, num_initial, num_local, causal)
+    return select_blocks(block_importance(q, ck, lse, p), p)
 
 
 def dense_attention(q, k, v, scale=None, causal=True):
@@ -218,9 +217,7 @@ def ring_positions(t, slots):
     return t - torch.remainder(t - s, slots)
 
 
-def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block, stride, sel_block,
-                     num_mem, num_selected, num_initial=1, num_local=2, window=512, shared=True, scale=None,
-                     return_indices=False):
+def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, p, return_indices=False):
     """One NSA decode step: the query of token t [B] (its keys already in the caches).
 
     q, q_rot [B, HQ, D]: the query without / with rotary (compressed branch / the other two).
@@ -235,7 +232,9 @@ def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, blo
     B, HQ, D = q.shape
     H = ck.shape[2]
     G = HQ // H
-    scale = D**-0.5 if scale is None else scale
+    block, stride, sel_block, num_mem = p.compress_block, p.compress_stride, p.sel_block, p.num_mem
+    num_selected, num_initial, num_local, window = p.num_selected, p.num_initial, p.num_local, p.window
+    scale = p.scale_for(D)
     t = t.long()
     num_cmp = ck.shape[1] - num_mem
     # Compressed branch: memory rows always, block i once i*stride + block - 1 <= t.
@@ -249,7 +248,7 @@ def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, blo
     s = torch.einsum("bhgd,bshd->bhgs", q.float().view(B, H, G, D), ck[:, num_mem:].float()) * scale
     p_cmp = torch.where(vis[:, None, None, :], torch.exp(s - lse.view(B, H, G, 1)), torch.zeros_like(s))
     imp = p_cmp @ overlap_matrix(num_cmp, n_sel, block, stride, sel_block, q.device).float()
-    imp = imp.sum(dim=2) if shared else imp.reshape(B, HQ, n_sel)  # [B, Hs, n_sel]
+    imp = imp.sum(dim=2) if p.shared_selection else imp.reshape(B, HQ, n_sel)  # [B, Hs, n_sel]
     # Top-n: valid j <= t // sel_block; forced initial and local blocks; ties to the lower index.
     j = torch.arange(n_sel, device=q.device)[None, :]
     cur = (t // sel_block)[:, None]
@@ -267,18 +266,11 @@ def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, blo
     tok = picked[..., pos // sel_block] & (pos[None, None, :] <= t[:, None, None])  # [B, Hs, S]
     o_slc = attend(q_rot[:, None], k_slc, v_slc, tok.view(B, H, -1, 1, S), scale)[0]
     # Window branch: the ring slots holding positions (t - window, t].
-    p = ring_positions(t, k_win.shape[1])
-    win = (p >= 0) & (t[:, None] - p < window)
+    held = ring_positions(t, k_win.shape[1])
+    win = (held >= 0) & (t[:, None] - held < window)
     o_win = attend(q_rot[:, None], k_win, v_win, win[:, None, None, None, :], scale)[0]
     g = gates.float()
     o = g[..., 0:1] * o_cmp[:, 0].float() + g[..., 1:2] * o_slc[:, 0].float() + g[..., 2:3] * o_win[:, 0].float()
     o = o.to(q.dtype)
     return (o, idx) if return_indices else o
 
-
-def dense_decode_attention(q, k, v, t, scale=None):
-    """Dense decode: q [B, HQ, D] of token t [B] over the cache k, v [B, S, H, D] rows 0..t."""
-    B, HQ, D = q.shape
-    scale = D**-0.5 if scale is None else scale
-    vis = torch.arange(k.shape[1], device=q.device)[None, :] <= t.long()[:, None]
-    return attend(q[:, None], k, v, vis[:, None, None, None, :], scale)[0][:, 0]

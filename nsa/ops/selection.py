@@ -637,19 +637,20 @@ def _check_inputs(q, k, v, indices, sel_block):
         raise ValueError(f"sel_block must be a positive int, got {sel_block!r}")
 
 
-def selection_attention(q, k, v, indices, sel_block, scale=None, causal=True, block_gate=None):
+def selection_attention(q, k, v, indices, p, block_gate=None):
     """Triton twin of `reference.selection_attention` (causal, no block gate).
 
     q [B, T, HQ, D]; k, v [B, S, H, D]; indices [B, T, Hs, n] int32, each row's valid blocks
     distinct and ascending, -1 padding. Returns o [B, T, HQ, D] in q's dtype; differentiable in q,
     k, v.
     """
-    if not causal:
+    if not p.causal:
         raise NotImplementedError("the Triton selection kernel is causal only: use the torch or flex backend")
     if block_gate is not None:
         raise NotImplementedError("the Triton selection kernel has no block gate (diff_topk): use the torch backend")
+    sel_block = p.sel_block
     _check_inputs(q, k, v, indices, sel_block)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = float(p.scale_for(q.shape[-1]))
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return _fwd_op(q, k, v, indices, sel_block, scale)[0]

@@ -253,19 +253,19 @@ def _(q, ck, lse, block, stride, sel_block, num_mem, num_selected, num_initial, 
     return q.new_empty((B, T, ck.shape[2] if shared else HQ, num_selected), dtype=torch.int32)
 
 
-def topn_blocks(q, ck, lse, block, stride, sel_block, num_mem, num_selected, num_initial=1, num_local=2,
-                shared=True, scale=None, causal=True):
+def topn_blocks(q, ck, lse, p):
     """int32 [B, T, Hs, num_selected] selected blocks per query (Hs = H if shared else HQ), ascending,
     -1 padded: the top of p_slc with block 0..num_initial-1 and the num_local blocks ending at
     t // sel_block forced, ties to the lower index. q [B, T, HQ, D], ck [B, num_mem + N_c, H, D],
     lse [B, T, HQ] fp32 from `compressed_attention`. Not differentiable."""
-    if not causal:
+    if not p.causal:
         raise NotImplementedError("the Triton top-n is causal only: use the torch backend "
                                   "(nsa.ops.reference.topn_blocks) for causal=False")
+    block, stride, sel_block = p.compress_block, p.compress_stride, p.sel_block
     if block % stride or sel_block % stride:
         raise ValueError(f"stride {stride} must divide block {block} and sel_block {sel_block}")
     if q.shape[2] % ck.shape[2] or q.shape[2] // ck.shape[2] > 64:
         raise ValueError(f"query heads {q.shape[2]} must be a multiple (at most 64x) of kv heads {ck.shape[2]}")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _topn_op(q.detach(), ck.detach(), lse.detach(), int(block), int(stride), int(sel_block), int(num_mem),
-                    int(num_selected), int(num_initial), int(num_local), bool(shared), float(scale))
+    return _topn_op(q.detach(), ck.detach(), lse.detach(), int(block), int(stride), int(sel_block), int(p.num_mem),
+                    int(p.num_selected), int(p.num_initial), int(p.num_local), bool(p.shared_selection),
+                    float(p.scale_for(q.shape[-1])))

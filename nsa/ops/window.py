@@ -15,10 +15,9 @@ def window_rule(window):
     return 0, 0, 1, window - 1
 
 
-def sliding_window_attention(q, k, v, window, scale=None, causal=True):
-    """o [B, T, HQ, D]: attention over the `window` most recent keys, the query's own token included."""
-    if not causal:
+def sliding_window_attention(q, k, v, p):
+    """o [B, T, HQ, D]: attention over the `p.window` most recent keys, the query's own token included."""
+    if not p.causal:
         raise NotImplementedError("the Triton sliding window is causal only: use the torch or flex backend "
                                   "for causal=False")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return range_attention(q, k, v, scale, *window_rule(window))[0]
+    return range_attention(q, k, v, p.scale_for(q.shape[-1]), *window_rule(p.window))[0]
