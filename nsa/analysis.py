@@ -7,6 +7,7 @@ train/eval mode as it found it. Inputs go on the model's device; the caller pick
 
 import contextlib
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -138,3 +139,34 @@ def selection_map(indices, num_blocks, rows=None):
     bins = torch.arange(T) * rows // T
     sums = torch.zeros(Hs, rows, num_blocks).index_add_(1, bins, hit)
     return sums / torch.bincount(bins, minlength=rows).clamp_min(1)[None, :, None].float()
+
+
+# --- Shared by the analysis scripts (scripts/eval_context.py, eval_retrieval.py, plot_selection.py) ------
+
+
+def device_and_autocast(name):
+    """'auto' | 'cpu' | 'cuda' -> (torch.device, autocast context): bf16 autocast on CUDA, as train.py
+    runs it by default; fp32 on the CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is visible; use --device cpu or auto")
+    device = torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    return device, autocast
+
+
+def run_label(path):
+    """A short name for a checkpoint given as a run directory or a file: the run directory's name."""
+    path = Path(path)
+    return path.name if path.is_dir() else path.resolve().parent.name
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: plotting needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')") from None
+    return plt

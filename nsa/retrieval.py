@@ -37,9 +37,11 @@ def _array(blob):
     return np.frombuffer(blob, dtype=np.uint8)
 
 
-def filler_pools(val_frac, test_frac, seed=0, size=FILLER_SIZE):
-    """The filler of each split: disjoint regions of one synthetic stream, split like data.source=file."""
-    return dict(zip(SPLITS, _split_fractions(synthetic_bytes(size, seed), val_frac, test_frac)))
+def filler_pools(val_frac, test_frac, seed=0, size=None):
+    """The filler of each split: disjoint regions of one synthetic stream (FILLER_SIZE bytes by
+    default), split like data.source=file."""
+    stream = synthetic_bytes(FILLER_SIZE if size is None else size, seed)
+    return dict(zip(SPLITS, _split_fractions(stream, val_frac, test_frac)))
 
 
 def _filler(rng, pool, n):
@@ -80,10 +82,11 @@ def retrieval_stream(size, pool, min_distance, max_distance, rng):
     return np.concatenate(parts)[:size]
 
 
-def retrieval_splits(cfg, size=RETRIEVAL_SIZE, seed=0):
-    """DataConfig (source retrieval) -> (train, val, test) uint8 arrays, `size` bytes in all, split by
-    cfg.val_frac / cfg.test_frac."""
+def retrieval_splits(cfg, size=None, seed=0):
+    """DataConfig (source retrieval) -> (train, val, test) uint8 arrays, `size` bytes in all
+    (RETRIEVAL_SIZE by default), split by cfg.val_frac / cfg.test_frac."""
     pools = filler_pools(cfg.val_frac, cfg.test_frac, seed)
+    size = RETRIEVAL_SIZE if size is None else size
     sizes = [len(s) for s in _split_fractions(np.empty(size, dtype=np.uint8), cfg.val_frac, cfg.test_frac)]
     return tuple(retrieval_stream(n, pools[name], cfg.retrieval_min_distance, cfg.retrieval_max_distance,
                                   np.random.default_rng([seed, i]))
