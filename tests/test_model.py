@@ -1,7 +1,6 @@
 """Model-level properties of SparseAttention and the Transformer, on the CPU backends."""
 
 import copy
-import time
 import warnings
 
 import pytest
@@ -134,7 +133,6 @@ def test_tiny_model_overfits_one_batch():
     model = Transformer(small_model())
     x = torch.randint(0, 256, (4, 49))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    start = time.time()
     losses = []
     for _ in range(60):
         _, loss = model(x[:, :-1], x[:, 1:])
@@ -143,7 +141,6 @@ def test_tiny_model_overfits_one_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0], losses[::10]
-    assert time.time() - start < 60
 
 
 @pytest.mark.parametrize("heads,kv_heads,T", [(4, 2, 41), (2, 2, 9), (16, 1, 30)])
@@ -171,3 +168,23 @@ def test_model_traces_without_graph_breaks(backend):
     x = torch.randint(0, 256, (1, 40))
     explanation = torch._dynamo.explain(model)(x, x)
     assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+
+
+def test_sparse_attention_built_directly_validates_its_config():
+    # compress_stride 5 divides neither l = 8 nor l' = 8: constructed outside load_config, the module
+    # would otherwise run and return finite, wrong outputs.
+    with pytest.raises(ValueError, match="compress_stride"):
+        SparseAttention(32, 4, 2, 8, small_nsa(compress_stride=5))
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        SparseAttention(32, 4, 3, 8, small_nsa())
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        DenseAttention(32, 4, 3, 8)
+
+
+@pytest.mark.parametrize("attn", [SparseAttention(32, 4, 2, 8, small_nsa()), DenseAttention(32, 4, 2, 8)],
+                         ids=["nsa", "dense"])
+@pytest.mark.parametrize("shape,match", [((5, 32), "batch, time, 32"), ((1, 5, 16), "batch, time, 32"),
+                                         ((0, 5, 32), "no tokens"), ((1, 0, 32), "no tokens")])
+def test_attention_input_errors_are_one_clear_message(attn, shape, match):
+    with pytest.raises(ValueError, match=match):
+        attn(torch.randn(*shape))
