@@ -70,6 +70,7 @@ class Compressor(nn.Module):
         self.block, self.stride = block, stride
         # Zero init: the block's layout already tells the mlp and conv where each token sits.
         self.pos = nn.Parameter(torch.zeros(heads, block, dim_head))
+        self.pos._no_weight_decay = True  # read by train.make_optimizer
         if net == "mlp":
             self.net = MLPCompress(heads, block, dim_head, expand)
         elif net == "mean":

@@ -1,13 +1,16 @@
 """Configuration: dataclasses filled from YAML, with `section.key=value` command-line overrides.
 
-Every field is documented where it is declared. Unknown keys, wrong types and invalid values raise
-`ConfigError` naming the key. The resolved config (`to_dict`) is saved with every run and checkpoint.
+Every field is documented where it is declared. Unknown keys, duplicate keys in a file, wrong types
+and invalid values raise `ConfigError` naming the full key (`model.nsa.window`); so do combinations
+that could not train on this machine (`Config.check_runnable`). The resolved config (`to_dict`) is
+saved with every run and checkpoint.
 """
 
 import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import yaml
@@ -19,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class NSAConfig:
-    """Native Sparse Attention hyperparameters (DESIGN.md section 1). Paper: 32/16/64/16/512."""
+    """Native Sparse Attention hyperparameters (docs/SPEC.md section 1). Paper: 32/16/64/16/512."""
 
     compress_block: int = 32  # l: tokens per compressed block
     compress_stride: int = 16  # d: stride between compressed blocks; divides l and sel_block
@@ -38,19 +41,21 @@ class NSAConfig:
     backend: Literal["auto", "torch", "flex", "triton"] = "auto"  # auto: triton on CUDA, else torch
 
     def validate(self):
-        _require(self.compress_stride > 0 and self.compress_block > 0, "nsa.compress_block and nsa.compress_stride must be positive")
+        p = "model.nsa."
+        _require(self.compress_stride > 0 and self.compress_block > 0,
+                 f"{p}compress_block and {p}compress_stride must be positive")
         _require(self.compress_block % self.compress_stride == 0,
-                 f"nsa.compress_stride ({self.compress_stride}) must divide nsa.compress_block ({self.compress_block})")
+                 f"{p}compress_stride ({self.compress_stride}) must divide {p}compress_block ({self.compress_block})")
         _require(self.sel_block > 0 and self.sel_block % self.compress_stride == 0,
-                 f"nsa.compress_stride ({self.compress_stride}) must divide nsa.sel_block ({self.sel_block})")
-        _require(self.num_mem >= 0, "nsa.num_mem must be >= 0")
-        _require(self.num_initial >= 0 and self.num_local >= 0, "nsa.num_initial and nsa.num_local must be >= 0")
+                 f"{p}compress_stride ({self.compress_stride}) must divide {p}sel_block ({self.sel_block})")
+        _require(self.num_mem >= 0, f"{p}num_mem must be >= 0")
+        _require(self.num_initial >= 0 and self.num_local >= 0, f"{p}num_initial and {p}num_local must be >= 0")
         forced = self.num_initial + self.num_local
         _require(self.num_selected > forced,
-                 f"nsa.num_selected ({self.num_selected}) must exceed the forced blocks "
-                 f"(num_initial + num_local = {forced})")
-        _require(self.window > 0, "nsa.window must be positive")
-        _require(self.compress_expand > 0, "nsa.compress_expand must be positive")
+                 f"{p}num_selected ({self.num_selected}) must exceed the forced blocks "
+                 f"({p}num_initial + {p}num_local = {forced})")
+        _require(self.window > 0, f"{p}window must be positive")
+        _require(self.compress_expand > 0, f"{p}compress_expand must be positive")
 
 
 @dataclass
@@ -121,7 +126,9 @@ class TrainConfig:
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False  # torch.compile the model
+    # torch.compile the training model. auto: on CUDA (where it pays for its warm-up), eager on CPU;
+    # true also compiles on CPU (works, but the warm-up dwarfs a small run).
+    compile: Literal["auto", True, False] = "auto"
     out_dir: str = "runs/default"
 
     def validate(self):
@@ -155,6 +162,28 @@ class Config:
         self.train.validate()
         return self
 
+    def check_runnable(self, cuda_available):
+        """Refuse combinations that would crash at the first forward, backward or sample of a training
+        run on this machine (train.device auto means CUDA when `cuda_available`)."""
+        n = self.model.nsa
+        if self.model.attention != "nsa":
+            return self  # the dense model ignores model.nsa
+        on_cuda = self.train.device == "cuda" or (self.train.device == "auto" and cuda_available)
+        backend = ("triton" if on_cuda else "torch") if n.backend == "auto" else n.backend
+        why = f"model.nsa.backend={n.backend}" + (f" resolves to {backend} on this machine" if n.backend == "auto" else "")
+        _require(not (n.diff_topk and backend in ("triton", "flex")),
+                 f"model.nsa.diff_topk=true needs the straight-through block gate, which the {backend} selection "
+                 f"has not ({why}): use model.nsa.backend=torch, or diff_topk=false")
+        _require(n.causal or backend != "triton",
+                 f"model.nsa.causal=false: the Triton kernels are causal only ({why}): use model.nsa.backend=torch "
+                 "or flex")
+        _require(n.backend != "flex" or on_cuda,
+                 "model.nsa.backend=flex cannot train on CPU (flex attention has no CPU backward): use "
+                 "model.nsa.backend=torch (or auto) on CPU")
+        _require(n.causal or not self.train.sample_every,
+                 "model.nsa.causal=false cannot sample (decoding is causal): set train.sample_every=0")
+        return self
+
 
 def _require(cond, message):
     if not cond:
@@ -164,8 +193,9 @@ def _require(cond, message):
 def _coerce(value, tp, key):
     """Check (and where lossless, convert) one value against a field type."""
     if typing.get_origin(tp) is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        choices = typing.get_args(tp)
+        if not any(type(value) is type(c) and value == c for c in choices):  # 1 is not True here
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
         return value
     if tp is bool:
         if isinstance(value, bool):
@@ -190,7 +220,7 @@ def _coerce(value, tp, key):
 def from_dict(cls, data, prefix=""):
     """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -223,19 +253,48 @@ def _set_dotted(tree, key, value):
     node[parts[-1]] = value
 
 
-def load_config(path=None, overrides=(), base=None):
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        first = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key != "<<":
+                if key in first:
+                    raise ConfigError(f"{self.name}: duplicate key {key!r} on line {line} (first on line {first[key]})")
+                first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path):
+    """A config file's tree; one-line ConfigError for a missing file, a directory or a duplicate key."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory, not a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path) as f:
+        return yaml.load(f, Loader=_StrictLoader) or {}
+
+
+def load_config(path=None, overrides=(), base=None, cuda_available=None):
     """YAML file (or `base`, a nested dict such as a checkpoint's config) + `a.b=value` overrides
-    -> validated Config."""
+    -> validated Config, checked to be runnable here (`cuda_available` defaults to this machine's)."""
     tree = copy.deepcopy(base) if base is not None else {}
     if path is not None:
-        with open(path) as f:
-            tree = yaml.safe_load(f) or {}
+        tree = read_yaml(path)
     for text in overrides:
         key, value = _parse_override(text)
         _set_dotted(tree, key, value)
     # A string override for a str field ("run_name=123") is read by YAML as a number: keep it text.
-    cfg = from_dict(Config, _stringify_str_fields(Config, tree))
-    return cfg.validate()
+    cfg = from_dict(Config, _stringify_str_fields(Config, tree)).validate()
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    return cfg.check_runnable(cuda_available)
 
 
 def _stringify_str_fields(cls, tree):

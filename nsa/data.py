@@ -205,6 +205,8 @@ def _atomic_write_bytes(path, blob):
 
 def _memmap(path):
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data file {path} is a directory (set data.path to a byte file)")
     if not path.is_file():
         raise DataError(f"data file {path} does not exist (set data.path to a byte file)")
     if path.stat().st_size == 0:
@@ -243,6 +245,17 @@ def load_splits(cfg):
     return {"train": train, "val": val, "test": test}
 
 
+def check_splits(splits, seq_len):
+    """DataError unless the splits can train and validate at `seq_len`: a training window needs
+    seq_len + 1 bytes, a validation estimate at least 2 (the test split may be empty)."""
+    n_train, n_val = len(splits["train"]), len(splits["val"])
+    if n_train < seq_len + 1:
+        raise DataError(f"the train split has {n_train:,} bytes, too few for one window of train.seq_len + 1 = "
+                        f"{seq_len + 1:,}: use more data or a smaller train.seq_len")
+    if n_val < 2:
+        raise DataError(f"the val split has {n_val} bytes, too few to validate on: raise data.val_frac or use more data")
+
+
 # ---------------------------------------------------------------------------------------------
 # batches
 
@@ -278,6 +291,14 @@ def eval_windows(data, seq_len, max_windows=None):
     n = len(data)
     starts = list(range(0, max(n - 1, 0), seq_len))
     return starts if max_windows is None else starts[:max_windows]
+
+
+def num_eval_batches(data, seq_len, batch_size, starts):
+    """How many batches `iter_eval_batches` yields for these arguments."""
+    n = len(data)
+    full = sum(s + seq_len + 1 <= n for s in starts)
+    short = sum(s + seq_len + 1 > n and n - s >= 2 for s in starts)
+    return -(-full // batch_size) + short
 
 
 def iter_eval_batches(data, seq_len, batch_size, starts, device=None):

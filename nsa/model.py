@@ -14,6 +14,7 @@ class FeedForward(nn.Module):
         hidden = int(mult * dim)
         self.up = nn.Linear(dim, hidden, bias=False)
         self.down = nn.Linear(hidden, dim, bias=False)
+        self.down.weight._residual_out = True  # init scaled down by depth (Transformer._init_weights)
 
     def forward(self, x):
         return self.down(F.gelu(self.up(x)))
@@ -45,19 +46,20 @@ class Transformer(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed.weight._no_weight_decay = True  # read by train.make_optimizer
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.RMSNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self._init_weights()
 
     def _init_weights(self):
-        # GPT-2 style: N(0, 0.02), residual output projections scaled down by depth so the
-        # residual stream's variance does not grow with the number of blocks.
-        for name, p in self.named_parameters():
-            if p.dim() == 2 and ("embed" in name or name.endswith(("to_q.weight", "to_kv.weight", "up.weight", "head.weight"))):
-                nn.init.normal_(p, std=0.02)
-            elif name.endswith(("to_out.weight", "down.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.depth))
+        # GPT-2 style: every linear and embedding weight N(0, 0.02), the residual output projections
+        # (marked `_residual_out` where they are made) scaled down by depth so the residual stream's
+        # variance does not grow with the number of blocks; weights marked `_own_init` keep theirs.
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)) and not getattr(m.weight, "_own_init", False):
+                residual = getattr(m.weight, "_residual_out", False)
+                nn.init.normal_(m.weight, std=0.02 / math.sqrt(2 * self.cfg.depth) if residual else 0.02)
 
     def forward(self, idx, targets=None):
         """idx [B, T] bytes -> logits [B, T, vocab]; with targets also the mean loss in nats."""

@@ -165,6 +165,17 @@ def test_file_source_errors(tmp_path):
     (tmp_path / "empty").write_bytes(b"")
     with pytest.raises(D.DataError, match="empty"):
         D.load_splits(DataConfig(source="file", path=str(tmp_path / "empty")))
+    with pytest.raises(D.DataError, match=f"data file {tmp_path} is a directory"):
+        D.load_splits(DataConfig(source="file", path=str(tmp_path)))
+
+
+def test_splits_too_short_for_seq_len_are_refused():
+    data = np.zeros(100, dtype=np.uint8)
+    D.check_splits({"train": data[:33], "val": data[:2], "test": data[:0]}, seq_len=32)  # just enough
+    with pytest.raises(D.DataError, match=r"train split has 32 bytes.*train\.seq_len \+ 1 = 33"):
+        D.check_splits({"train": data[:32], "val": data[:10], "test": data[:10]}, seq_len=32)
+    with pytest.raises(D.DataError, match=r"val split has 1 bytes.*data\.val_frac"):
+        D.check_splits({"train": data, "val": data[:1], "test": data[:10]}, seq_len=32)
 
 
 def test_synthetic_is_deterministic_text():
@@ -247,3 +258,12 @@ def test_eval_windows_predict_every_byte_once():
         targets += y.flatten().tolist()
     assert sorted(targets) == list(range(1, 103))
     assert D.eval_windows(data, 10, max_windows=3) == [0, 10, 20]
+
+
+@pytest.mark.parametrize("n, seq_len, batch_size", [(103, 10, 4), (101, 10, 4), (102, 10, 3), (5, 10, 2), (2, 10, 1)])
+def test_num_eval_batches_counts_what_iter_eval_batches_yields(n, seq_len, batch_size):
+    data = np.zeros(n, dtype=np.uint8)
+    starts = D.eval_windows(data, seq_len)
+    for some in (starts, starts[::2]):
+        assert D.num_eval_batches(data, seq_len, batch_size, some) == len(
+            list(D.iter_eval_batches(data, seq_len, batch_size, some)))
