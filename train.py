@@ -109,6 +109,19 @@ def gate_means(model, data, starts, t, device, autocast):
     return {f"gate/{i}/{b}": g for i, row in zip(layers, gates.tolist()) for b, g in zip(BRANCHES, row)}
 
 
+def final_figures(model, splits, t, device, autocast, run):
+    """Loss and bits per byte over the whole val and test splits (every byte predicted once), with a
+    progress bar: on a large split this can take longer than training did."""
+    out = {}
+    for name in ("val", "test"):
+        data = splits[name]
+        if len(data) >= 2:
+            loss = evaluate(model, data, t.seq_len, t.batch_size, eval_windows(data, t.seq_len), device, autocast,
+                            run.rank, run.world, desc=f"final {name}")
+            out[f"final/{name}_loss"], out[f"final/{name}_bpb"] = loss, bits_per_byte(loss)
+    return out
+
+
 def sample(model, prompt, length, device, seed):
     """A sample at temperature 1 from a fixed seed, through the cached decoding of nsa.generation.
     In fp32 without autocast: the caches take the weights' dtype, and the decode kernels want one
@@ -152,7 +165,7 @@ def resolve_config(args):
         cfg = load_config(overrides=args.overrides, base=tree)
     if ckpt is not None:
         refuse_resume_changes(saved, cfg)
-    return cfg, ckpt, ckpt_path
+    return cfg.check_runnable(torch.cuda.is_available()), ckpt, ckpt_path
 
 
 def _flat(tree, prefix=""):
@@ -314,7 +327,7 @@ def _cleanup(ddp, wandb_run):
         dist.destroy_process_group()
 
 
-# ---- one training step
+# ---- one training step and its record
 
 
 def train_step(model, optimizer, data, t, step, run, device, autocast):
@@ -343,6 +356,14 @@ def train_step(model, optimizer, data, t, step, run, device, autocast):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return lr, loss_val, grad_norm_val, finite
+
+
+def train_record(step, lr, loss, grad_norm, nonfinite, tokens_per_step, clock):
+    record = {"step": step, "loss": loss, "bpb": bits_per_byte(loss), "lr": lr, "grad_norm": grad_norm,
+              "tokens": step * tokens_per_step, "nonfinite": nonfinite}
+    if clock.steps_per_s() is not None:  # None while every step so far was compile warm-up
+        record["tokens_per_s"] = tokens_per_step * clock.steps_per_s()
+    return record
 
 
 def main(argv=None):
@@ -380,7 +401,7 @@ def main(argv=None):
     wandb_run = None
     if run.master:
         prepare_run_dir(out_dir, cfg, info, start_step, fresh=ckpt is None)
-        if wandb is not None:
+        if wandb is not None:  # the same wandb run id across resumes
             wandb_run = wandb.init(project=cfg.log.wandb_project, name=cfg.log.run_name or out_dir.name,
                                    config={**to_dict(cfg), "run_info": info}, dir=str(out_dir),
                                    mode=cfg.log.wandb_mode, id=wandb_run_id, resume="allow")
@@ -426,11 +447,7 @@ def main(argv=None):
                 raise SystemExit(f"error: stopping after {nonfinite} non-finite steps (train.max_nonfinite="
                                  f"{t.max_nonfinite}); try a lower train.lr or train.grad_clip, or train.dtype=fp32")
         elif run.master and (done % t.log_every == 0 or done == t.max_steps):
-            record = {"step": done, "loss": loss, "bpb": bits_per_byte(loss), "lr": lr, "grad_norm": grad_norm,
-                      "tokens": done * tokens_per_step, "nonfinite": nonfinite}
-            if clock.steps_per_s() is not None:  # None while every step so far was compile warm-up
-                record["tokens_per_s"] = tokens_per_step * clock.steps_per_s()
-            log(record)
+            record = log(train_record(done, lr, loss, grad_norm, nonfinite, tokens_per_step, clock))
             pbar.set_postfix(loss=f"{loss:.3f}", bpb=f"{record['bpb']:.3f}", lr=f"{lr:.2e}",
                              tok_s=f"{record.get('tokens_per_s', 0):.0f}")
         if pbar:
@@ -459,11 +476,7 @@ def main(argv=None):
     final = {"step": t.max_steps, "tokens": t.max_steps * tokens_per_step}
     if use_cuda and trained:  # peak of the training steps: the whole-split evaluation below allocates less
         final["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    for name, data in (("val", val_data), ("test", test_data)):
-        if len(data) >= 2:
-            loss = evaluate(raw_model, data, t.seq_len, t.batch_size, eval_windows(data, t.seq_len), device,
-                            autocast, run.rank, run.world, desc=f"final {name}")
-            final[f"final/{name}_loss"], final[f"final/{name}_bpb"] = loss, bits_per_byte(loss)
+    final.update(final_figures(raw_model, splits, t, device, autocast, run))
     final = log({**final, **(gate_means(raw_model, val_data, val_starts, t, device, autocast) if run.master else {})})
     if run.master:
         print(" ".join(f"{k}={v:.4f}" for k, v in final.items() if k.startswith(("final/", "peak"))), file=sys.stderr)

@@ -1,9 +1,9 @@
 """Configuration: dataclasses filled from YAML, with `section.key=value` command-line overrides.
 
 Every field is documented where it is declared. Unknown keys, duplicate keys in a file, wrong types
-and invalid values raise `ConfigError` naming the full key (`model.nsa.window`); so do combinations
-that could not train on this machine (`Config.check_runnable`). The resolved config (`to_dict`) is
-saved with every run and checkpoint.
+and invalid values raise `ConfigError` naming the full key (`model.nsa.window`); so do, in
+`Config.check_runnable`, combinations that could not train on this machine. The resolved config
+(`to_dict`) is saved with every run and checkpoint.
 """
 
 import copy
@@ -170,7 +170,9 @@ class Config:
             return self  # the dense model ignores model.nsa
         on_cuda = self.train.device == "cuda" or (self.train.device == "auto" and cuda_available)
         backend = ("triton" if on_cuda else "torch") if n.backend == "auto" else n.backend
-        why = f"model.nsa.backend={n.backend}" + (f" resolves to {backend} on this machine" if n.backend == "auto" else "")
+        why = f"model.nsa.backend={n.backend}"
+        if n.backend == "auto":
+            why += f" resolves to {backend} on this machine"
         _require(not (n.diff_topk and backend in ("triton", "flex")),
                  f"model.nsa.diff_topk=true needs the straight-through block gate, which the {backend} selection "
                  f"has not ({why}): use model.nsa.backend=torch, or diff_topk=false")
@@ -279,9 +281,9 @@ def read_yaml(path):
         return yaml.load(f, Loader=_StrictLoader) or {}
 
 
-def load_config(path=None, overrides=(), base=None, cuda_available=None):
+def load_config(path=None, overrides=(), base=None):
     """YAML file (or `base`, a nested dict such as a checkpoint's config) + `a.b=value` overrides
-    -> validated Config, checked to be runnable here (`cuda_available` defaults to this machine's)."""
+    -> validated Config. (train.py also checks that it can train here: `Config.check_runnable`.)"""
     tree = copy.deepcopy(base) if base is not None else {}
     if path is not None:
         tree = read_yaml(path)
@@ -289,12 +291,7 @@ def load_config(path=None, overrides=(), base=None, cuda_available=None):
         key, value = _parse_override(text)
         _set_dotted(tree, key, value)
     # A string override for a str field ("run_name=123") is read by YAML as a number: keep it text.
-    cfg = from_dict(Config, _stringify_str_fields(Config, tree)).validate()
-    if cuda_available is None:
-        import torch
-
-        cuda_available = torch.cuda.is_available()
-    return cfg.check_runnable(cuda_available)
+    return from_dict(Config, _stringify_str_fields(Config, tree)).validate()
 
 
 def _stringify_str_fields(cls, tree):

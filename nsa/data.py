@@ -253,7 +253,8 @@ def check_splits(splits, seq_len):
         raise DataError(f"the train split has {n_train:,} bytes, too few for one window of train.seq_len + 1 = "
                         f"{seq_len + 1:,}: use more data or a smaller train.seq_len")
     if n_val < 2:
-        raise DataError(f"the val split has {n_val} bytes, too few to validate on: raise data.val_frac or use more data")
+        raise DataError(f"the val split has {n_val} bytes, too few to validate on: raise data.val_frac or use "
+                        "more data")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ def test_commit_and_dirty_flag(tmp_path):
     (tmp_path / "code.py").write_text("x = 1\n")
     git(tmp_path, "add", "code.py")
     git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
-    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True)
+    head = head.stdout.strip()
     info = run_info(root=tmp_path)
     assert info["git_commit"] == head and info["git_dirty"] is False
     (tmp_path / "runs").mkdir()

@@ -278,6 +278,7 @@ def test_checkpoint_errors(tmp_path):
     (["--config", "configs"], "config file configs is a directory"),
     (["--config", "configs/smoke.yaml", "train.max_stepz=3"], "train.max_stepz"),
     (["--config", "configs/smoke.yaml", "model.nsa.window=0"], "model.nsa.window must be positive"),
+    (["--config", "configs/smoke.yaml", "model.nsa.backend=flex"], "flex attention has no CPU backward"),
     (["--config", "configs/smoke.yaml", "data.source=file", "data.path=/nonexistent/file.txt"],
      "/nonexistent/file.txt does not exist"),
     (["--config", "configs/smoke.yaml", "data.source=file", "data.path=configs"], "configs is a directory"),
@@ -450,7 +451,8 @@ def test_wandb_logging_and_resumed_run_id(corpus, tmp_path, monkeypatch):
     init_kw = calls[0][1]
     assert init_kw["mode"] == "offline" and init_kw["project"] == "p" and init_kw["id"] is None
     assert init_kw["config"]["train"]["max_steps"] == 2 and init_kw["name"] == "wb"
-    assert init_kw["config"]["run_info"] == C.load_checkpoint(out)["run_info"] and "git_commit" in init_kw["config"]["run_info"]
+    info = init_kw["config"]["run_info"]
+    assert info == C.load_checkpoint(out)["run_info"] and "git_commit" in info
     logged = [c for c in calls if c[0] == "log"]
     assert [c[1] for c in logged if "loss" in c[2]] == [1, 2]
     assert "gate/1/slc" in logged[-1][2] and "final/val_bpb" in logged[-1][2]
