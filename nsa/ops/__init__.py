@@ -2,15 +2,18 @@
 
 A backend is a module with the six functions `SparseAttention` calls, each with the signature of
 its twin in `nsa.ops.reference`: compressed_attention, topn_blocks, block_importance,
-selection_attention, sliding_window_attention and (one token at a time) decode_attention. `torch` is the reference module itself; `flex`
-(nsa/ops/flex.py) swaps in flex attention for the window and selection branches; `triton`
-(nsa/ops/triton_ops.py) the Triton kernels. Modules, not objects built per call, so torch.compile
-traces through the lookup without a graph break.
+selection_attention, sliding_window_attention and (one token at a time) decode_attention. `torch`
+(nsa/ops/chunked.py) computes the references' results a chunk of queries at a time, in memory linear
+in T; `flex` (nsa/ops/flex.py) swaps in flex attention for the window and selection branches;
+`triton` (nsa/ops/triton_ops.py) the Triton kernels. The references themselves are no backend: they
+build dense [T, T] masks and are the spec every backend is tested against, not something to train
+with. Modules, not objects built per call, so torch.compile traces through the lookup without a
+graph break.
 """
 
 import os
 
-from nsa.ops import flex, reference
+from nsa.ops import chunked, flex
 
 try:  # imported here, not on first use, so that torch.compile sees no import inside the forward
     from nsa.ops import triton_ops
@@ -29,7 +32,7 @@ def get_ops(backend, device):
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     if backend == "torch":
-        return reference
+        return chunked
     if backend == "flex":
         return flex
     if backend == "triton":
