@@ -168,5 +168,6 @@ def pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("error: plotting needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')") from None
+        raise SystemExit("error: plotting needs matplotlib: pip install matplotlib "
+                         "(or pip install -e '.[plot]')") from None
     return plt

@@ -63,7 +63,7 @@ def _pair(rng, pool, distance):
             _array(CLOSE)]
 
 
-def check_distances(min_distance, max_distance):
+def _check_distances(min_distance, max_distance):
     if not STATEMENT_LEN <= min_distance <= max_distance:
         raise DataError(f"retrieval distances must satisfy {STATEMENT_LEN} <= min_distance <= max_distance "
                         f"(the statement is {STATEMENT_LEN} bytes), got {min_distance} and {max_distance}")
@@ -71,7 +71,7 @@ def check_distances(min_distance, max_distance):
 
 def retrieval_stream(size, pool, min_distance, max_distance, rng):
     """`size` bytes of episodes back to back (the last one cut off), uint8."""
-    check_distances(min_distance, max_distance)
+    _check_distances(min_distance, max_distance)
     lo, hi = math.log(min_distance), math.log(max_distance + 1)
     parts, n = [], 0
     while n < size:
@@ -106,7 +106,8 @@ def probe_windows(pool, seq_len, distances, rng):
     windows = []
     for d in distances:
         if not STATEMENT_LEN <= d <= longest:
-            raise DataError(f"probe distance {d} is outside [{STATEMENT_LEN}, {longest}] for windows of {seq_len} bytes")
+            raise DataError(f"probe distance {d} is outside [{STATEMENT_LEN}, {longest}] for windows of "
+                            f"{seq_len} bytes")
         pair = _pair(rng, pool, int(d))
         lead = seq_len + 1 - sum(len(p) for p in pair)
         windows.append(np.concatenate([_filler(rng, pool, lead)] + pair))
@@ -122,9 +123,9 @@ def key_slice(seq_len):
 
 def score_keys(logits, y):
     """Greedy scores of the query keys: (exact [N] bool, per-byte accuracy [N] float) from logits
-    [N, seq_len, vocab] and targets y [N, seq_len] of a probe batch. Teacher-forced argmax: every key byte is right given the
-    right bytes before it exactly when greedy decoding reproduces the whole key, so `exact` is the
-    greedy exact match; the per-byte figure is teacher-forced."""
+    [N, seq_len, vocab] and targets y [N, seq_len] of a probe batch. Scored on teacher-forced argmaxes:
+    every key byte is right given the right bytes before it exactly when greedy decoding reproduces the
+    whole key, so `exact` is the greedy exact match; the per-byte figure is teacher-forced."""
     ks = key_slice(y.shape[1])
     hit = logits[:, ks].argmax(-1) == y[:, ks]
     return hit.all(-1), hit.float().mean(-1)

@@ -1,6 +1,7 @@
 """Long-range retrieval accuracy against the distance between a key's statement and its query.
 
-    python scripts/eval_retrieval.py runs/retrieval_nsa runs/retrieval_dense [--buckets 8] [--per-bucket 64] [--out retrieval.png]
+    python scripts/eval_retrieval.py runs/retrieval_nsa runs/retrieval_dense [--buckets 8] [--per-bucket 64]
+        [--out retrieval.png]
 
 Probe windows (nsa/retrieval.py) of the checkpoint's train.seq_len bytes hold filler, one statement
 `<key=DDDDDDDD>` and, at the very end, the query `<ask=DDDDDDDD>`. Distances (from the statement's
