@@ -183,3 +183,14 @@ def test_memory_grows_linearly_in_T(monkeypatch):
     assert largest_intermediate(monkeypatch, K, 512, diff_topk=True) <= B * HQ * 512 * (w + nl + 512 // d)
     assert largest[512] <= 2.2 * largest[256]
     assert largest_intermediate(monkeypatch, R, 512) >= B * HQ * 512 * 512
+
+
+def test_layer_traces_into_one_graph(monkeypatch):
+    # torch.compile-traceable: the chunk loops, checkpoints and local-attention trace without a break.
+    force_rows(monkeypatch, 16)
+    for diff_topk in (False, True):
+        attn = SparseAttention(32, 4, 2, 8, NSAConfig(compress_block=8, compress_stride=4, sel_block=8, num_selected=4,
+                                                      window=12, diff_topk=diff_topk, backend="torch"))
+        explained = torch._dynamo.explain(attn)(torch.randn(2, 40, 32, requires_grad=True))
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        torch._dynamo.reset()
