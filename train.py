@@ -319,6 +319,10 @@ class RunLog:
         return record
 
 
+def _peak_bytes(device):
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
 def _cleanup(ddp, wandb_run):
     if wandb_run is not None:
         wandb_run.finish()
@@ -427,7 +431,7 @@ def main(argv=None):
     # ---- the loop
     val_starts = eval_windows(val_data, t.seq_len, t.eval_batches * t.batch_size)  # fixed validation slice
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * run.world
-    nonfinite = 0
+    nonfinite = peak = 0
     pbar = tqdm(total=t.max_steps, initial=start_step, dynamic_ncols=True, desc="train") if run.master else None
     for step in range(start_step, t.max_steps):
         began = time.perf_counter()
@@ -461,6 +465,7 @@ def main(argv=None):
             if run.master:
                 pbar.write(f"step {done}: val bpb {bits_per_byte(val_loss):.4f}")
         if run.master and t.sample_every and done % t.sample_every == 0:
+            peak = max(peak, _peak_bytes(device))  # generate() resets the peak-memory counter
             text = sample(raw_model, t.sample_prompt, t.sample_len, device, seed=t.seed)
             log({"step": done, "sample": text})
             pbar.write(f"step {done} sample: {text!r}")
@@ -475,7 +480,7 @@ def main(argv=None):
         checkpoint(t.max_steps)
     final = {"step": t.max_steps, "tokens": t.max_steps * tokens_per_step}
     if use_cuda and trained:  # peak of the training steps: the whole-split evaluation below allocates less
-        final["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        final["peak_mem_gib"] = max(peak, _peak_bytes(device)) / 2**30
     final.update(final_figures(raw_model, splits, t, device, autocast, run))
     final = log({**final, **(gate_means(raw_model, val_data, val_starts, t, device, autocast) if run.master else {})})
     if run.master:
