@@ -123,11 +123,28 @@ class SparseAttention(nn.Module):
         B = x.shape[0]
         q, ((k_c, v_c), (k_s, v_s), (k_w, v_w)) = self.project(x)
         q_r, k_sr, k_wr = self.rotate_qk(q, k_s, k_w, pos[:, None])
-        cache.append(pos, k_c, v_c, k_sr, v_s, k_wr, v_w, self.k_compress, self.v_compress)
+        cache.append(pos, k_c, v_c, k_sr, v_s, k_wr, v_w)
+        self.append_compressed(cache, pos)
         gates = torch.sigmoid(self.to_gates(x)).view(B, self.heads, 3)
         o = get_ops(c.backend, x.device).decode_attention(q[:, 0], q_r[:, 0], *cache.tensors(), gates, pos,
                                                           self.params)
         return self.to_out(o.reshape(B, 1, -1).to(x.dtype))
+
+    def append_compressed(self, cache, pos):
+        """Where the token at pos [B] (already in the cache) completes a compressed block (pos + 1 >= l
+        and (pos + 1 - l) % d == 0, docs/SPEC.md section 1), compress the compression ring's last l
+        keys and values into that block's row of cache.ck, cache.cv. Every sequence computes a block on
+        every step and the cache writes it only where one completed: static shapes, no host sync."""
+        if cache.num_blocks == 0:
+            return
+        l, d = self.cfg.compress_block, self.cfg.compress_stride
+        slots = (pos[:, None] - l + 1 + torch.arange(l, device=pos.device)) % l  # positions pos - l + 1 .. pos
+        k, v = cache.compression_ring(slots)  # [B, l, H, D]
+        ck = self.k_compress.compress_windows(k.transpose(1, 2)[:, None])[:, 0]  # [B, H, D]
+        cv = self.v_compress.compress_windows(v.transpose(1, 2)[:, None])[:, 0]
+        done = (pos + 1 >= l) & ((pos + 1 - l) % d == 0)
+        rows = self.cfg.num_mem + ((pos + 1 - l) // d).clamp(0, cache.num_blocks - 1)
+        cache.write_compressed(rows, ck, cv, done)
 
 
 def _check_heads(dim, heads, kv_heads, dim_head):

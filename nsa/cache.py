@@ -1,9 +1,11 @@
 """Preallocated decoding caches: static shapes, filled in place, never grown by concatenation.
 
-One `ModelCache` per generation holds one layer cache per block and the per-sequence lengths
-`lengths` [B] (int64, on the device): the number of tokens already in the cache, which is also the
-position of the next token. Nothing here reads a tensor value on the host, so a decode step that
-appends to these caches can be captured in a CUDA graph.
+The caches hold tensors and write rows; what goes in a row (rotary, the compression of a finished
+block) is computed by the attention layers (`nsa.attention`). One `ModelCache` per generation holds
+one layer cache per block and the per-sequence lengths `lengths` [B] (int64, on the device): the
+number of tokens already in the cache, which is also the position of the next token. Nothing here
+reads a tensor value on the host, so a decode step that appends to these caches can be captured in a
+CUDA graph. The layout and the append rule are docs/SPEC.md section 1 ("Decoding").
 
 `SparseCache` (one NSA layer), for kv heads H and head dim D, capacity S = prompt + new tokens:
 - k_slc, v_slc [B, S, H, D]: the selection branch's rotated keys and values of every position
@@ -11,11 +13,10 @@ appends to these caches can be captured in a CUDA graph.
 - k_win, v_win: the window branch's. Without `separate_kv` the window uses the selection branch's
   keys, so these are the same tensors. With it they are a ring of W = min(window, S) rows, position p
   in slot p % W: the window never looks further back than `window` tokens.
-- ck, cv [B, num_mem + N_max, H, D]: the memory rows, then compressed block i at row num_mem + i,
-  N_max = the blocks that fit in S. Rows of blocks not yet complete hold zeros and are never read.
+- ck, cv [B, num_mem + num_blocks, H, D]: the memory rows, then compressed block i at row num_mem + i,
+  num_blocks = the blocks that fit in S. Rows of blocks not yet complete hold zeros and are never read.
 - k_cmp, v_cmp [B, l, H, D]: a ring of the compression branch's last l unrotated keys and values
-  (position p in slot p % l), which is all the next compressed block needs. A block is appended
-  exactly when the token t just written completes one: t + 1 >= l and (t + 1 - l) % d == 0.
+  (position p in slot p % l), which is all the next compressed block needs.
 
 `DenseCache`: k, v [B, S, H, D] rotated keys and values.
 """
@@ -26,26 +27,23 @@ from nsa.ops.common import num_compressed_blocks
 
 
 class SparseCache:
-    def __init__(self, attn, batch, max_len, device, dtype):
-        c = attn.cfg
-        H, D = attn.kv_heads, attn.dim_head
-        self.block, self.stride, self.num_mem = c.compress_block, c.compress_stride, c.num_mem
-        self.max_len = max_len
-        self.num_blocks = num_compressed_blocks(max_len, c.compress_block, c.compress_stride)
+    def __init__(self, nsa, kv_heads, dim_head, batch, max_len, device, dtype):
+        """nsa: the layer's `nsa.config.NSAConfig`."""
+        shape = (batch, max_len, kv_heads, dim_head)
         kw = dict(device=device, dtype=dtype)
-        self.k_slc = torch.zeros(batch, max_len, H, D, **kw)
-        self.v_slc = torch.zeros(batch, max_len, H, D, **kw)
-        if attn.kv_sets == 1:
+        self.max_len = max_len
+        self.num_blocks = num_compressed_blocks(max_len, nsa.compress_block, nsa.compress_stride)
+        self.k_slc, self.v_slc = torch.zeros(shape, **kw), torch.zeros(shape, **kw)
+        self.shared_window = not nsa.separate_kv
+        if self.shared_window:
             self.k_win, self.v_win = self.k_slc, self.v_slc
         else:
-            W = min(c.window, max_len)
-            self.k_win = torch.zeros(batch, W, H, D, **kw)
-            self.v_win = torch.zeros(batch, W, H, D, **kw)
-        self.ck = torch.zeros(batch, self.num_mem + self.num_blocks, H, D, **kw)
-        self.cv = torch.zeros(batch, self.num_mem + self.num_blocks, H, D, **kw)
-        self.k_cmp = torch.zeros(batch, self.block, H, D, **kw)
-        self.v_cmp = torch.zeros(batch, self.block, H, D, **kw)
-        self.shared_window = attn.kv_sets == 1
+            ring = (batch, min(nsa.window, max_len), kv_heads, dim_head)
+            self.k_win, self.v_win = torch.zeros(ring, **kw), torch.zeros(ring, **kw)
+        rows = (batch, nsa.num_mem + self.num_blocks, kv_heads, dim_head)
+        self.ck, self.cv = torch.zeros(rows, **kw), torch.zeros(rows, **kw)
+        ring = (batch, nsa.compress_block, kv_heads, dim_head)
+        self.k_cmp, self.v_cmp = torch.zeros(ring, **kw), torch.zeros(ring, **kw)
 
     def fill(self, ck, cv, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win):
         """Prefill: tensors of a T-token prompt (ck, cv with their memory rows), positions 0..T-1."""
@@ -61,30 +59,28 @@ class SparseCache:
         _ring_fill(self.k_cmp, k_cmp)
         _ring_fill(self.v_cmp, v_cmp)
 
-    def append(self, pos, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, k_compress, v_compress):
-        """Write the token at positions pos [B] (int64; tensors [B, 1, H, D]) and, where it completes
-        a compressed block, that block (compressed by `k_compress` / `v_compress`). No host sync."""
+    def append(self, pos, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win):
+        """Write the token at positions pos [B] (int64; tensors [B, 1, H, D]) into every cache and ring."""
         _write_rows(self.k_slc, pos, k_slc)
         _write_rows(self.v_slc, pos, v_slc)
         if not self.shared_window:
             W = self.k_win.shape[1]
             _write_rows(self.k_win, pos % W, k_win)
             _write_rows(self.v_win, pos % W, v_win)
-        l, d = self.block, self.stride
+        l = self.k_cmp.shape[1]
         _write_rows(self.k_cmp, pos % l, k_cmp)
         _write_rows(self.v_cmp, pos % l, v_cmp)
-        if self.num_blocks == 0:
-            return
-        # The block ending at pos covers positions pos - l + 1 .. pos: gather them from the ring in
-        # order, compress, and write the row only where the block really completed (a where, not an if).
-        order = (pos[:, None] - l + 1 + torch.arange(l, device=pos.device)) % l  # [B, l]
-        done = (pos + 1 >= l) & ((pos + 1 - l) % d == 0)
-        row = self.num_mem + ((pos + 1 - l) // d).clamp(0, self.num_blocks - 1)
-        for ring, net, dst in ((self.k_cmp, k_compress, self.ck), (self.v_cmp, v_compress, self.cv)):
-            window = _gather_rows(ring, order)  # [B, l, H, D]
-            new = net.compress_windows(window.transpose(1, 2)[:, None])[:, 0]  # [B, H, D]
-            old = _gather_rows(dst, row[:, None])[:, 0]
-            _write_rows(dst, row, torch.where(done[:, None, None], new.to(dst.dtype), old)[:, None])
+
+    def compression_ring(self, slots):
+        """Rows slots [B, R] (int64) of the compression ring: (keys, values) [B, R, H, D]."""
+        return _gather_rows(self.k_cmp, slots), _gather_rows(self.v_cmp, slots)
+
+    def write_compressed(self, rows, ck, cv, where):
+        """ck, cv [B, H, D] into rows rows [B] of the compressed caches, only where `where` [B] (bool) is
+        true; elsewhere the old row is written back (a select, not a branch: no host sync)."""
+        for dst, new in ((self.ck, ck), (self.cv, cv)):
+            old = _gather_rows(dst, rows[:, None])[:, 0]
+            _write_rows(dst, rows, torch.where(where[:, None, None], new.to(dst.dtype), old)[:, None])
 
     def tensors(self):
         """What the decode op reads: (ck, cv, k_slc, v_slc, k_win, v_win)."""
@@ -92,11 +88,10 @@ class SparseCache:
 
 
 class DenseCache:
-    def __init__(self, attn, batch, max_len, device, dtype):
-        H, D = attn.kv_heads, attn.dim_head
+    def __init__(self, kv_heads, dim_head, batch, max_len, device, dtype):
         self.max_len = max_len
-        self.k = torch.zeros(batch, max_len, H, D, device=device, dtype=dtype)
-        self.v = torch.zeros(batch, max_len, H, D, device=device, dtype=dtype)
+        self.k = torch.zeros(batch, max_len, kv_heads, dim_head, device=device, dtype=dtype)
+        self.v = torch.zeros(batch, max_len, kv_heads, dim_head, device=device, dtype=dtype)
 
     def fill(self, k, v):
         T = k.shape[1]
@@ -115,24 +110,15 @@ class ModelCache:
         p = next(model.parameters())
         device = p.device if device is None else torch.device(device)
         dtype = p.dtype if dtype is None else dtype
+        cfg = model.cfg
         self.batch, self.max_len = batch, max_len
-        self.layers = []
-        for block in model.blocks:
-            kind = SparseCache if hasattr(block.attn, "k_compress") else DenseCache
-            self.layers.append(kind(block.attn, batch, max_len, device, dtype))
+        if cfg.attention == "nsa":
+            self.layers = [SparseCache(cfg.nsa, cfg.kv_heads, cfg.dim_head, batch, max_len, device, dtype)
+                           for _ in range(cfg.depth)]
+        else:
+            self.layers = [DenseCache(cfg.kv_heads, cfg.dim_head, batch, max_len, device, dtype)
+                           for _ in range(cfg.depth)]
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
-
-    def reset(self):
-        self.lengths.zero_()
-
-    def nbytes(self):
-        seen, total = set(), 0
-        for layer in self.layers:
-            for t in vars(layer).values():
-                if isinstance(t, torch.Tensor) and id(t) not in seen:
-                    seen.add(id(t))
-                    total += t.numel() * t.element_size()
-        return total
 
 
 def _ring_fill(ring, x):
@@ -154,4 +140,3 @@ def _gather_rows(src, rows):
     """src [B, S, ...], rows [B, R] int64 -> [B, R, ...]."""
     idx = rows.view(*rows.shape, *([1] * (src.dim() - 2))).expand(-1, -1, *src.shape[2:])
     return src.gather(1, idx)
-

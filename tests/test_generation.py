@@ -214,7 +214,8 @@ def test_compiled_cache_append_writes_in_place():
     k, v = torch.randn(B, 1, 2, 16), torch.randn(B, 1, 2, 16)
 
     def append(pos, k, v):
-        layer.append(pos, k, v, k, v, k, v, attn.k_compress, attn.v_compress)
+        layer.append(pos, k, v, k, v, k, v)
+        attn.append_compressed(layer, pos)
 
     with torch.no_grad():
         _, codes = run_and_get_code(torch.compile(append), pos, k, v)
@@ -233,3 +234,28 @@ def test_generate_compiled_equals_eager_greedy():
     eager, _ = generate(model, prompt, 12, greedy=True)
     compiled, _ = generate(model, prompt, 12, greedy=True, compile=True)
     assert torch.equal(compiled, eager)
+
+
+def test_decode_appends_each_compressed_block_when_it_completes():
+    # Token by token, the attention layer writes compressed block i exactly when its last token
+    # i * d + l - 1 arrives, equal to the parallel compressor's block i; the cache itself only stores.
+    model = build(tiny(separate_kv=True))
+    attn, B, S = model.blocks[0].attn, 2, 29
+    cache = ModelCache(model, B, S)
+    assert [type(layer).__name__ for layer in cache.layers] == ["SparseCache"] * 2
+    assert [type(layer).__name__ for layer in ModelCache(build(tiny(attention="dense")), B, S).layers] == \
+        ["DenseCache"] * 2
+    layer, mem = cache.layers[0], attn.cfg.num_mem
+    k, v = torch.randn(B, S, 1, 8), torch.randn(B, S, 1, 8)
+    with torch.no_grad():
+        want_k, want_v = attn.k_compress(k), attn.v_compress(v)
+        for t in range(S):
+            pos = torch.full((B,), t)
+            before = layer.ck.clone()
+            layer.append(pos, k[:, t:t + 1], v[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1])
+            assert torch.equal(layer.ck, before), "append must not touch the compressed rows"
+            attn.append_compressed(layer, pos)
+            done = (t + 1 - 8) // 4 + 1 if t >= 7 else 0  # blocks complete after token t
+            torch.testing.assert_close(layer.ck[:, mem:mem + done], want_k[:, :done])
+            torch.testing.assert_close(layer.cv[:, mem:mem + done], want_v[:, :done])
+            assert not layer.ck[:, mem + done:].any(), f"t={t}: a row written before its block completed"
