@@ -109,7 +109,6 @@ class SparseAttention(nn.Module):
 
         g = torch.sigmoid(self.to_gates(x)).view(B, T, self.heads, 3, 1)
         o = g[:, :, :, 0] * o_cmp + g[:, :, :, 1] * o_slc + g[:, :, :, 2] * o_win
-        self.last_gates = g.detach().mean(dim=(0, 1, 2)).squeeze(-1)  # [3], logged by train.py
         return self.to_out(o.reshape(B, T, -1))
 
     # --- Decoding (nsa/cache.py, nsa/generation.py) ------------------------------------------------

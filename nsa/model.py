@@ -73,10 +73,6 @@ class Transformer(nn.Module):
             return logits, None
         return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
-    def gate_means(self):
-        """Mean gate per branch (cmp, slc, win) of each NSA layer's last forward, for logging."""
-        return {i: b.attn.last_gates for i, b in enumerate(self.blocks) if hasattr(b.attn, "last_gates")}
-
     # --- Decoding (nsa/cache.py, nsa/generation.py) ------------------------------------------------
 
     def prefill(self, idx, cache):
