@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nsa.ops import reference
-from nsa.ops.common import NSAParams
+from nsa.ops.common import NSAParams, ceil_div
 
 decode = pytest.importorskip("nsa.ops.decode")
 
@@ -60,12 +60,39 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("splits", [None, (3, 2, 2), (7, 5, 3)], ids=["auto", "split3-2-2", "split7-5-3"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"G{c[0]}-mem{c[1]}-l{c[2]}-ring{c[3]}-shared{c[4]}")
-def test_decode_kernel_matches_reference(case, dtype, splits):
+def _forced_plan(nc_split, w_split, s_split):
+    """A `decode._plan` with fixed splits (compressed chunks, window chunks, selection programs) per pair
+    and chunks that are no multiple of the tile, so one tile straddles two chunks."""
+    def plan(pairs, nc_rows, w_len, num_selected, block_n, sms):
+        return nc_split, ceil_div(nc_rows, nc_split), w_split, ceil_div(w_len, w_split), s_split
+
+    return plan
+
+
+def _case_id(c):
+    return f"G{c[0]}-mem{c[1]}-l{c[2]}-ring{c[3]}-shared{c[4]}"
+
+
+SPLITS = [None, (3, 2, 2), (7, 5, 3)]
+FP32, BF16 = torch.float32, torch.bfloat16
+# Default tier: every case once in fp32, the forced splits and bf16 on one case each; the full tier
+# crosses them all.
+QUICK = [(c, FP32, None) for c in CASES] + [(CASES[2], FP32, s) for s in SPLITS[1:]] + [(CASES[1], BF16, (3, 2, 2))]
+FULL = [(c, d, s) for c in CASES for d in (FP32, BF16) for s in SPLITS if (c, d, s) not in QUICK]
+
+
+def _sweep_id(x):
+    case, dtype, splits = x
+    return f"{_case_id(case)}-{'fp32' if dtype == FP32 else 'bf16'}-{'auto' if splits is None else 'split%d-%d-%d' % splits}"
+
+
+@pytest.mark.parametrize("case, dtype, splits", QUICK + [pytest.param(*x, marks=pytest.mark.full) for x in FULL],
+                         ids=[_sweep_id(x) for x in QUICK + FULL])
+def test_decode_kernel_matches_reference(case, dtype, splits, monkeypatch):
     # splits = (compressed chunks, window chunks, selection programs) per pair: the partials and their merge, including
     # chunks that start past the current length (t = 3 with 7 chunks) and so must stay empty.
+    if splits is not None:
+        monkeypatch.setattr(decode, "_plan", _forced_plan(*splits))
     G, num_mem, (block, stride, sel_block), ring, shared = case
     B, H, D, S, window, n = 3, 2, 16, 64, 16, 4
     # t crosses the block boundaries: before l - 1, at l - 1, mid-sequence, the last position
@@ -74,7 +101,7 @@ def test_decode_kernel_matches_reference(case, dtype, splits):
     p = NSAParams(compress_block=block, compress_stride=stride, sel_block=sel_block, num_mem=num_mem, num_selected=n,
                   window=window, shared_selection=shared)
     o_ref, idx_ref = reference.decode_attention(*args, p, return_indices=True)
-    o, idx = decode.decode_attention(*args, p, return_indices=True, splits=splits)
+    o, idx = decode.decode_attention(*args, p, return_indices=True)
     assert torch.equal(_sorted_idx(idx.cpu()), idx_ref.cpu())
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(o.float().cpu(), o_ref.float().cpu(), **tol)
@@ -121,6 +148,7 @@ def _prefill_torch(model, prompt, cache):
     return out
 
 
+@pytest.mark.full  # torch.compile
 def test_compiled_decode_step_is_one_graph_and_matches_eager():
     # generate.py --compile: the whole decode step, Triton decode op included (a custom op), compiles
     # without a graph break (fullgraph=True raises on one) and gives the eager step's logits.
@@ -142,12 +170,14 @@ def test_compiled_decode_step_is_one_graph_and_matches_eager():
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.full  # ahead-of-time compile
 def test_decode_kernels_compile_for_sm90_ahead_of_time():
     # bf16 paper setting (G = 16, D = 128) and fp32 with G = 4, D = 64, per-head selection.
     from kernel_checks import compile_launches_for_sm90
 
     call = """
 from nsa.ops.common import NSAParams
+mod.num_sms = lambda index: 132  # plan the launches as on an H100
 for dtype, HQ, H, D, shared in [(torch.bfloat16, 64, 4, 128, True), (torch.float32, 8, 2, 64, False)]:
     B, S = 2, 4096
     nc = (S - 32) // 16 + 1

@@ -1,6 +1,6 @@
 """Triton decode step: one query per sequence against the preallocated caches of `nsa.cache`.
 
-`decode_attention` has the signature of `nsa.ops.reference.decode_attention`. A step is three
+`decode_attention` has the signature of `nsa.ops.reference.decode_attention`. A step is four
 kernels, split flash-decoding style so that batch 1 fills the GPU as well as batch 16 does. A "pair" is
 one (sequence b, selection head hs): with GQA-shared selection (the default) hs is a kv head and its G
 query heads are one tile; with per-head selection hs is a query head (a tile of one).
@@ -14,27 +14,29 @@ query heads are one tile; with per-head selection hs is a query head (a tile of 
 2. `_importance_kernel`, grid (pairs, chunks): merges the compressed (m, l) partials into the
    log-sum-exp and turns a chunk of the scores into probabilities summed over the pair's query heads
    (one fp32 per compressed block).
-3. `_select_kernel`, grid (pairs,): maps those onto selection blocks by overlap (Eq. 9, 0-based),
-   forces the initial and local blocks (+inf) and drops invalid ones (j > t // l'), takes the top-n by
-   n arg-max passes over int64 keys (ties to the lower index), attends to the picked blocks (tokens
-   <= t) in tiles whose loads do not wait on the arg-max, merges the compressed and window partials and
-   writes g_cmp * o_cmp + g_slc * o_slc + g_win * o_win.
+3. `_select_kernel`, grid (pairs, S_SPLIT): maps those onto selection blocks by overlap (Eq. 9,
+   0-based), forces the initial and local blocks (+inf) and drops invalid ones (j > t // l'), takes
+   the top-n by n arg-max passes over int64 keys (ties to the lower index), then attends to its share
+   of the picked blocks (tokens <= t) in tiles whose loads do not wait on the arg-max, and writes a
+   partial.
+4. `_combine_kernel`, grid (B * HQ,): per query head, merges each branch's partials (one load of all
+   of them) and writes g_cmp * o_cmp + g_slc * o_slc + g_win * o_win.
 
-Grid sizes and chunk lengths depend only on static shapes (batch, heads, cache capacities), never on
-t, which every program reads from the device and masks with: no host synchronisation, so the step can
-be captured in a CUDA graph. Chunks past the current length write empty partials (m = -1e30, l = 0).
-Any G works (the query tile is padded to a power of two >= 16).
+The softmax runs in base 2 (scores times log2(e), exp2), the partials and scores too; only the output
+leaves the step. Grid sizes and chunk lengths depend only on static shapes (batch, heads, cache
+capacities), never on t, which every program reads from the device and masks with: no host
+synchronisation, so the step can be captured in a CUDA graph. Chunks past the current length write
+empty partials (m = -1e30, l = 0). Any G works (the query tile is padded to a power of two >= 16).
 """
 
-import functools
-import os
-from typing import List, Optional, Tuple
+from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from nsa.ops.common import ceil_div
+from nsa.ops.utils import LOG2E, dot, dot_precision, num_sms, num_visible_blocks
 
 # Allocator of the outputs and scratch; the tests swap in a poisoned one to catch elements the kernels
 # forget to write, or read before writing.
@@ -44,114 +46,102 @@ _NO_KEY = tl.constexpr(-1.0e30)  # the running max of a partial with no key: fin
 
 
 @triton.jit
-def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # UPCAST: the Triton interpreter (3.9) gets bf16 x bf16 dots wrong; it computes in fp32 instead.
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PREC)
+def _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile of an online softmax in base 2: scores b_s [BG, BN] (masked keys at -inf), values
+    b_v [BN, BD]; running max b_m, sum b_l, output b_acc."""
+    b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+    b_alpha = tl.exp2(b_m - b_m_new)
+    b_p = tl.exp2(b_s - b_m_new[:, None])
+    b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+    b_acc = b_acc * b_alpha[:, None] + dot(b_p.to(b_v.dtype), b_v, PREC, UPCAST)
+    return b_m_new, b_l, b_acc
 
 
 @triton.jit
-def _softmax_step(s, v, m_i, l_i, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One key tile of an online softmax: scores s [BG, BN] (masked keys at -inf), values v [BN, BD]."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp(m_i - m_new)
-    p = tl.exp(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _attend_range(q, K, V, row_stride, lo, hi, m_i, l_i, acc, scale, SC, sc_g, sc_off, offs_g, g_ok, offs_d, d_ok,
-                  RING: tl.constexpr, SCORES: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+def _attend_range(b_q, p_k, p_v, row_stride, lo, hi, b_m, b_l, b_acc, qk_scale, p_sc, sc_g, sc_off, o_g, m_g, o_d,
+                  m_d, RING: tl.constexpr, SCORES: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                   UPCAST: tl.constexpr):
-    """Online softmax of q over positions [lo, hi) of K, V (row x at x % RING when RING > 0). With SCORES,
-    also store the raw scores of positions x >= sc_off at SC + g * sc_g + (x - sc_off)."""
-    offs_n = tl.arange(0, BLOCK_N)
-    for start in range(lo, hi, BLOCK_N):
-        x = start + offs_n
-        x_ok = x < hi
-        row = x % RING if RING > 0 else x
-        kv_off = row[:, None].to(tl.int64) * row_stride + offs_d[None, :]
-        kv_mask = x_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-        s = (_dot(q, tl.trans(k), PREC, UPCAST) * scale).to(tl.float32)
+    """Online softmax of b_q over positions [lo, hi) of p_k, p_v (row x at x % RING when RING > 0). With
+    SCORES, also store the scores of positions x >= sc_off at p_sc + g * sc_g + (x - sc_off)."""
+    o_n = tl.arange(0, BLOCK_N)
+    for i_n in range(lo, hi, BLOCK_N):
+        o_x = i_n + o_n
+        m_x = o_x < hi
+        o_row = o_x % RING if RING > 0 else o_x
+        o_kv = o_row[:, None].to(tl.int64) * row_stride + o_d[None, :]
+        m_kv = m_x[:, None] & m_d[None, :]
+        b_k = tl.load(p_k + o_kv, mask=m_kv, other=0.0)
+        b_v = tl.load(p_v + o_kv, mask=m_kv, other=0.0)
+        b_s = dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale
         if SCORES:
-            sc_ptr = SC + offs_g[:, None].to(tl.int64) * sc_g + (x - sc_off)[None, :]
-            tl.store(sc_ptr, s, mask=g_ok[:, None] & (x_ok & (x >= sc_off))[None, :])
-        m_i, l_i, acc = _softmax_step(tl.where(x_ok[None, :], s, float("-inf")), v, m_i, l_i, acc, PREC, UPCAST)
-    return m_i, l_i, acc
+            p_s = p_sc + o_g[:, None].to(tl.int64) * sc_g + (o_x - sc_off)[None, :]
+            tl.store(p_s, b_s, mask=m_g[:, None] & (m_x & (o_x >= sc_off))[None, :])
+        b_m, b_l, b_acc = _softmax_step(tl.where(m_x[None, :], b_s, float("-inf")), b_v, b_m, b_l, b_acc, PREC,
+                                        UPCAST)
+    return b_m, b_l, b_acc
 
 
 @triton.jit
-def _num_visible(t, L_CMP: tl.constexpr, STRIDE: tl.constexpr):
-    """Compressed blocks complete at position t: block i once i * STRIDE + L_CMP - 1 <= t."""
-    return tl.where(t + 1 >= L_CMP, (t + 1 - L_CMP) // STRIDE + 1, 0)
-
-
-@triton.jit
-def _pair_heads(pair, TPOS, sq_b, sq_h, HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+def _pair_heads(i_pair, p_tpos, sq_b, sq_h, HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                 BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A pair's sequence b, kv head h, position t, its query-head rows (offs_g, g_ok), head dims
-    (offs_d, d_ok) and the offsets of its query rows in a [B, HQ, D] tensor of strides sq_b, sq_h."""
-    b = (pair // HS).to(tl.int64)
-    hq0 = (pair % HS) * GS  # first query head of this pair
+    """A pair's sequence b, kv head h, position t, its query-head rows (o_g, m_g), head dims (o_d, m_d)
+    and the offsets o_q of its query rows in a [B, HQ, D] tensor of strides sq_b, sq_h."""
+    b = (i_pair // HS).to(tl.int64)
+    hq0 = (i_pair % HS) * GS  # first query head of this pair
     h = (hq0 // G).to(tl.int64)  # its kv head
-    t = tl.load(TPOS + b).to(tl.int32)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_off = b * sq_b + (hq0 + offs_g)[:, None].to(tl.int64) * sq_h + offs_d[None, :]
-    return b, h, t, offs_g, offs_g < GS, offs_d, offs_d < D, q_off
+    t = tl.load(p_tpos + b).to(tl.int32)
+    o_g = tl.arange(0, BLOCK_G)
+    o_d = tl.arange(0, BLOCK_D)
+    o_q = b * sq_b + (hq0 + o_g)[:, None].to(tl.int64) * sq_h + o_d[None, :]
+    return b, h, t, o_g, o_g < GS, o_d, o_d < D, o_q
 
 
 @triton.jit
-def _store_partial(PM, PL, PACC, pair, slot, m_i, l_i, acc, offs_g, offs_d, NPART: tl.constexpr,
+def _store_partial(p_pm, p_pl, p_pacc, i_pair, slot, b_m, b_l, b_acc, o_g, o_d, NPART: tl.constexpr,
                    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partial `slot` of a pair's query heads; layout [pair, head, slot] (and [.., D] for acc), so the
     combine kernel reads all slots of one head in one load."""
-    row = (pair.to(tl.int64) * BLOCK_G + offs_g) * NPART + slot
-    tl.store(PM + row, m_i)
-    tl.store(PL + row, l_i)
-    tl.store(PACC + row[:, None] * BLOCK_D + offs_d[None, :], acc)
+    o_row = (i_pair.to(tl.int64) * BLOCK_G + o_g) * NPART + slot
+    tl.store(p_pm + o_row, b_m)
+    tl.store(p_pl + o_row, b_l)
+    tl.store(p_pacc + o_row[:, None] * BLOCK_D + o_d[None, :], b_acc)
 
 
 @triton.jit
 def _partials_kernel(
     Q, QR, CK, CV, KW, VW, TPOS, PM, PL, PACC, SC,
-    sq_b, sq_h, sck_b, sck_r, sck_h, skw_b, skw_s, skw_h, scale,
+    sq_b, sq_h, sck_b, sck_r, sck_h, skw_b, skw_s, skw_h, qk_scale,
     HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     NUM_MEM: tl.constexpr, NC_MAX: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
     WINDOW: tl.constexpr, W_SLOTS: tl.constexpr, NC_SPLIT: tl.constexpr, NC_CHUNK: tl.constexpr,
     W_CHUNK: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pair = tl.program_id(0)
-    c = tl.program_id(1)
-    b, h, t, offs_g, g_ok, offs_d, d_ok, q_off = _pair_heads(pair, TPOS, sq_b, sq_h, HS, GS, G, D, BLOCK_G, BLOCK_D)
-    qmask = g_ok[:, None] & d_ok[None, :]
-    m_i = tl.full([BLOCK_G], _NO_KEY, tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    sc_base = SC + pair.to(tl.int64) * (BLOCK_G * NC_MAX)
-    if c < NC_SPLIT:
-        # Compressed rows [c * NC_CHUNK, ...) of the memory rows + the blocks complete at t.
-        q = tl.load(Q + q_off, mask=qmask, other=0.0)
-        lo = c * NC_CHUNK
-        hi = tl.minimum(lo + NC_CHUNK, NUM_MEM + _num_visible(t, L_CMP, STRIDE))
-        m_i, l_i, acc = _attend_range(q, CK + b * sck_b + h * sck_h, CV + b * sck_b + h * sck_h, sck_r, lo, hi,
-                                      m_i, l_i, acc, scale, sc_base, NC_MAX, NUM_MEM, offs_g, g_ok, offs_d, d_ok,
-                                      RING=0, SCORES=True, BLOCK_N=BLOCK_N, PREC=PREC, UPCAST=UPCAST)
+    i_pair = tl.program_id(0)
+    i_c = tl.program_id(1)
+    b, h, t, o_g, m_g, o_d, m_d, o_q = _pair_heads(i_pair, TPOS, sq_b, sq_h, HS, GS, G, D, BLOCK_G, BLOCK_D)
+    m_q = m_g[:, None] & m_d[None, :]
+    b_m = tl.full([BLOCK_G], _NO_KEY, tl.float32)
+    b_l = tl.zeros([BLOCK_G], tl.float32)
+    b_acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    p_sc = SC + i_pair.to(tl.int64) * (BLOCK_G * NC_MAX)
+    if i_c < NC_SPLIT:
+        # Compressed rows [i_c * NC_CHUNK, ...) of the memory rows + the blocks complete at t.
+        b_q = tl.load(Q + o_q, mask=m_q, other=0.0)
+        lo = i_c * NC_CHUNK
+        hi = tl.minimum(lo + NC_CHUNK, NUM_MEM + num_visible_blocks(t, L_CMP, STRIDE))
+        b_m, b_l, b_acc = _attend_range(b_q, CK + b * sck_b + h * sck_h, CV + b * sck_b + h * sck_h, sck_r, lo, hi,
+                                        b_m, b_l, b_acc, qk_scale, p_sc, NC_MAX, NUM_MEM, o_g, m_g, o_d, m_d,
+                                        RING=0, SCORES=True, BLOCK_N=BLOCK_N, PREC=PREC, UPCAST=UPCAST)
     else:
-        # Window positions (t - WINDOW, t], chunk c - NC_SPLIT of them.
-        qr = tl.load(QR + q_off, mask=qmask, other=0.0)
-        lo = tl.maximum(t - WINDOW + 1, 0) + (c - NC_SPLIT) * W_CHUNK
+        # Window positions (t - WINDOW, t], chunk i_c - NC_SPLIT of them.
+        b_q = tl.load(QR + o_q, mask=m_q, other=0.0)
+        lo = tl.maximum(t - WINDOW + 1, 0) + (i_c - NC_SPLIT) * W_CHUNK
         hi = tl.minimum(lo + W_CHUNK, t + 1)
-        m_i, l_i, acc = _attend_range(qr, KW + b * skw_b + h * skw_h, VW + b * skw_b + h * skw_h, skw_s, lo, hi,
-                                      m_i, l_i, acc, scale, sc_base, NC_MAX, 0, offs_g, g_ok, offs_d, d_ok,
-                                      RING=W_SLOTS, SCORES=False, BLOCK_N=BLOCK_N, PREC=PREC, UPCAST=UPCAST)
-    _store_partial(PM, PL, PACC, pair, c, m_i, l_i, acc, offs_g, offs_d, NPART, BLOCK_G, BLOCK_D)
+        b_m, b_l, b_acc = _attend_range(b_q, KW + b * skw_b + h * skw_h, VW + b * skw_b + h * skw_h, skw_s, lo, hi,
+                                        b_m, b_l, b_acc, qk_scale, p_sc, NC_MAX, 0, o_g, m_g, o_d, m_d,
+                                        RING=W_SLOTS, SCORES=False, BLOCK_N=BLOCK_N, PREC=PREC, UPCAST=UPCAST)
+    _store_partial(PM, PL, PACC, i_pair, i_c, b_m, b_l, b_acc, o_g, o_d, NPART, BLOCK_G, BLOCK_D)
 
 
 @triton.jit
@@ -161,40 +151,40 @@ def _importance_kernel(
     NC_SPLIT: tl.constexpr, NC_PAD: tl.constexpr, P_CHUNK: tl.constexpr, NPART: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """p[i] = sum over the pair's query heads g of exp(s[g, i] - lse[g]), compressed blocks
-    [c * P_CHUNK, (c + 1) * P_CHUNK) of program c; lse from the compressed partials."""
-    pair = tl.program_id(0)
-    c = tl.program_id(1)
-    t = tl.load(TPOS + pair // HS).to(tl.int32)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_c = tl.arange(0, NC_PAD)
-    g_ok = offs_g < GS
-    row = (pair.to(tl.int64) * BLOCK_G + offs_g)[:, None] * NPART + offs_c[None, :]
-    c_ok = (offs_c < NC_SPLIT)[None, :]
-    m_c = tl.load(PM + row, mask=c_ok, other=_NO_KEY)
-    l_c = tl.load(PL + row, mask=c_ok, other=0.0)
-    m = tl.max(m_c, axis=1)
-    l_i = tl.sum(l_c * tl.exp(m_c - m[:, None]), axis=1)
-    has = l_i > 0
-    lse = m + tl.log(tl.where(has, l_i, 1.0))
-    n_vis = _num_visible(t, L_CMP, STRIDE)
-    sc_base = SC + pair.to(tl.int64) * (BLOCK_G * NC_MAX)
-    pc_base = PC + pair.to(tl.int64) * NC_MAX
-    offs_p = tl.arange(0, BLOCK_P)
-    lo = c * P_CHUNK
+    """p[i] = sum over the pair's query heads g of 2^(s[g, i] - lse[g]) (base-2 scores and lse), compressed
+    blocks [i_c * P_CHUNK, (i_c + 1) * P_CHUNK) of program i_c; lse from the compressed partials."""
+    i_pair = tl.program_id(0)
+    i_c = tl.program_id(1)
+    t = tl.load(TPOS + i_pair // HS).to(tl.int32)
+    o_g = tl.arange(0, BLOCK_G)
+    o_c = tl.arange(0, NC_PAD)
+    m_g = o_g < GS
+    o_row = (i_pair.to(tl.int64) * BLOCK_G + o_g)[:, None] * NPART + o_c[None, :]
+    m_c = (o_c < NC_SPLIT)[None, :]
+    b_mc = tl.load(PM + o_row, mask=m_c, other=_NO_KEY)
+    b_lc = tl.load(PL + o_row, mask=m_c, other=0.0)
+    b_m = tl.max(b_mc, axis=1)
+    b_l = tl.sum(b_lc * tl.exp2(b_mc - b_m[:, None]), axis=1)
+    m_has = b_l > 0
+    b_lse = b_m + tl.log2(tl.where(m_has, b_l, 1.0))
+    n_vis = num_visible_blocks(t, L_CMP, STRIDE)
+    p_sc = SC + i_pair.to(tl.int64) * (BLOCK_G * NC_MAX)
+    p_pc = PC + i_pair.to(tl.int64) * NC_MAX
+    o_p = tl.arange(0, BLOCK_P)
+    lo = i_c * P_CHUNK
     hi = tl.minimum(lo + P_CHUNK, n_vis)
-    for start in range(lo, hi, BLOCK_P):
-        i = start + offs_p
-        i_ok = i < hi
-        ok = g_ok[:, None] & i_ok[None, :] & has[:, None]
-        s = tl.load(sc_base + offs_g[:, None] * NC_MAX + i[None, :], mask=ok, other=0.0)
-        tl.store(pc_base + i, tl.sum(tl.where(ok, tl.exp(s - lse[:, None]), 0.0), axis=0), mask=i_ok)
+    for i_p in range(lo, hi, BLOCK_P):
+        o_i = i_p + o_p
+        m_i = o_i < hi
+        m_s = m_g[:, None] & m_i[None, :] & m_has[:, None]
+        b_s = tl.load(p_sc + o_g[:, None] * NC_MAX + o_i[None, :], mask=m_s, other=0.0)
+        tl.store(p_pc + o_i, tl.sum(tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0), axis=0), mask=m_i)
 
 
 @triton.jit
 def _select_kernel(
     QR, KS, VS, TPOS, IDX, PM, PL, PACC, PC,
-    sq_b, sq_h, sks_b, sks_s, sks_h, scale,
+    sq_b, sq_h, sks_b, sks_s, sks_h, qk_scale,
     HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     NC_MAX: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
     SEL: tl.constexpr, NSEL: tl.constexpr, NSEL_PAD: tl.constexpr, NUM_INIT: tl.constexpr,
@@ -203,76 +193,77 @@ def _select_kernel(
     BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Top-n of the pair (every program of the pair computes it; program 0 writes the indices), then
-    program k attends to the picks of rank k, k + S_SPLIT, ... and writes partial SLOT0 + k."""
-    pair = tl.program_id(0)
-    k_split = tl.program_id(1)
-    b, h, t, offs_g, g_ok, offs_d, d_ok, q_off = _pair_heads(pair, TPOS, sq_b, sq_h, HS, GS, G, D, BLOCK_G, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
+    program i_s attends to the picks of rank i_s, i_s + S_SPLIT, ... and writes partial SLOT0 + i_s."""
+    i_pair = tl.program_id(0)
+    i_s = tl.program_id(1)
+    b, h, t, o_g, m_g, o_d, m_d, o_q = _pair_heads(i_pair, TPOS, sq_b, sq_h, HS, GS, G, D, BLOCK_G, BLOCK_D)
+    o_n = tl.arange(0, BLOCK_N)
 
     # ---- importance of selection block j: sum_i c(i, j) * p[i] over the blocks i overlapping it -----
-    n_vis = _num_visible(t, L_CMP, STRIDE)
+    n_vis = num_visible_blocks(t, L_CMP, STRIDE)
     PER_CMP: tl.constexpr = L_CMP // STRIDE  # chunks per compressed block
     PER_SEL: tl.constexpr = SEL // STRIDE  # chunks per selection block
-    offs_j = tl.arange(0, NS_PAD)
-    offs_r = tl.arange(0, R_OVL)
-    i2 = offs_j[:, None] * PER_SEL - PER_CMP + 1 + offs_r[None, :]
-    lo = tl.maximum(i2, offs_j[:, None] * PER_SEL)
-    hi = tl.minimum(i2 + PER_CMP, (offs_j[:, None] + 1) * PER_SEL)
-    w = tl.maximum(hi - lo, 0).to(tl.float32)
-    i2_ok = (i2 >= 0) & (i2 < n_vis) & (offs_r[None, :] < PER_SEL + PER_CMP - 1)
-    pc = tl.load(PC + pair.to(tl.int64) * NC_MAX + i2, mask=i2_ok, other=0.0)
-    imp = tl.sum(w * pc, axis=1)
+    o_j = tl.arange(0, NS_PAD)
+    o_r = tl.arange(0, R_OVL)
+    o_i = o_j[:, None] * PER_SEL - PER_CMP + 1 + o_r[None, :]  # the compressed blocks overlapping j
+    o_lo = tl.maximum(o_i, o_j[:, None] * PER_SEL)
+    o_hi = tl.minimum(o_i + PER_CMP, (o_j[:, None] + 1) * PER_SEL)
+    b_w = tl.maximum(o_hi - o_lo, 0).to(tl.float32)
+    m_i = (o_i >= 0) & (o_i < n_vis) & (o_r[None, :] < PER_SEL + PER_CMP - 1)
+    b_pc = tl.load(PC + i_pair.to(tl.int64) * NC_MAX + o_i, mask=m_i, other=0.0)
+    b_imp = tl.sum(b_w * b_pc, axis=1)
     cur = t // SEL
-    valid = offs_j <= cur
-    forced = valid & ((offs_j < NUM_INIT) | ((cur - offs_j >= 0) & (cur - offs_j < NUM_LOCAL)))
-    imp = tl.where(forced, float("inf"), imp)
+    m_valid = o_j <= cur
+    m_forced = m_valid & ((o_j < NUM_INIT) | ((cur - o_j >= 0) & (cur - o_j < NUM_LOCAL)))
+    b_imp = tl.where(m_forced, float("inf"), b_imp)
 
     # ---- top-n: n arg-max passes over int64 keys (importance bits, then the lower index) -----------
-    # imp >= 0 or +inf, so its fp32 bits order like the values; invalid blocks get key -1.
-    key = (imp.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (NS_PAD - 1 - offs_j).to(tl.int64)
-    key = tl.where(valid, key, -1)
-    offs_s = tl.arange(0, NSEL_PAD)
-    picks = tl.full([NSEL_PAD], -1, tl.int32)
-    for n in range(NSEL):
-        best = tl.max(key, axis=0)
-        key = tl.where(key == best, -1, key)
-        picks = tl.where(offs_s == n, tl.where(best >= 0, NS_PAD - 1 - (best & 0xFFFFFFFF).to(tl.int32), -1), picks)
-    if k_split == 0:
-        tl.store(IDX + pair.to(tl.int64) * NSEL + offs_s, picks, mask=offs_s < NSEL)
+    # b_imp >= 0 or +inf, so its fp32 bits order like the values; invalid blocks get key -1.
+    b_key = (b_imp.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (NS_PAD - 1 - o_j).to(tl.int64)
+    b_key = tl.where(m_valid, b_key, -1)
+    o_s = tl.arange(0, NSEL_PAD)
+    b_picks = tl.full([NSEL_PAD], -1, tl.int32)
+    for i_rank in range(NSEL):
+        best = tl.max(b_key, axis=0)
+        b_key = tl.where(b_key == best, -1, b_key)
+        b_picks = tl.where(o_s == i_rank, tl.where(best >= 0, NS_PAD - 1 - (best & 0xFFFFFFFF).to(tl.int32), -1),
+                           b_picks)
+    if i_s == 0:
+        tl.store(IDX + i_pair.to(tl.int64) * NSEL + o_s, b_picks, mask=o_s < NSEL)
 
     # ---- selected attention over this program's picks ----------------------------------------------
-    qr = tl.load(QR + q_off, mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-    ks_base = KS + b * sks_b + h * sks_h
-    vs_base = VS + b * sks_b + h * sks_h
-    m_i = tl.full([BLOCK_G], _NO_KEY, tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    # One flat loop with a static trip count over this program's tiles (rank k_split + S_SPLIT * u,
+    b_q = tl.load(QR + o_q, mask=m_g[:, None] & m_d[None, :], other=0.0)
+    p_k = KS + b * sks_b + h * sks_h
+    p_v = VS + b * sks_b + h * sks_h
+    b_m = tl.full([BLOCK_G], _NO_KEY, tl.float32)
+    b_l = tl.zeros([BLOCK_G], tl.float32)
+    b_acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    # One flat loop with a static trip count over this program's tiles (rank i_s + S_SPLIT * u,
     # BLOCK_N positions at a time): the addresses do not depend on earlier loads, so Triton pipelines it.
     TILES: tl.constexpr = (SEL + BLOCK_N - 1) // BLOCK_N  # tiles per selection block
     MY_RANKS: tl.constexpr = (NSEL + S_SPLIT - 1) // S_SPLIT
-    for it in range(MY_RANKS * TILES):
-        r = k_split + (it // TILES) * S_SPLIT
-        blk = tl.where(r < NSEL, tl.sum(tl.where(offs_s == r, picks, 0), axis=0), -1)  # -1: no pick
-        x = (it % TILES) * BLOCK_N + offs_n
-        tok = blk * SEL + x
-        tok_ok = (x < SEL) & (tok <= t) & (tok >= 0)  # a missing pick (-1) gives tok < 0
-        kv_off = tok[:, None].to(tl.int64) * sks_s + offs_d[None, :]
-        kv_mask = tok_ok[:, None] & d_ok[None, :]
-        k = tl.load(ks_base + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(vs_base + kv_off, mask=kv_mask, other=0.0)
-        s = tl.where(tok_ok[None, :], (_dot(qr, tl.trans(k), PREC, UPCAST) * scale).to(tl.float32), float("-inf"))
-        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, PREC, UPCAST)
-    _store_partial(PM, PL, PACC, pair, SLOT0 + k_split, m_i, l_i, acc, offs_g, offs_d, NPART, BLOCK_G, BLOCK_D)
+    for i_tile in range(MY_RANKS * TILES):
+        rank = i_s + (i_tile // TILES) * S_SPLIT
+        blk = tl.where(rank < NSEL, tl.sum(tl.where(o_s == rank, b_picks, 0), axis=0), -1)  # -1: no pick
+        o_x = (i_tile % TILES) * BLOCK_N + o_n
+        o_tok = blk * SEL + o_x
+        m_tok = (o_x < SEL) & (o_tok <= t) & (o_tok >= 0)  # a missing pick (-1) gives o_tok < 0
+        o_kv = o_tok[:, None].to(tl.int64) * sks_s + o_d[None, :]
+        m_kv = m_tok[:, None] & m_d[None, :]
+        b_k = tl.load(p_k + o_kv, mask=m_kv, other=0.0)
+        b_v = tl.load(p_v + o_kv, mask=m_kv, other=0.0)
+        b_s = tl.where(m_tok[None, :], dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale, float("-inf"))
+        b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC, UPCAST)
+    _store_partial(PM, PL, PACC, i_pair, SLOT0 + i_s, b_m, b_l, b_acc, o_g, o_d, NPART, BLOCK_G, BLOCK_D)
 
 
 @triton.jit
-def _branch(m_c, l_c, acc_c, in_branch):
-    """Merge the partials (rows of m_c, l_c, acc_c) where in_branch into the normalised branch output."""
-    m_c = tl.where(in_branch, m_c, _NO_KEY)
-    a = tl.where(in_branch, tl.exp(m_c - tl.max(m_c, axis=0)), 0.0)
-    l_i = tl.sum(a * l_c, axis=0)
-    return tl.sum(a[:, None] * acc_c, axis=0) / tl.where(l_i > 0, l_i, 1.0)
+def _branch(b_mc, b_lc, b_accc, m_branch):
+    """Merge the partials (rows of b_mc, b_lc, b_accc) where m_branch into the normalised branch output."""
+    b_mc = tl.where(m_branch, b_mc, _NO_KEY)
+    b_a = tl.where(m_branch, tl.exp2(b_mc - tl.max(b_mc, axis=0)), 0.0)
+    b_l = tl.sum(b_a * b_lc, axis=0)
+    return tl.sum(b_a[:, None] * b_accc, axis=0) / tl.where(b_l > 0, b_l, 1.0)
 
 
 @triton.jit
@@ -283,28 +274,23 @@ def _combine_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """One query head: merge each branch's partials (one load of all its slots) and gate them."""
-    pid = tl.program_id(0)
-    b = (pid // HQ).to(tl.int64)
-    hq = pid % HQ
+    i_bh = tl.program_id(0)
+    b = (i_bh // HQ).to(tl.int64)
+    hq = i_bh % HQ
     pair = b * HS + hq // GS
-    offs_c = tl.arange(0, NPART_PAD)
-    offs_d = tl.arange(0, BLOCK_D)
-    c_ok = offs_c < NPART
-    row = (pair * BLOCK_G + hq % GS) * NPART + offs_c
-    m_c = tl.load(PM + row, mask=c_ok, other=_NO_KEY)
-    l_c = tl.load(PL + row, mask=c_ok, other=0.0)
-    acc_c = tl.load(PACC + row[:, None] * BLOCK_D + offs_d[None, :], mask=c_ok[:, None], other=0.0)
-    g_off = b * sg_b + hq.to(tl.int64) * sg_h
-    out = tl.load(GATES + g_off).to(tl.float32) * _branch(m_c, l_c, acc_c, offs_c < NC_SPLIT)
-    out += tl.load(GATES + g_off + 1).to(tl.float32) * _branch(m_c, l_c, acc_c, c_ok & (offs_c >= NC_SPLIT + W_SPLIT))
-    out += tl.load(GATES + g_off + 2).to(tl.float32) * _branch(
-        m_c, l_c, acc_c, (offs_c >= NC_SPLIT) & (offs_c < NC_SPLIT + W_SPLIT))
-    tl.store(O + b * so_b + hq.to(tl.int64) * so_h + offs_d, out.to(O.dtype.element_ty), mask=offs_d < D)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    o_c = tl.arange(0, NPART_PAD)
+    o_d = tl.arange(0, BLOCK_D)
+    m_c = o_c < NPART
+    o_row = (pair * BLOCK_G + hq % GS) * NPART + o_c
+    b_mc = tl.load(PM + o_row, mask=m_c, other=_NO_KEY)
+    b_lc = tl.load(PL + o_row, mask=m_c, other=0.0)
+    b_accc = tl.load(PACC + o_row[:, None] * BLOCK_D + o_d[None, :], mask=m_c[:, None], other=0.0)
+    p_g = GATES + b * sg_b + hq.to(tl.int64) * sg_h
+    b_o = tl.load(p_g).to(tl.float32) * _branch(b_mc, b_lc, b_accc, o_c < NC_SPLIT)
+    b_o += tl.load(p_g + 1).to(tl.float32) * _branch(b_mc, b_lc, b_accc, m_c & (o_c >= NC_SPLIT + W_SPLIT))
+    b_o += tl.load(p_g + 2).to(tl.float32) * _branch(b_mc, b_lc, b_accc,
+                                                     (o_c >= NC_SPLIT) & (o_c < NC_SPLIT + W_SPLIT))
+    tl.store(O + b * so_b + hq.to(tl.int64) * so_h + o_d, b_o.to(O.dtype.element_ty), mask=o_d < D)
 
 
 def _split(length, pairs, target, block_n):
@@ -315,8 +301,19 @@ def _split(length, pairs, target, block_n):
     return ceil_div(length, chunk), chunk
 
 
+def _plan(pairs, nc_rows, w_len, num_selected, block_n, sms):
+    """(compressed chunks, rows per chunk, window chunks, positions per chunk, selection programs) per
+    pair, for nc_rows compressed rows and a window of at most w_len positions. About 4 programs per SM
+    for the compressed keys (the most bytes), 2 for the window; at most MAX_SPLIT chunks per pair and
+    branch, so the merges stay one load. The selection programs each redo the pair's top-n, so they
+    fill one wave at most. (The tests swap this for forced splits.)"""
+    nc_split, nc_chunk = _split(nc_rows, pairs, min(4 * sms, MAX_SPLIT * pairs), block_n)
+    w_split, w_chunk = _split(w_len, pairs, min(2 * sms, MAX_SPLIT * pairs), block_n)
+    return nc_split, nc_chunk, w_split, w_chunk, max(1, min(num_selected, sms // pairs))
+
+
 def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block, stride, sel_block, num_mem,
-                   num_selected, num_initial, num_local, window, shared, scale, block_n, num_warps, splits):
+                   num_selected, num_initial, num_local, window, shared, scale):
     B, HQ, D = q.shape
     H = ck.shape[2]
     G = HQ // H
@@ -328,40 +325,29 @@ def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block
     t = t.to(torch.int32) if t.dtype != torch.int32 else t
     BLOCK_G = max(16, triton.next_power_of_2(GS))
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    if block_n is None:
-        block_n = 64 if BLOCK_G * BLOCK_D <= 64 * 128 else 32
-    if num_warps is None:
-        num_warps = 4 if BLOCK_G * BLOCK_D <= 16 * 128 else 8
+    block_n = 64 if BLOCK_G * BLOCK_D <= 64 * 128 else 32
+    num_warps = 4 if BLOCK_G * BLOCK_D <= 16 * 128 else 8
     pairs = B * Hs
-    if splits is None:
-        # About 4 programs per SM for the compressed keys (the most bytes), 2 for the window; at most
-        # MAX_SPLIT chunks per pair and branch, so the merges stay one load. The selection programs
-        # each redo the pair's top-n, so they fill one wave at most.
-        sms = _num_sms(q.device.index or 0) if q.is_cuda else 4
-        nc_split, nc_chunk = _split(ck.shape[1], pairs, min(4 * sms, MAX_SPLIT * pairs), block_n)
-        w_split, w_chunk = _split(min(window, S), pairs, min(2 * sms, MAX_SPLIT * pairs), block_n)
-        s_split = max(1, min(num_selected, sms // pairs))
-    else:
-        nc_split, w_split, s_split = splits
-        nc_chunk, w_chunk = ceil_div(max(ck.shape[1], 1), nc_split), ceil_div(min(window, S), w_split)
+    nc_split, nc_chunk, w_split, w_chunk, s_split = _plan(pairs, ck.shape[1], min(window, S), num_selected, block_n,
+                                                          num_sms(q.device.index or 0))
     npart = nc_split + w_split + s_split
     f32 = dict(dtype=torch.float32, device=q.device)
     pm = _empty(pairs * BLOCK_G * npart, **f32)
     pl = _empty(pairs * BLOCK_G * npart, **f32)
     pacc = _empty(pairs * BLOCK_G * npart * BLOCK_D, **f32)
-    sc = _empty(pairs * BLOCK_G * nc_max, **f32)  # raw compressed scores per query head
+    sc = _empty(pairs * BLOCK_G * nc_max, **f32)  # base-2 compressed scores per query head
     pc = _empty(pairs * nc_max, **f32)  # their probabilities summed over the pair's heads
     o = _empty(q.shape, dtype=q.dtype, device=q.device)
     idx = _empty((B, Hs, num_selected), dtype=torch.int32, device=q.device)
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    upcast = os.environ.get("TRITON_INTERPRET") == "1"
+    prec, upcast = dot_precision(q.dtype)
+    qk_scale = float(scale) * LOG2E
     common = dict(HS=Hs, GS=GS, NPART=npart, BLOCK_G=BLOCK_G)
     attn = dict(G=G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n, PREC=prec, UPCAST=upcast, num_warps=num_warps)
     cmp = dict(NC_MAX=nc_max, L_CMP=block, STRIDE=stride)
     _partials_kernel[(pairs, nc_split + w_split)](
         q, q_rot, ck, cv, k_win, v_win, t, pm, pl, pacc, sc,
         q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ck.stride(2),
-        k_win.stride(0), k_win.stride(1), k_win.stride(2), float(scale),
+        k_win.stride(0), k_win.stride(1), k_win.stride(2), qk_scale,
         NUM_MEM=num_mem, WINDOW=window, W_SLOTS=W, NC_SPLIT=nc_split, NC_CHUNK=nc_chunk, W_CHUNK=w_chunk,
         **common, **attn, **cmp)
     block_p = max(16, min(128, triton.next_power_of_2(nc_max)))
@@ -372,7 +358,7 @@ def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block
     per_cmp, per_sel = block // stride, sel_block // stride
     _select_kernel[(pairs, s_split)](
         q_rot, k_slc, v_slc, t, idx, pm, pl, pacc, pc,
-        q.stride(0), q.stride(1), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2), float(scale),
+        q.stride(0), q.stride(1), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2), qk_scale,
         SEL=sel_block, NSEL=num_selected, NSEL_PAD=triton.next_power_of_2(num_selected), NUM_INIT=num_initial,
         NUM_LOCAL=num_local, NS_PAD=max(16, triton.next_power_of_2(ceil_div(S, sel_block))),
         R_OVL=triton.next_power_of_2(per_sel + per_cmp - 1), S_SPLIT=s_split, SLOT0=nc_split + w_split,
@@ -388,26 +374,23 @@ def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block
 def _decode_op(q: torch.Tensor, q_rot: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, k_slc: torch.Tensor,
                v_slc: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, gates: torch.Tensor, t: torch.Tensor,
                block: int, stride: int, sel_block: int, num_mem: int, num_selected: int, num_initial: int,
-               num_local: int, window: int, shared: bool, scale: float, block_n: Optional[int],
-               num_warps: Optional[int], splits: Optional[List[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
+               num_local: int, window: int, shared: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     # A custom op, so torch.compile calls it as one opaque step instead of tracing the launches (which
-    # would copy the scratch buffers the kernels write into).
+    # would copy the scratch buffers the kernels write into). Its schema takes NSAParams' fields.
     return _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block, stride, sel_block, num_mem,
-                          num_selected, num_initial, num_local, window, shared, scale, block_n, num_warps, splits)
+                          num_selected, num_initial, num_local, window, shared, scale)
 
 
 @_decode_op.register_fake
 def _(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block, stride, sel_block, num_mem, num_selected,
-      num_initial, num_local, window, shared, scale, block_n, num_warps, splits):
+      num_initial, num_local, window, shared, scale):
     Hs = ck.shape[2] if shared else q.shape[1]
     return q.new_empty(q.shape), q.new_empty((q.shape[0], Hs, num_selected), dtype=torch.int32)
 
 
-def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, p, return_indices=False,
-                     block_n=None, num_warps=None, splits=None):
-    """Triton twin of `nsa.ops.reference.decode_attention` (see there for shapes). The selected block
-    indices it returns (return_indices) are in the order picked, not sorted. `splits` = (compressed
-    chunks, window chunks, selection programs) per pair overrides the default."""
+def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, p, return_indices=False):
+    """Triton twin of `nsa.ops.reference.decode_attention` (see there for shapes; p: `NSAParams`). The
+    selected block indices it returns (return_indices) are in the order picked, not sorted."""
     for x in (ck, cv, k_slc, v_slc, k_win, v_win):
         if x.stride(-1) != 1:
             raise ValueError("decode caches must have a contiguous last dimension")
@@ -415,8 +398,7 @@ def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, p, 
         raise ValueError("decode caches: keys and values must share strides")
     if q.shape[1] % ck.shape[2]:
         raise ValueError(f"query heads {q.shape[1]} must be a multiple of kv heads {ck.shape[2]}")
-    o, idx = _decode_op(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, int(p.compress_block),
-                        int(p.compress_stride), int(p.sel_block), int(p.num_mem), int(p.num_selected),
-                        int(p.num_initial), int(p.num_local), int(p.window), bool(p.shared_selection),
-                        float(p.scale_for(q.shape[-1])), block_n, num_warps, None if splits is None else list(splits))
+    o, idx = _decode_op(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, p.compress_block, p.compress_stride,
+                        p.sel_block, p.num_mem, p.num_selected, p.num_initial, p.num_local, p.window,
+                        p.shared_selection, float(p.scale_for(q.shape[-1])))
     return (o, idx) if return_indices else o
