@@ -63,7 +63,7 @@ CASES = [
 def _forced_plan(nc_split, w_split, s_split):
     """A `decode._plan` with fixed splits (compressed chunks, window chunks, selection programs) per pair
     and chunks that are no multiple of the tile, so one tile straddles two chunks."""
-    def plan(pairs, nc_rows, w_len, num_selected, block_n, sms):
+    def plan(pairs, nc_rows, window, w_len, num_selected, block_n, sms):
         return nc_split, ceil_div(nc_rows, nc_split), w_split, ceil_div(w_len, w_split), s_split
 
     return plan
@@ -201,3 +201,57 @@ def test_decode_kernel_long_cache_matches_reference(shared):
     o, idx = decode.decode_attention(*args, p, return_indices=True)
     assert torch.equal(_sorted_idx(idx.cpu()), idx_ref.cpu())
     torch.testing.assert_close(o.cpu(), o_ref.cpu(), atol=1e-5, rtol=1e-5)
+
+
+class _KeyRecorder:
+    """Stands in for a Triton kernel: records each launch's compile key (its constexprs and the
+    specialisation Triton gives every other argument: type, == 1, divisible by 16) and launches it."""
+
+    def __init__(self, kernel, keys):
+        self.kernel, self.keys = kernel, keys
+        fixed = getattr(kernel, "do_not_specialize", None) or getattr(kernel, "kwargs", {}).get("do_not_specialize")
+        self.unspecialised = set(fixed or ())
+
+    def __getitem__(self, grid):
+        from triton.backends.compiler import BaseBackend
+        from triton.runtime.jit import native_specialize_impl
+
+        def launch(*args, **kw):
+            names = self.kernel.arg_names[:len(args)]
+            spec = tuple(native_specialize_impl(BaseBackend, a, False, n not in self.unspecialised, True)
+                         for n, a in zip(names, args))
+            self.keys.add((self.kernel.__name__, spec, tuple(sorted(kw.items()))))
+            return self.kernel[grid](*args, **kw)
+
+        return launch
+
+
+def test_new_prompt_and_cache_lengths_compile_nothing_new(monkeypatch):
+    # Two generations of different prompt and new-token lengths (so different cache capacities, a
+    # window ring of another size, other compressed rows) launch the decode kernels with the same
+    # compile keys: nothing is compiled again for the second on a GPU.
+    from nsa.config import ModelConfig, NSAConfig
+    from nsa.generation import generate
+    from nsa.model import Transformer
+
+    keys = set()
+    for name in ("_partials_kernel", "_importance_kernel", "_select_kernel", "_combine_kernel"):
+        monkeypatch.setattr(decode, name, _KeyRecorder(getattr(decode, name), keys))
+    nsa = NSAConfig(compress_block=8, compress_stride=4, sel_block=16, num_selected=4, window=32, backend="triton",
+                    separate_kv=True)
+    model = Transformer(ModelConfig(dim=32, depth=1, heads=4, kv_heads=2, dim_head=16, nsa=nsa)).to(DEVICE).eval()
+
+    def prefill(idx, cache):  # the parallel forward on the reference ops (the interpreter is slow)
+        nsa.backend = "torch"
+        try:
+            return Transformer.prefill(model, idx, cache)
+        finally:
+            nsa.backend = "triton"
+
+    monkeypatch.setattr(model, "prefill", prefill)
+    seen = []
+    for T, new in ((9, 5), (21, 8)):  # cache capacities 14 and 29, so window rings of 14 and 29 slots
+        generate(model, torch.randint(0, 256, (2, T), device=DEVICE), new, greedy=True)
+        seen.append(set(keys))
+    assert len(seen[0]) == 4
+    assert seen[1] == seen[0], f"new compile keys: {seen[1] - seen[0]}"

@@ -58,16 +58,22 @@ def _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC: tl.constexpr, UPCAST: tl.cons
 
 
 @triton.jit
-def _attend_range(b_q, p_k, p_v, row_stride, lo, hi, b_m, b_l, b_acc, qk_scale, p_sc, sc_g, sc_off, o_g, m_g, o_d,
-                  m_d, RING: tl.constexpr, SCORES: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+def _attend_range(b_q, p_k, p_v, row_stride, lo, hi, slots, b_m, b_l, b_acc, qk_scale, p_sc, sc_g, sc_off, o_g, m_g,
+                  o_d, m_d, RING: tl.constexpr, SCORES: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                   UPCAST: tl.constexpr):
-    """Online softmax of b_q over positions [lo, hi) of p_k, p_v (row x at x % RING when RING > 0). With
-    SCORES, also store the scores of positions x >= sc_off at p_sc + g * sc_g + (x - sc_off)."""
+    """Online softmax of b_q over positions [lo, hi) of p_k, p_v. RING: position x is in row x % slots,
+    and hi - lo <= slots. With SCORES, also store the scores of positions x >= sc_off at
+    p_sc + g * sc_g + (x - sc_off)."""
     o_n = tl.arange(0, BLOCK_N)
     for i_n in range(lo, hi, BLOCK_N):
         o_x = i_n + o_n
         m_x = o_x < hi
-        o_row = o_x % RING if RING > 0 else o_x
+        if RING:
+            # One scalar modulo per tile; a tile's valid rows wrap at most once (hi - lo <= slots).
+            o_row = i_n % slots + o_n
+            o_row = tl.where(o_row >= slots, o_row - slots, o_row)
+        else:
+            o_row = o_x
         o_kv = o_row[:, None].to(tl.int64) * row_stride + o_d[None, :]
         m_kv = m_x[:, None] & m_d[None, :]
         b_k = tl.load(p_k + o_kv, mask=m_kv, other=0.0)
@@ -107,14 +113,13 @@ def _store_partial(p_pm, p_pl, p_pacc, i_pair, slot, b_m, b_l, b_acc, o_g, o_d, 
     tl.store(p_pacc + o_row[:, None] * BLOCK_D + o_d[None, :], b_acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["w_slots"])  # the ring's size follows the cache's: no recompile for a new one
 def _partials_kernel(
     Q, QR, CK, CV, KW, VW, TPOS, PM, PL, PACC, SC,
-    sq_b, sq_h, sck_b, sck_r, sck_h, skw_b, skw_s, skw_h, qk_scale,
+    sq_b, sq_h, sck_b, sck_r, sck_h, skw_b, skw_s, skw_h, qk_scale, sc_row, w_slots, nc_chunk, w_chunk,
     HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    NUM_MEM: tl.constexpr, NC_MAX: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
-    WINDOW: tl.constexpr, W_SLOTS: tl.constexpr, NC_SPLIT: tl.constexpr, NC_CHUNK: tl.constexpr,
-    W_CHUNK: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_MEM: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
+    NC_SPLIT: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_pair = tl.program_id(0)
@@ -124,35 +129,34 @@ def _partials_kernel(
     b_m = tl.full([BLOCK_G], _NO_KEY, tl.float32)
     b_l = tl.zeros([BLOCK_G], tl.float32)
     b_acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    p_sc = SC + i_pair.to(tl.int64) * (BLOCK_G * NC_MAX)
+    p_sc = SC + i_pair.to(tl.int64) * BLOCK_G * sc_row
     if i_c < NC_SPLIT:
-        # Compressed rows [i_c * NC_CHUNK, ...) of the memory rows + the blocks complete at t.
+        # Compressed rows [i_c * nc_chunk, ...) of the memory rows + the blocks complete at t.
         b_q = tl.load(Q + o_q, mask=m_q, other=0.0)
-        lo = i_c * NC_CHUNK
-        hi = tl.minimum(lo + NC_CHUNK, NUM_MEM + num_visible_blocks(t, L_CMP, STRIDE))
+        lo = i_c * nc_chunk
+        hi = tl.minimum(lo + nc_chunk, NUM_MEM + num_visible_blocks(t, L_CMP, STRIDE))
         b_m, b_l, b_acc = _attend_range(b_q, CK + b * sck_b + h * sck_h, CV + b * sck_b + h * sck_h, sck_r, lo, hi,
-                                        b_m, b_l, b_acc, qk_scale, p_sc, NC_MAX, NUM_MEM, o_g, m_g, o_d, m_d,
-                                        RING=0, SCORES=True, BLOCK_N=BLOCK_N, PREC=PREC, UPCAST=UPCAST)
+                                        0, b_m, b_l, b_acc, qk_scale, p_sc, sc_row, NUM_MEM, o_g, m_g, o_d, m_d,
+                                        RING=False, SCORES=True, BLOCK_N=BLOCK_N, PREC=PREC, UPCAST=UPCAST)
     else:
-        # Window positions (t - WINDOW, t], chunk i_c - NC_SPLIT of them.
+        # Window positions (t - WINDOW, t], chunk i_c - NC_SPLIT of them, in a ring of w_slots rows.
         b_q = tl.load(QR + o_q, mask=m_q, other=0.0)
-        lo = tl.maximum(t - WINDOW + 1, 0) + (i_c - NC_SPLIT) * W_CHUNK
-        hi = tl.minimum(lo + W_CHUNK, t + 1)
+        lo = tl.maximum(t - WINDOW + 1, 0) + (i_c - NC_SPLIT) * w_chunk
+        hi = tl.minimum(lo + w_chunk, t + 1)
         b_m, b_l, b_acc = _attend_range(b_q, KW + b * skw_b + h * skw_h, VW + b * skw_b + h * skw_h, skw_s, lo, hi,
-                                        b_m, b_l, b_acc, qk_scale, p_sc, NC_MAX, 0, o_g, m_g, o_d, m_d,
-                                        RING=W_SLOTS, SCORES=False, BLOCK_N=BLOCK_N, PREC=PREC, UPCAST=UPCAST)
+                                        w_slots, b_m, b_l, b_acc, qk_scale, p_sc, sc_row, 0, o_g, m_g, o_d, m_d,
+                                        RING=True, SCORES=False, BLOCK_N=BLOCK_N, PREC=PREC, UPCAST=UPCAST)
     _store_partial(PM, PL, PACC, i_pair, i_c, b_m, b_l, b_acc, o_g, o_d, NPART, BLOCK_G, BLOCK_D)
 
 
 @triton.jit
 def _importance_kernel(
-    TPOS, PM, PL, SC, PC,
-    HS: tl.constexpr, GS: tl.constexpr, NC_MAX: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
-    NC_SPLIT: tl.constexpr, NC_PAD: tl.constexpr, P_CHUNK: tl.constexpr, NPART: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+    TPOS, PM, PL, SC, PC, sc_row, p_chunk,
+    HS: tl.constexpr, GS: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
+    NC_SPLIT: tl.constexpr, NC_PAD: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """p[i] = sum over the pair's query heads g of 2^(s[g, i] - lse[g]) (base-2 scores and lse), compressed
-    blocks [i_c * P_CHUNK, (i_c + 1) * P_CHUNK) of program i_c; lse from the compressed partials."""
+    blocks [i_c * p_chunk, (i_c + 1) * p_chunk) of program i_c; lse from the compressed partials."""
     i_pair = tl.program_id(0)
     i_c = tl.program_id(1)
     t = tl.load(TPOS + i_pair // HS).to(tl.int32)
@@ -168,25 +172,24 @@ def _importance_kernel(
     m_has = b_l > 0
     b_lse = b_m + tl.log2(tl.where(m_has, b_l, 1.0))
     n_vis = num_visible_blocks(t, L_CMP, STRIDE)
-    p_sc = SC + i_pair.to(tl.int64) * (BLOCK_G * NC_MAX)
-    p_pc = PC + i_pair.to(tl.int64) * NC_MAX
+    p_sc = SC + i_pair.to(tl.int64) * BLOCK_G * sc_row
+    p_pc = PC + i_pair.to(tl.int64) * sc_row
     o_p = tl.arange(0, BLOCK_P)
-    lo = i_c * P_CHUNK
-    hi = tl.minimum(lo + P_CHUNK, n_vis)
+    lo = i_c * p_chunk
+    hi = tl.minimum(lo + p_chunk, n_vis)
     for i_p in range(lo, hi, BLOCK_P):
         o_i = i_p + o_p
         m_i = o_i < hi
         m_s = m_g[:, None] & m_i[None, :] & m_has[:, None]
-        b_s = tl.load(p_sc + o_g[:, None] * NC_MAX + o_i[None, :], mask=m_s, other=0.0)
+        b_s = tl.load(p_sc + o_g[:, None] * sc_row + o_i[None, :], mask=m_s, other=0.0)
         tl.store(p_pc + o_i, tl.sum(tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0), axis=0), mask=m_i)
 
 
 @triton.jit
 def _select_kernel(
     QR, KS, VS, TPOS, IDX, PM, PL, PACC, PC,
-    sq_b, sq_h, sks_b, sks_s, sks_h, qk_scale,
-    HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    NC_MAX: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
+    sq_b, sq_h, sks_b, sks_s, sks_h, qk_scale, sc_row,
+    HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
     SEL: tl.constexpr, NSEL: tl.constexpr, NSEL_PAD: tl.constexpr, NUM_INIT: tl.constexpr,
     NUM_LOCAL: tl.constexpr, NS_PAD: tl.constexpr, R_OVL: tl.constexpr, S_SPLIT: tl.constexpr,
     SLOT0: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -210,7 +213,7 @@ def _select_kernel(
     o_hi = tl.minimum(o_i + PER_CMP, (o_j[:, None] + 1) * PER_SEL)
     b_w = tl.maximum(o_hi - o_lo, 0).to(tl.float32)
     m_i = (o_i >= 0) & (o_i < n_vis) & (o_r[None, :] < PER_SEL + PER_CMP - 1)
-    b_pc = tl.load(PC + i_pair.to(tl.int64) * NC_MAX + o_i, mask=m_i, other=0.0)
+    b_pc = tl.load(PC + i_pair.to(tl.int64) * sc_row + o_i, mask=m_i, other=0.0)
     b_imp = tl.sum(b_w * b_pc, axis=1)
     cur = t // SEL
     m_valid = o_j <= cur
@@ -293,27 +296,34 @@ def _combine_kernel(
     tl.store(O + b * so_b + hq.to(tl.int64) * so_h + o_d, b_o.to(O.dtype.element_ty), mask=o_d < D)
 
 
-def _split(length, pairs, target, block_n):
-    """(chunks, chunk length): about `target` programs over `pairs`, chunks a multiple of block_n."""
-    length = max(length, 1)
-    chunks = max(1, min(ceil_div(target, pairs), ceil_div(length, block_n)))
-    chunk = ceil_div(ceil_div(length, chunks), block_n) * block_n
-    return ceil_div(length, chunk), chunk
-
-
-def _plan(pairs, nc_rows, w_len, num_selected, block_n, sms):
+def _plan(pairs, nc_rows, window, w_len, num_selected, block_n, sms):
     """(compressed chunks, rows per chunk, window chunks, positions per chunk, selection programs) per
-    pair, for nc_rows compressed rows and a window of at most w_len positions. About 4 programs per SM
-    for the compressed keys (the most bytes), 2 for the window; at most MAX_SPLIT chunks per pair and
-    branch, so the merges stay one load. The selection programs each redo the pair's top-n, so they
-    fill one wave at most. (The tests swap this for forced splits.)"""
-    nc_split, nc_chunk = _split(nc_rows, pairs, min(4 * sms, MAX_SPLIT * pairs), block_n)
-    w_split, w_chunk = _split(w_len, pairs, min(2 * sms, MAX_SPLIT * pairs), block_n)
-    return nc_split, nc_chunk, w_split, w_chunk, max(1, min(num_selected, sms // pairs))
+    pair, for nc_rows compressed rows and a window of at most w_len positions. The chunk counts are
+    compile-time constants of the kernels, so they depend on the batch, heads and the device only,
+    never on the cache's length: about 4 programs per SM for the compressed keys (the most bytes), 2
+    for the window (no more than its tiles), at most MAX_SPLIT per pair and branch so the merges stay
+    one load; chunks are whole tiles, and those past the rows write empty partials. The selection
+    programs each redo the pair's top-n, so they fill one wave at most. (The tests swap this for forced
+    splits.)"""
+    nc_split = min(ceil_div(min(4 * sms, MAX_SPLIT * pairs), pairs), MAX_SPLIT)
+    w_split = min(ceil_div(min(2 * sms, MAX_SPLIT * pairs), pairs), ceil_div(window, block_n), MAX_SPLIT)
+    return (nc_split, _chunk(nc_rows, nc_split, block_n), w_split, _chunk(w_len, w_split, block_n),
+            max(1, min(num_selected, sms // pairs)))
+
+
+def _chunk(length, chunks, granule):
+    """Length of each of `chunks` chunks covering `length` items, rounded up to a multiple of granule."""
+    return ceil_div(ceil_div(max(length, 1), chunks), granule) * granule
 
 
 def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block, stride, sel_block, num_mem,
                    num_selected, num_initial, num_local, window, shared, scale):
+    # Compile-time constants come from the heads, head dim, NSA hyperparameters and the device; the
+    # cache's capacities and the chunk lengths are runtime arguments, whose divisibility by 16 (Triton
+    # specialises on it) does not change with the length: the chunks are whole tiles, the scratch rows
+    # are padded to 16, and the caches' strides are multiples of 16 when H * D is. Only the selection
+    # blocks' vector NS_PAD (a power of two >= the blocks that fit) grows with the capacity, so a new
+    # length recompiles only when it crosses a power of two times 16 selection blocks.
     B, HQ, D = q.shape
     H = ck.shape[2]
     G = HQ // H
@@ -321,6 +331,7 @@ def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block
     GS = HQ // Hs
     S, W = k_slc.shape[1], k_win.shape[1]
     nc_max = max(ck.shape[1] - num_mem, 1)
+    sc_row = ceil_div(nc_max, 16) * 16  # scratch row length: a multiple of 16, aligned for any capacity
     q, q_rot, gates = q.contiguous(), q_rot.contiguous(), gates.contiguous()
     t = t.to(torch.int32) if t.dtype != torch.int32 else t
     BLOCK_G = max(16, triton.next_power_of_2(GS))
@@ -328,37 +339,36 @@ def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block
     block_n = 64 if BLOCK_G * BLOCK_D <= 64 * 128 else 32
     num_warps = 4 if BLOCK_G * BLOCK_D <= 16 * 128 else 8
     pairs = B * Hs
-    nc_split, nc_chunk, w_split, w_chunk, s_split = _plan(pairs, ck.shape[1], min(window, S), num_selected, block_n,
-                                                          num_sms(q.device.index or 0))
+    nc_split, nc_chunk, w_split, w_chunk, s_split = _plan(pairs, ck.shape[1], window, min(window, S), num_selected,
+                                                          block_n, num_sms(q.device.index or 0))
     npart = nc_split + w_split + s_split
     f32 = dict(dtype=torch.float32, device=q.device)
     pm = _empty(pairs * BLOCK_G * npart, **f32)
     pl = _empty(pairs * BLOCK_G * npart, **f32)
     pacc = _empty(pairs * BLOCK_G * npart * BLOCK_D, **f32)
-    sc = _empty(pairs * BLOCK_G * nc_max, **f32)  # base-2 compressed scores per query head
-    pc = _empty(pairs * nc_max, **f32)  # their probabilities summed over the pair's heads
+    sc = _empty(pairs * BLOCK_G * sc_row, **f32)  # base-2 compressed scores per query head
+    pc = _empty(pairs * sc_row, **f32)  # their probabilities summed over the pair's heads
     o = _empty(q.shape, dtype=q.dtype, device=q.device)
     idx = _empty((B, Hs, num_selected), dtype=torch.int32, device=q.device)
     prec, upcast = dot_precision(q.dtype)
     qk_scale = float(scale) * LOG2E
     common = dict(HS=Hs, GS=GS, NPART=npart, BLOCK_G=BLOCK_G)
     attn = dict(G=G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n, PREC=prec, UPCAST=upcast, num_warps=num_warps)
-    cmp = dict(NC_MAX=nc_max, L_CMP=block, STRIDE=stride)
+    cmp = dict(L_CMP=block, STRIDE=stride)
     _partials_kernel[(pairs, nc_split + w_split)](
         q, q_rot, ck, cv, k_win, v_win, t, pm, pl, pacc, sc,
         q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ck.stride(2),
-        k_win.stride(0), k_win.stride(1), k_win.stride(2), qk_scale,
-        NUM_MEM=num_mem, WINDOW=window, W_SLOTS=W, NC_SPLIT=nc_split, NC_CHUNK=nc_chunk, W_CHUNK=w_chunk,
-        **common, **attn, **cmp)
-    block_p = max(16, min(128, triton.next_power_of_2(nc_max)))
-    p_chunk = ceil_div(ceil_div(nc_max, nc_split), block_p) * block_p
+        k_win.stride(0), k_win.stride(1), k_win.stride(2), qk_scale, sc_row, W, nc_chunk, w_chunk,
+        NUM_MEM=num_mem, WINDOW=window, NC_SPLIT=nc_split, **common, **attn, **cmp)
+    block_p = 128
+    p_chunk = _chunk(nc_max, nc_split, block_p)
     _importance_kernel[(pairs, ceil_div(nc_max, p_chunk))](
-        t, pm, pl, sc, pc, NC_SPLIT=nc_split, NC_PAD=triton.next_power_of_2(nc_split), P_CHUNK=p_chunk,
+        t, pm, pl, sc, pc, sc_row, p_chunk, NC_SPLIT=nc_split, NC_PAD=triton.next_power_of_2(nc_split),
         BLOCK_P=block_p, **common, **cmp, num_warps=4)
     per_cmp, per_sel = block // stride, sel_block // stride
     _select_kernel[(pairs, s_split)](
         q_rot, k_slc, v_slc, t, idx, pm, pl, pacc, pc,
-        q.stride(0), q.stride(1), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2), qk_scale,
+        q.stride(0), q.stride(1), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2), qk_scale, sc_row,
         SEL=sel_block, NSEL=num_selected, NSEL_PAD=triton.next_power_of_2(num_selected), NUM_INIT=num_initial,
         NUM_LOCAL=num_local, NS_PAD=max(16, triton.next_power_of_2(ceil_div(S, sel_block))),
         R_OVL=triton.next_power_of_2(per_sel + per_cmp - 1), S_SPLIT=s_split, SLOT0=nc_split + w_split,
