@@ -1,19 +1,20 @@
 """Selected-block attention kernels on GPU: our Triton kernel vs fla-core's NSA vs dense SDPA.
 
-Median milliseconds (triton.testing.do_bench), bf16, forward and forward+backward, DESIGN.md
-section 6 shapes: the paper setting (HQ=64, H=4, D=128, l'=64, n=16) over T, and small groups
-(H=4, HQ in 4..64) at one T, reported per query head as well. Block picks are random and causal and
-always include the forced blocks (0 and the two local ones). Before timing, a correctness check
-against the reference at a moderate size and a determinism check (two backward runs bit-identical).
-Our kernel runs in every launch variant of `selection.VARIANTS` that applies (constants set with
-`selection.variant`): each is checked against the reference at T = 1024 first, then timed side by
-side (forward, forward+backward, and the backward's dQ and dK/dV kernels alone), and the fastest
-per kernel is printed as a recommendation. Prints markdown tables last; with $OUT set, writes them to
-$OUT/bench_kernels.md and the raw numbers to $OUT/bench_kernels.json.
+Median milliseconds (triton.testing.do_bench), bf16, forward and forward+backward, at the shapes of
+docs/BENCHMARKS.md, "Benchmark shapes": the paper setting (HQ=64, H=4, D=128, l'=64, n=16) over T,
+and small groups (H=4, HQ in 4..64) at one T, reported per query head as well. Block picks are
+random and causal and always include the forced blocks (0 and the two local ones). Before timing, a
+correctness check against the reference at a moderate size and a determinism check (two backward
+runs bit-identical). The paper rows also time the backward's dQ and dK/dV kernels alone. Prints
+markdown tables last; with $OUT set, writes them to $OUT/bench_kernels.md and the raw numbers to
+$OUT/bench_kernels.json.
 
-    python scripts/bench_kernels.py --T 16384 65536 --small-T 65536 --small-HQ 4 8 16 64   # ~5 min
+The launch alternatives that lost (docs/KERNELS_SELECTION.md, "Alternatives measured and dropped")
+are timed from commit 6ed8f2c, whose `--variants` runs them side by side:
+`git checkout 6ed8f2c -- nsa/ops/selection.py scripts/bench_kernels.py`.
+
+    python scripts/bench_kernels.py --T 16384 65536 --small-T 65536 --small-HQ 4 8 16 64   # ~3 min
     python scripts/bench_kernels.py --quick          # T = 8k, 16k; small groups at 16k
-    python scripts/bench_kernels.py --variants base default tok2     # only these variants
 """
 
 import argparse
@@ -30,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PAPER = dict(HQ=64, H=4, D=128, sel_block=64, n=16)
 DEVICE = "cuda"
-VARIANT_CHECK_T = 1024
 
 
 def parse_args(argv=None):
@@ -40,9 +40,6 @@ def parse_args(argv=None):
     p.add_argument("--small-T", type=int, default=65536, help="sequence length of the small-group table")
     p.add_argument("--small-HQ", type=int, nargs="+", default=[4, 8, 16, 32, 64],
                    help="query heads of the small-group table (H = 4)")
-    p.add_argument("--variants", nargs="+", default=None,
-                   help="selection.VARIANTS names to time (default: selection.PAPER_VARIANTS on the paper "
-                        "table, selection.SMALL_G_VARIANTS on the small-group table)")
     p.add_argument("--check-T", type=int, default=4096, help="sequence length of the reference check")
     p.add_argument("--no-dense", action="store_true", help="skip the dense SDPA baselines")
     p.add_argument("--quick", action="store_true", help="T = 8k, 16k; small groups at 16k; shorter timing")
@@ -196,46 +193,6 @@ def correctness(args):
     return rows
 
 
-def variant_lists(args):
-    from nsa.ops import selection
-
-    if args.variants:
-        unknown = [v for v in args.variants if v not in selection.VARIANTS]
-        if unknown:
-            sys.exit(f"unknown variants {unknown}; known: {sorted(selection.VARIANTS)}")
-        return list(args.variants), list(args.variants)
-    return list(selection.PAPER_VARIANTS), list(selection.SMALL_G_VARIANTS)
-
-
-def check_variants(args, paper_vs, small_vs):
-    """Max relative error (over o, dq, dk, dv) of every variant against the reference, T = 1024, at the
-    timed shapes' head layout (H = 4, D = 128), so the kernels compiled here are the timed ones."""
-    from nsa.ops import reference, selection
-
-    T, H, D, bs, n = VARIANT_CHECK_T, 4, 128, 64, 16
-    out = {}
-    groups = [(16, paper_vs)] + [(hq // H, small_vs) for hq in args.small_HQ if hq // H < 16]
-    for G, names in groups:
-        q, k, v, do = make_inputs(1, T, H * G, H, D, seed=G)
-        idx = random_picks(1, T, H, bs, n, DEVICE)
-        qf, kf, vf = leaf(q.float(), k.float(), v.float())
-        of = reference.selection_attention(qf, kf, vf, idx, NSAParams(sel_block=bs))
-        of.backward(do.float())
-        want = (of.detach(), qf.grad, kf.grad, vf.grad)
-        for name in names:
-            with selection.variant(name):
-                q1, k1, v1 = leaf(q, k, v)
-                o1 = selection.selection_attention(q1, k1, v1, idx, NSAParams(sel_block=bs))
-                o1.backward(do)
-            got = (o1, q1.grad, k1.grad, v1.grad)
-            err = max(((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() for a, b in zip(got, want))
-            out[f"G={G} {name}"] = err
-            print(f"variant check G={G} {name}: max rel err {err:.1e}{'  FAIL' if not err < 2e-2 else ''}", flush=True)
-        del q, k, v, do, qf, kf, vf, of, want
-        torch.cuda.empty_cache()
-    return out
-
-
 def bench_parts(q, k, v, do, idx, sel_block, quick):
     """(dq ms, dkv ms): the backward's two kernels alone (dK/dV including its reverse-index build)."""
     from triton.testing import do_bench
@@ -262,51 +219,35 @@ def bench_parts(q, k, v, do, idx, sel_block, quick):
     return [t_dq, t_dkv]
 
 
-def time_variants(names, q, k, v, do, idx, bs, quick, parts):
-    from nsa.ops import selection
-
-    res = {}
-    for name in names:
-        with selection.variant(name):
-            r = bench(ours(idx, bs), leaf(q, k, v), do, quick)
-            if parts:
-                r += bench_parts(q, k, v, do, idx, bs, quick)
-        res[name] = r
-        print(f"  {name}: " + " / ".join(fmt(x) for x in r), flush=True)
-    return res
-
-
 def main():
     args = parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA device")
     import triton
 
-    paper_vs, small_vs = variant_lists(args)
     B, bs, n, D = 1, PAPER["sel_block"], PAPER["n"], PAPER["D"]
     fla_ok = fla_selection(torch.zeros(1, 1, 1, 1, dtype=torch.int32), bs) is not None
     env = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                fla=_fla_version() if fla_ok else None, command=" ".join(sys.argv))
     print(env, flush=True)
-    raw = dict(env=env, check=[], variant_check={}, paper=[], small=[], paper_variants=paper_vs,
-               small_variants=small_vs)
+    raw = dict(env=env, check=[], paper=[], small=[])
 
     raw["check"] = correctness(args)
     for r in raw["check"]:
         print("check", r, flush=True)
-    raw["variant_check"] = check_variants(args, paper_vs, small_vs)
 
     for T in args.T:
         q, k, v, do = make_inputs(B, T, PAPER["HQ"], PAPER["H"], D)
         idx = random_picks(B, T, PAPER["H"], bs, n, DEVICE)
-        print(f"paper T={T}: variant fwd / fwd+bwd / dq / dkv ms", flush=True)
-        row = dict(T=T, ours=time_variants(paper_vs, q, k, v, do, idx, bs, args.quick, parts=True))
+        print(f"paper T={T} ...", flush=True)
+        row = dict(T=T, ours=bench(ours(idx, bs), leaf(q, k, v), do, args.quick))
+        row["parts"] = bench_parts(q, k, v, do, idx, bs, args.quick)
         fla = fla_selection(idx, bs)
         row["fla"] = bench(fla, leaf(q, k, v), do, args.quick) if fla else None
         if not args.no_dense:
             for be in ("cudnn", "flash"):
                 row[be] = bench(dense(be), leaf(*expand_kv(q, k, v)), do, args.quick)
-        print("paper", {k_: v_ for k_, v_ in row.items() if k_ != "ours"}, flush=True)
+        print("paper", row, flush=True)
         raw["paper"].append(row)
         del q, k, v, do, idx
         torch.cuda.empty_cache()
@@ -316,13 +257,12 @@ def main():
         same = [r for r in raw["paper"] if r["T"] == T] if HQ == PAPER["HQ"] else []
         if same:
             # The paper setting at this T: reuse its timings (same inputs, same kernels).
-            row = dict(T=T, HQ=HQ, ours={k_: v_[:2] for k_, v_ in same[0]["ours"].items()}, fla=same[0]["fla"])
+            row = dict(T=T, HQ=HQ, ours=same[0]["ours"], fla=same[0]["fla"])
         else:
             q, k, v, do = make_inputs(B, T, HQ, H, D)
             idx = random_picks(B, T, H, bs, n, DEVICE)
-            print(f"small T={T} HQ={HQ}: variant fwd / fwd+bwd ms", flush=True)
-            names = paper_vs if HQ // H >= 16 else small_vs
-            row = dict(T=T, HQ=HQ, ours=time_variants(names, q, k, v, do, idx, bs, args.quick, parts=False))
+            print(f"small T={T} HQ={HQ} ...", flush=True)
+            row = dict(T=T, HQ=HQ, ours=bench(ours(idx, bs), leaf(q, k, v), do, args.quick))
             fla = fla_selection(idx, bs) if HQ // H >= 16 else None
             row["fla"] = bench(fla, leaf(q, k, v), do, args.quick) if fla else None
             del q, k, v, do, idx
@@ -352,80 +292,42 @@ def _num(x):
     return x if isinstance(x, (int, float)) else float("inf")
 
 
-def _best(results, i):
-    """Name of the variant with the smallest entry i (None if nothing timed)."""
-    ok = {k: _num(r[i]) for k, r in results.items() if len(r) > i}
-    return min(ok, key=ok.get) if ok and min(ok.values()) < float("inf") else None
-
-
 def render(raw, args):
     e = raw["env"]
     lines = [f"{e['card']}, torch {e['torch']}, triton {e['triton']}, fla {e['fla'] or 'n/a'}; `{e['command']}`", "",
-             f"Correctness vs reference (bf16, T={args.check_T}, H=2, D=128, l'=64, n=16), default variant: max rel "
-             "error o / dq / dk / dv; deterministic = two backward runs bit-identical", "",
+             f"Correctness vs reference (bf16, T={args.check_T}, H=2, D=128, l'=64, n=16): max rel error "
+             "o / dq / dk / dv; deterministic = two backward runs bit-identical", "",
              "| G | indices | o | dq | dk | dv | deterministic |", "|---|---|---|---|---|---|---|"]
     for r in raw["check"]:
         errs = " | ".join(f"{x:.1e}" for x in r["rel_err"])
         lines.append(f"| {r['G']} | {'shared' if r['shared'] else 'per head'} | {errs} | {r['deterministic']} |")
-    bad = {k: v for k, v in raw["variant_check"].items() if not v < 2e-2}
-    worst = max(raw["variant_check"].values(), default=0)
-    lines += ["", f"Variants vs reference (T={VARIANT_CHECK_T}, H=4, D=128): {len(raw['variant_check'])} checked, "
-              f"worst max rel error {worst:.1e}; "
-              + (f"FAILED: {bad}" if bad else "all < 2e-2")]
 
-    shown = "default" if "default" in raw["paper_variants"] else raw["paper_variants"][0]
-    lines += ["", f"Paper setting (B=1, HQ=64, H=4, D=128, l'=64, n=16), median ms fwd / fwd+bwd; ours = {shown} "
-              "variant", "", "| T | ours | fla-core selection | SDPA cuDNN (dense) | SDPA flash (dense) |",
-              "|---|---|---|---|---|"]
+    lines += ["", "Paper setting (B=1, HQ=64, H=4, D=128, l'=64, n=16), median ms fwd / fwd+bwd; dQ and dK/dV: the "
+              "backward's two kernels alone (dK/dV with its reverse index)", "",
+              "| T | ours | dQ / dK+dV | fla-core selection | SDPA cuDNN (dense) | SDPA flash (dense) | "
+              "ours / fla-core |", "|---|---|---|---|---|---|---|"]
     for r in raw["paper"]:
-        lines.append(f"| {r['T'] // 1024}k | {pair(r['ours'].get(shown))} | {pair(r['fla'])} "
-                     f"| {pair(r.get('cudnn'))} | {pair(r.get('flash'))} |")
-    names = raw["paper_variants"]
-    lines += ["", "Paper-setting variants (selection.VARIANTS), median ms fwd / fwd+bwd / dQ kernel / dK+dV "
-              "(with reverse index); x = fwd time over base's", "",
-              "| variant | " + " | ".join(f"{r['T'] // 1024}k" for r in raw["paper"]) + " |",
-              "|---|" + "---|" * len(raw["paper"])]
-    for name in names:
-        cells = []
-        for r in raw["paper"]:
-            res, base = r["ours"].get(name), r["ours"].get("base")
-            if res is None:
-                cells.append("n/a")
-                continue
-            rel = f" (x{_num(res[0]) / _num(base[0]):.2f})" if base and _num(base[0]) < float("inf") else ""
-            cells.append(" / ".join(fmt(x) for x in res) + rel)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        o, f = r["ours"], r["fla"]
+        ratio = f"{_num(o[0]) / _num(f[0]):.2f} / {_num(o[1]) / _num(f[1]):.2f}" if f else "n/a"
+        lines.append(f"| {r['T'] // 1024}k | {pair(o)} | {pair(r['parts'])} | {pair(f)} "
+                     f"| {pair(r.get('cudnn'))} | {pair(r.get('flash'))} | {ratio} |")
 
     lines += ["", f"Small groups (B=1, H=4, D=128, T={args.small_T // 1024}k), median ms fwd / fwd+bwd and per "
-              "query head, per variant", "",
-              "| HQ | G | variant | ours | ours per head | fla-core | fla-core per head |",
-              "|---|---|---|---|---|---|---|"]
+              "query head", "",
+              "| HQ | G | ours | ours per head | fla-core | fla-core per head |",
+              "|---|---|---|---|---|---|"]
     for r in raw["small"]:
-        for name, res in r["ours"].items():
-            lines.append(f"| {r['HQ']} | {r['HQ'] // 4} | {name} | {pair(res)} | {pair(per_head(res, r['HQ']))} "
-                         f"| {pair(r['fla'])} | {pair(per_head(r['fla'], r['HQ']))} |")
-
-    lines += ["", "Winners (lowest median; the module defaults should match the paper rows)", ""]
-    for r in raw["paper"]:
-        o = r["ours"]
-        lines.append(f"- paper {r['T'] // 1024}k: fwd **{_best(o, 0)}**, fwd+bwd **{_best(o, 1)}**, "
-                     f"dQ kernel **{_best(o, 2)}**, dK/dV **{_best(o, 3)}**"
-                     + (f"; best fwd / fla-core fwd = {_num(o[_best(o, 0)][0]) / _num(r['fla'][0]):.2f}, "
-                        f"best fwd+bwd / fla-core = {_num(o[_best(o, 1)][1]) / _num(r['fla'][1]):.2f}"
-                        if r["fla"] and _best(o, 0) else ""))
-    for r in raw["small"]:
-        lines.append(f"- small HQ={r['HQ']} (G={r['HQ'] // 4}): fwd **{_best(r['ours'], 0)}**, "
-                     f"fwd+bwd **{_best(r['ours'], 1)}**")
+        lines.append(f"| {r['HQ']} | {r['HQ'] // 4} | {pair(r['ours'])} | {pair(per_head(r['ours'], r['HQ']))} "
+                     f"| {pair(r['fla'])} | {pair(per_head(r['fla'], r['HQ']))} |")
     g16 = [r for r in raw["small"] if r["HQ"] // 4 == 16]
     if g16:
-        ref = min(_num(x[0]) for x in g16[0]["ours"].values()) / g16[0]["HQ"]
-        refb = min(_num(x[1]) for x in g16[0]["ours"].values()) / g16[0]["HQ"]
+        ref = [_num(x) / g16[0]["HQ"] for x in g16[0]["ours"]]
+        lines.append("")
         for r in raw["small"]:
             if r["HQ"] // 4 < 16:
-                f = min(_num(x[0]) for x in r["ours"].values()) / r["HQ"]
-                b = min(_num(x[1]) for x in r["ours"].values()) / r["HQ"]
-                lines.append(f"- G={r['HQ'] // 4}: best per-head time / best G=16 per-head time = {f / ref:.2f} fwd, "
-                             f"{b / refb:.2f} fwd+bwd (target <= 1.5)")
+                f, b = (_num(x) / r["HQ"] / y for x, y in zip(r["ours"], ref))
+                lines.append(f"- G={r['HQ'] // 4}: per-head time / G=16 per-head time = {f:.2f} fwd, "
+                             f"{b:.2f} fwd+bwd (target <= 1.5)")
     return "\n".join(lines) + "\n"
 
 

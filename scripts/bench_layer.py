@@ -1,7 +1,8 @@
 """NSA attention-core kernels on GPU, branch by branch and together, vs dense SDPA (cuDNN).
 
 Median milliseconds (triton.testing.do_bench), bf16, forward and forward+backward, at the paper
-setting (DESIGN.md section 6): B=1, HQ=64, H=4, D=128, l/d/l'/n/w = 32/16/64/16/512, one memory key.
+setting of docs/BENCHMARKS.md, "Benchmark shapes": B=1, HQ=64, H=4, D=128, l/d/l'/n/w =
+32/16/64/16/512, one memory key.
 Rows per T:
 - compressed attention (nsa.ops.compressed) over random compressed keys/values of the right shape;
 - top-n selection (nsa.ops.topn), forward only (it has no gradient);

@@ -87,12 +87,6 @@ def test_bf16(num_mem):
     check(1, 70, 2, 4, 64, 8, 4, num_mem, torch.bfloat16)
 
 
-def test_masked_path_only(monkeypatch):
-    """FAST_PATH off: every tile goes through the masked loop, the fallback the lead can A/B against."""
-    monkeypatch.setattr(range_attention, "FAST_PATH", False)
-    check(1, 70, 1, 2, 16, 2, 1, 1, torch.float32)
-
-
 def test_lse_gets_no_gradient_and_compiles_without_graph_break():
     q, ck, cv = inputs(1, 37, 1, 2, 16, 8, 4, 1, torch.float32, device())
 

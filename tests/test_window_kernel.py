@@ -62,12 +62,6 @@ def test_bf16(G):
     check(1, 70, 2, G, 64, 24, torch.bfloat16)
 
 
-def test_masked_path_only(monkeypatch):
-    """FAST_PATH off: every tile goes through the masked loop, the fallback the lead can A/B against."""
-    monkeypatch.setattr(range_attention, "FAST_PATH", False)
-    check(1, 70, 1, 2, 16, 33, torch.float32)
-
-
 def test_compiles_without_graph_break():
     q, k, v = (torch.randn(1, 20, 2, 16, requires_grad=True) for _ in range(3))
     f = torch.compile(lambda q, k, v: sliding_window_attention(q, k, v, NSAParams(window=6)), backend="aot_eager", fullgraph=True)

@@ -21,10 +21,8 @@ do)), then dk/dv per key tile, looping over exactly the query tiles that can see
 the prefix rule the first key tiles are seen by every query, so there the query range is split over
 many programs (so the last wave is short) that write fp32 partial sums, added afterwards in a fixed
 order by `_range_sum_splits_kernel`: deterministic. Every kernel runs the tiles that lie wholly inside all
-its rows' intervals through an unmasked loop (`FAST_PATH`), the boundary tiles through a masked one.
-Forward and dq programs start with the last query tiles, which see the most keys.
-
-`range_attention_reference` below is the plain PyTorch twin of the kernels.
+its rows' intervals through an unmasked loop, the boundary tiles through a masked one. Forward and dq
+programs start with the last query tiles, which see the most keys.
 """
 
 import functools
@@ -44,18 +42,6 @@ _empty = torch.empty
 
 def _interpreting():
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def range_attention_reference(q, k, v, scale, hi_base, hi_off, hi_div, lo_back):
-    """PyTorch twin of the kernels: the same interval rule as a dense mask, then masked attention."""
-    from nsa.ops.reference import attend
-
-    T, S = q.shape[1], k.shape[1]
-    t = torch.arange(T, device=q.device)[:, None]
-    s = torch.arange(S, device=q.device)[None, :]
-    hi = hi_base + (t + hi_off).clamp_min(0) // hi_div
-    lo = (t - lo_back).clamp_min(0)
-    return attend(q, k, v, ((s >= lo) & (s <= hi))[None, None, None], scale)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -89,8 +75,7 @@ def _query_rows(t0, T, G, GP: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _key_split(t0, t_last, T, S, HI_BASE, HI_OFF, HI_DIV, LO_BACK, BLOCK_N: tl.constexpr,
-               FAST: tl.constexpr):
+def _key_split(t0, t_last, T, S, HI_BASE, HI_OFF, HI_DIV, LO_BACK, BLOCK_N: tl.constexpr):
     """A query tile's key range [start, end) cut into masked head [start, a), unmasked middle [a, b) and
     masked tail [b, end), all tile-aligned from start. A key tile in [a, b) is seen by every token of the
     query tile (its lo bound is <= the tile's first key, its hi bound >= the tile's last key, < S), so
@@ -101,9 +86,6 @@ def _key_split(t0, t_last, T, S, HI_BASE, HI_OFF, HI_DIV, LO_BACK, BLOCK_N: tl.c
     hi_first = tl.minimum(_hi(t0, HI_BASE, HI_OFF, HI_DIV), S - 1)  # >= -1
     a = tl.maximum(start, tl.cdiv(lo_last, BLOCK_N) * BLOCK_N)
     b = tl.maximum(a, ((hi_first + 1) // BLOCK_N) * BLOCK_N)
-    if not FAST:
-        a = end
-        b = end
     return start, tl.minimum(a, end), a, b, end
 
 
@@ -144,7 +126,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, kv_base, lo, hi, qk_scale, first, last, S
 @triton.jit
 def _range_fwd_kernel(Q, K, V, O, LSE, qk_scale, T, S, H, G, HI_BASE, HI_OFF, HI_DIV, LO_BACK,
                 D: tl.constexpr, BLOCK_D: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr):
+                BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     BLOCK_T: tl.constexpr = BLOCK_M // GP
     # Last query tiles first: they see the most keys, so the long programs start in the first wave.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -162,7 +144,7 @@ def _range_fwd_kernel(Q, K, V, O, LSE, qk_scale, T, S, H, G, HI_BASE, HI_OFF, HI
     lo = tl.maximum(t - LO_BACK, 0)
     hi = tl.minimum(_hi(t, HI_BASE, HI_OFF, HI_DIV), S - 1)
     t_last = tl.minimum(t0 + BLOCK_T - 1, T - 1)
-    start, head_end, a, b_mid, end = _key_split(t0, t_last, T, S, HI_BASE, HI_OFF, HI_DIV, LO_BACK, BLOCK_N, FAST)
+    start, head_end, a, b_mid, end = _key_split(t0, t_last, T, S, HI_BASE, HI_OFF, HI_DIV, LO_BACK, BLOCK_N)
     kv_base = (b.to(tl.int64) * S * H + h) * D
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -217,7 +199,7 @@ def _dq_tiles(dq, q, do, lse2, delta, K, V, kv_base, lo, hi, qk_scale, first, la
 def _range_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, qk_scale, scale, T, S, H, G,
                    HI_BASE, HI_OFF, HI_DIV, LO_BACK,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     BLOCK_T: tl.constexpr = BLOCK_M // GP
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest programs first
     pid_bh = tl.program_id(1)
@@ -243,7 +225,7 @@ def _range_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, qk_scale, scale, T, S, H, G
     lo = tl.maximum(t - LO_BACK, 0)
     hi = tl.minimum(_hi(t, HI_BASE, HI_OFF, HI_DIV), S - 1)
     t_last = tl.minimum(t0 + BLOCK_T - 1, T - 1)
-    start, head_end, a, b_mid, end = _key_split(t0, t_last, T, S, HI_BASE, HI_OFF, HI_DIV, LO_BACK, BLOCK_N, FAST)
+    start, head_end, a, b_mid, end = _key_split(t0, t_last, T, S, HI_BASE, HI_OFF, HI_DIV, LO_BACK, BLOCK_N)
     kv_base = (b.to(tl.int64) * S * H + h) * D
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -301,8 +283,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, s, first, last, b, T, H, G, HI_
 def _range_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, scale, T, S, H, G,
                      HI_BASE, HI_OFF, HI_DIV, LO_BACK, TILES_PER_SPLIT,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
-                     SPLIT: tl.constexpr):
+                     BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
     BLOCK_T: tl.constexpr = BLOCK_M // GP
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -330,9 +311,6 @@ def _range_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, scale, T, S, H
         t_full = tl.where(s_last <= _hi(0, HI_BASE, HI_OFF, HI_DIV), 0, (s_last - HI_BASE) * HI_DIV - HI_OFF)
         a = tl.maximum(m_first, tl.cdiv(t_full, BLOCK_T))
         c = tl.maximum(a, tl.minimum((s0 + LO_BACK + 1) // BLOCK_T, m_end))
-        if not FAST:
-            a = m_end
-            c = m_end
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, s, m_first, tl.minimum(a, m_end), b, T, H, G,
@@ -393,18 +371,16 @@ def _num_sms(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-# Tile choices for 16-bit inputs on GPU, the lead's A/B knobs: (BLOCK_M query rows, BLOCK_N keys, num_warps,
-# num_stages) per kernel, by head dim (D <= 64 or larger). BLOCK_M is raised to the padded group size GP.
-# Each config was compiled for sm_90 (Triton 3.9 ptxas) and checked to fit 227 KiB of shared memory
-# with no register spill.
+# Tiles for 16-bit inputs on GPU, chosen on an H100: (BLOCK_M query rows, BLOCK_N keys,
+# num_warps, num_stages) per kernel, by head dim (D <= 64 or larger). BLOCK_M is raised to the padded
+# group size GP. Each config was compiled for sm_90 (Triton 3.9 ptxas) and checked to fit 227 KiB of
+# shared memory with no register spill.
 FWD_TILES = {64: (128, 64, 4, 3), 128: (128, 128, 8, 2)}  # prefix rules (compressed): long key loops
 FWD_TILES_BANDED = {64: (128, 64, 4, 3), 128: (128, 64, 8, 2)}  # window: ~9 key tiles of 64 per query tile
 DQ_TILES = {64: (128, 64, 8, 2), 128: (128, 64, 8, 3)}
 # 8 warps everywhere in the backward and BLOCK_M 32 for dk/dv at D=128: the other choices spill registers
 # (G <= 16; fp32 and G = 64 at D=128 still spill some, they fit shared memory).
 DKDV_TILES = {64: (64, 128, 8, 2), 128: (32, 128, 8, 3)}
-# Unmasked fast path for key / query tiles that lie wholly inside every row's visible interval.
-FAST_PATH = True
 # Prefix rules (compressed): the first key tiles are seen by every query, so the dk/dv programs' query
 # ranges are cut into up to MAX_SPLITS pieces, aiming at SPLIT_PROGRAMS_PER_SM programs per SM so the
 # last wave is short; partial sums (fp32, MAX_SPLIT_ELEMENTS at most per buffer) added in a fixed order.
@@ -457,7 +433,7 @@ def range_attention_fwd(q, k, v, scale, hi_base, hi_off, hi_div, lo_back):
     grid = (triton.cdiv(T, bm // _group_pad(G)), B * H)
     _range_fwd_kernel[grid](q, k, v, o, lse, scale * math.log2(math.e), T, S, H, G, hi_base, hi_off, hi_div, lo_back,
                       D=D, BLOCK_D=_block_d(D), GP=_group_pad(G), BLOCK_M=bm, BLOCK_N=bn,
-                      PREC=_precision(q.dtype), UPCAST=_interpreting(), FAST=FAST_PATH,
+                      PREC=_precision(q.dtype), UPCAST=_interpreting(),
                       num_warps=warps, num_stages=stages)
     return o, lse
 
@@ -484,7 +460,7 @@ def range_attention_bwd(do, q, k, v, o, lse, scale, hi_base, hi_off, hi_div, lo_
         return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
     delta = _empty((B, T, HQ), dtype=torch.float32, device=q.device)
     (bm, bn, warps, stages), (bm2, bn2, warps2, stages2), (bm3, bn3, warps3, stages3) = _tiles(G, D, q.dtype)
-    common = dict(D=D, BLOCK_D=_block_d(D), GP=GP, PREC=_precision(q.dtype), UPCAST=_interpreting(), FAST=FAST_PATH)
+    common = dict(D=D, BLOCK_D=_block_d(D), GP=GP, PREC=_precision(q.dtype), UPCAST=_interpreting())
     qk_scale = scale * math.log2(math.e)
     rule = (hi_base, hi_off, hi_div, lo_back)
     _range_dq_kernel[(triton.cdiv(T, bm2 // GP), B * H)](

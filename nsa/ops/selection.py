@@ -8,14 +8,12 @@ Kernel layout (docs/KERNELS_SELECTION.md has the numbers behind it):
 
 * Forward and dQ: one program owns a tile of BLOCK_M query rows, a row being one (token, query head)
   of a single kv head: TT consecutive tokens x G heads, TT = BLOCK_M // G (TT = 1 once G >= 16, which
-  is the paper's layout). The program walks the sorted *union* of its rows' block lists with a
-  k-way merge: each row keeps a cursor into its own (ascending) list, the program loads the smallest
-  pending block once for the whole tile, rows that did not pick it are masked, and those that did
-  advance their cursor. Consecutive tokens pick mostly the same blocks (the forced initial and local
-  ones, and correlated top-n), so small G fills the tensor-core tile without loading K/V more often
-  than one token per tile would. Per-query-head indices (Hs = HQ) need nothing else: the merge is
-  per row already. When every row of a tile shares one list (TT = 1, Hs = H) the merge degenerates
-  to a plain loop over the n slots, which Triton can software-pipeline.
+  is the paper's layout). When every row of the tile shares one list (TT = 1, Hs = H) the program
+  loops over its n slots. Otherwise it walks the sorted *union* of its rows' lists, precomputed per
+  tile with torch: each step loads one block once for the whole tile and masks the rows that did not
+  pick it. Consecutive tokens pick mostly the same blocks (the forced initial and local ones, and
+  correlated top-n), so small G fills the tensor-core tile without loading K/V more often than one
+  token per tile would. Both walks are counted loops, which Triton software-pipelines.
 * dK/dV: no atomics. A reverse index (for each kv block, the (token, index head) entries that picked
   it, in token order) is built on device with a stable sort, then one program per work item walks its
   entries and accumulates dK/dV of one block in fp32. Heavy blocks (block 0 is forced for every
@@ -23,7 +21,6 @@ Kernel layout (docs/KERNELS_SELECTION.md has the numbers behind it):
   one hot block does not serialise the backward and results stay bit-for-bit reproducible.
 """
 
-import contextlib
 import math
 import os
 
@@ -35,76 +32,10 @@ from nsa.ops.common import ceil_div
 
 LOG2E = 1.4426950408889634
 
-# Launch variants of the forward and dQ kernels. docs/KERNELS_SELECTION.md predicts each one and
-# scripts/bench_kernels.py --variants times them side by side; `VARIANTS` names the combinations.
-# Smallest tile (rows) when G < 16: the tensor-core minimum. A larger value packs more tokens per tile
-# (fewer programs, more union blocks per program).
-FWD_MIN_ROWS = 16
-# Tokens per tile when G >= 16 (BLOCK_M = G * tokens), forward and dQ separately. 1 is the paper's
-# layout (one token's heads, a fixed loop over its n blocks); 2 or 4 walk the union of the tokens'
-# lists, loading the blocks they share (0 and the two local ones, for neighbours) once per tile.
-# Measured (H100, docs/BENCHMARKS.md): 2 or 4 tokens cost 1.1-1.5x the forward time of 1, so 1.
-FWD_TOKENS = 1
-DQ_TOKENS = 1
-# How a tile whose rows have several block lists walks their union: "list" precomputes the sorted
-# union per tile with torch (two small sorts) and runs a counted loop that Triton software-pipelines
-# (K/V loads become cp.async into a ring of num_stages - 1 buffers); "merge" is the in-kernel k-way
-# merge, a while loop that Triton does not pipeline (each K/V load waits its full latency).
-UNION = "list"
-# Each l'-token block is processed as KEY_SPLIT sub-tiles of l'/KEY_SPLIT keys: half-size pipeline
-# buffers in shared memory, so more programs fit on an SM.
-KEY_SPLIT = 1
-# num_warps / num_stages of the forward and of dQ (None: Triton's default, 3 stages = 2 buffers).
-FWD_WARPS, FWD_STAGES = 4, None
-DQ_WARPS, DQ_STAGES = 4, None
-# Rows per inner step of the dK/dV kernel (128 measured 1.6x faster than 64 on an H100 at 64k).
+# Smallest forward/dQ tile when G < 16: the tensor-core minimum of 16 rows, filled with several tokens.
+MIN_ROWS = 16
+# Query rows per inner step of the dK/dV kernel: 128 measured 1.6x faster than 64 (H100, 64k).
 DKV_ROWS = 128
-# Entries per dK/dV work item; None sizes it from the average entries per block (see _dkv_items).
-DKV_CHUNK = None
-DKV_WARPS, DKV_STAGES = 8, None
-
-# Named combinations of the constants above, for the bench's --variants. Each is BASE (the
-# configuration measured before these variants existed) plus its overrides; "default" is the module
-# defaults as they stand (the predicted winner). docs/KERNELS_SELECTION.md predicts each one.
-BASE = dict(FWD_MIN_ROWS=16, FWD_TOKENS=1, DQ_TOKENS=1, UNION="merge", KEY_SPLIT=1, FWD_WARPS=4, FWD_STAGES=None,
-            DQ_WARPS=4, DQ_STAGES=None, DKV_ROWS=64, DKV_WARPS=8, DKV_STAGES=None)
-VARIANTS = {
-    "base": dict(BASE),
-    "default": {},
-    "list": dict(BASE, UNION="list"),
-    "s2": dict(BASE, UNION="list", FWD_STAGES=2, DQ_STAGES=2),
-    "s4": dict(BASE, UNION="list", FWD_STAGES=4, DQ_STAGES=4),
-    "w8": dict(BASE, UNION="list", FWD_WARPS=8, DQ_WARPS=8),
-    "split2": dict(BASE, UNION="list", KEY_SPLIT=2),
-    "split2_s4": dict(BASE, UNION="list", KEY_SPLIT=2, FWD_STAGES=4, DQ_STAGES=4),
-    "rows32": dict(BASE, UNION="list", FWD_MIN_ROWS=32),
-    "tok2": dict(BASE, UNION="list", FWD_TOKENS=2, DQ_TOKENS=2),
-    "tok2_s2": dict(BASE, UNION="list", FWD_TOKENS=2, DQ_TOKENS=2, FWD_STAGES=2, DQ_STAGES=2),
-    "tok4": dict(BASE, UNION="list", FWD_TOKENS=4, DQ_TOKENS=4),
-    "tok4_s2": dict(BASE, UNION="list", FWD_TOKENS=4, DQ_TOKENS=4, FWD_STAGES=2, DQ_STAGES=2),
-    "dkv128": dict(BASE, UNION="list", DKV_ROWS=128),
-    "dkv_w4": dict(BASE, UNION="list", DKV_WARPS=4),
-}
-# Which variants change anything for G >= 16 with shared indices (the paper table) and for G < 16.
-PAPER_VARIANTS = ("base", "default", "s2", "w8", "split2", "tok2", "tok2_s2", "tok4", "tok4_s2", "dkv128",
-                  "dkv_w4")
-SMALL_G_VARIANTS = ("base", "default", "s2", "split2", "rows32", "dkv128")
-
-
-@contextlib.contextmanager
-def variant(name_or_overrides):
-    """Temporarily set the module constants of a named variant (or a dict of them)."""
-    over = VARIANTS[name_or_overrides] if isinstance(name_or_overrides, str) else dict(name_or_overrides)
-    g = globals()
-    unknown = [k for k in over if k not in g]
-    if unknown:
-        raise KeyError(f"unknown selection constants {unknown}")
-    old = {k: g[k] for k in over}
-    g.update(over)
-    try:
-        yield
-    finally:
-        g.update(old)
 
 
 def _pow2(x):
@@ -165,13 +96,52 @@ def _row_lists(idx, idx_row, row_ok, N_SEL: tl.constexpr, N_P2: tl.constexpr):
 
 
 @triton.jit
+def _walk_len(ucnt, tile, N_SEL: tl.constexpr, WALK: tl.constexpr):
+    # Steps of a tile's block walk: the n slots of its one list, or the size of its rows' union.
+    if WALK == 0:
+        return N_SEL
+    else:
+        return tl.load(ucnt + tile)
+
+
+@triton.jit
+def _walk_step(i, k, v, kv_base, idx, idx_tok, uni, u_base, lists, t, i_t, row_ok, NB, BS, S, H, D,
+               WALK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    # K/V tile of step i of the walk and which (row, key) pairs of it are visible.
+    # WALK 0: one token and one shared list for the whole tile, slot i of it (padding masked).
+    # WALK 1: block i of the tile's sorted union; a row takes part where the block is in its list.
+    if WALK == 0:
+        j = _clean_block(tl.load(idx + idx_tok + i), NB)
+        b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, 0, BS, S, H, D, BLOCK_S, BLOCK_D)
+        vis = (row_ok[:, None] & s_ok[None, :] & (s_pos[None, :] <= i_t)) & (j < NB)
+    else:
+        j = tl.load(uni + u_base + i)
+        b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, 0, BS, S, H, D, BLOCK_S, BLOCK_D)
+        hit = tl.max((lists == j).to(tl.int32), axis=1) > 0
+        vis = hit[:, None] & s_ok[None, :] & (s_pos[None, :] <= t[:, None])
+    return b_k, b_v, vis
+
+
+@triton.jit
+def _walk_setup(idx, idx_row, row_ok, i_t, i_b, i_h, T, HS: tl.constexpr, H: tl.constexpr, N_SEL: tl.constexpr,
+                N_P2: tl.constexpr, WALK: tl.constexpr):
+    # (tile id, first index slot of the token for WALK 0, first union slot, row lists for WALK 1).
+    tile = (i_b * tl.num_programs(0) + i_t) * H + i_h
+    idx_tok = ((i_b * T + i_t).to(tl.int64) * HS + i_h) * N_SEL
+    if WALK == 0:
+        lists = row_ok
+    else:
+        lists = _row_lists(idx, idx_row, row_ok, N_SEL, N_P2)
+    return tile, idx_tok, lists
+
+
+@triton.jit
 def _sel_fwd_kernel(q, k, v, o, lse, idx, uni, ucnt, T, S, BS, UL, scale_log2,
                 HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, N_SEL: tl.constexpr,
-                N_P2: tl.constexpr, TT: tl.constexpr, WALK: tl.constexpr, KSPLIT: tl.constexpr,
+                N_P2: tl.constexpr, TT: tl.constexpr, WALK: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
     # WALK 0: one token, one shared list (fixed loop over the n slots); 1: counted loop over the
-    # precomputed union `uni` (UL slots per tile, ucnt valid); 2: in-kernel k-way merge.
-    # BLOCK_S is the key sub-tile, l' / KSPLIT rounded up to a power of two.
+    # precomputed union `uni` (UL slots per tile, ucnt valid). BLOCK_S is l' rounded up to a power of two.
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     NB = tl.cdiv(S, BS)
@@ -180,47 +150,16 @@ def _sel_fwd_kernel(q, k, v, o, lse, idx, uni, ucnt, T, S, BS, UL, scale_log2,
     qd_mask = row_ok[:, None] & (o_d[None, :] < D)
     b_q = tl.load(q + row[:, None] * D + o_d[None, :], mask=qd_mask, other=0.)
     kv_base = i_b.to(tl.int64) * S * H * D + i_h * D
+    tile, idx_tok, lists = _walk_setup(idx, idx_row, row_ok, i_t, i_b, i_h, T, HS, H, N_SEL, N_P2, WALK)
+    u_base = tile.to(tl.int64) * UL
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if WALK == 0:
-        # One token, one block list for the whole tile: a fixed-trip loop over its n slots.
-        idx_tok = ((i_b * T + i_t).to(tl.int64) * HS + i_h) * N_SEL
-        for i in range(N_SEL * KSPLIT):
-            j = _clean_block(tl.load(idx + idx_tok + i // KSPLIT), NB)
-            b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, (i % KSPLIT) * BLOCK_S, BS, S, H, D,
-                                                   BLOCK_S, BLOCK_D)
-            vis = (row_ok[:, None] & s_ok[None, :] & (s_pos[None, :] <= i_t)) & (j < NB)
-            m_i, l_i, acc = _online_softmax_step(b_q, b_k, b_v, vis, m_i, l_i, acc, scale_log2, IEEE)
-    elif WALK == 1:
-        # Counted loop over the tile's sorted union; a row takes part where the block is in its list.
-        lists = _row_lists(idx, idx_row, row_ok, N_SEL, N_P2)
-        tile = (i_b * tl.num_programs(0) + i_t) * H + i_h
-        u_base = tile.to(tl.int64) * UL
-        for i in tl.range(0, tl.load(ucnt + tile) * KSPLIT):
-            j = tl.load(uni + u_base + i // KSPLIT)
-            b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, (i % KSPLIT) * BLOCK_S, BS, S, H, D,
-                                                   BLOCK_S, BLOCK_D)
-            hit = tl.max((lists == j).to(tl.int32), axis=1) > 0
-            vis = hit[:, None] & s_ok[None, :] & (s_pos[None, :] <= t[:, None])
-            m_i, l_i, acc = _online_softmax_step(b_q, b_k, b_v, vis, m_i, l_i, acc, scale_log2, IEEE)
-    else:
-        # k-way merge over the rows' sorted lists: `cur` is each row's next pending block.
-        ptr = tl.zeros([BLOCK_M], dtype=tl.int32)
-        cur = _clean_block(tl.load(idx + idx_row, mask=row_ok, other=-1), NB)
-        j = tl.min(cur, axis=0)
-        while j < NB:
-            hit = cur == j
-            for sub in range(KSPLIT):
-                b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, sub * BLOCK_S, BS, S, H, D,
-                                                       BLOCK_S, BLOCK_D)
-                vis = hit[:, None] & s_ok[None, :] & (s_pos[None, :] <= t[:, None])
-                m_i, l_i, acc = _online_softmax_step(b_q, b_k, b_v, vis, m_i, l_i, acc, scale_log2, IEEE)
-            ptr += hit.to(tl.int32)
-            nxt = tl.load(idx + idx_row + ptr, mask=hit & (ptr < N_SEL), other=-1)
-            cur = tl.where(hit, _clean_block(nxt, NB), cur)
-            j = tl.min(cur, axis=0)
+    for i in tl.range(0, _walk_len(ucnt, tile, N_SEL, WALK)):
+        b_k, b_v, vis = _walk_step(i, k, v, kv_base, idx, idx_tok, uni, u_base, lists, t, i_t, row_ok, NB, BS, S,
+                                   H, D, WALK, BLOCK_S, BLOCK_D)
+        m_i, l_i, acc = _online_softmax_step(b_q, b_k, b_v, vis, m_i, l_i, acc, scale_log2, IEEE)
 
     # A row that saw no key gets o = 0 and lse = -inf, as in the reference.
     empty = l_i == 0.
@@ -257,9 +196,9 @@ def _dq_step(b_q, b_do, b_k, b_v, vis, lse2, delta, dq, scale_log2, IEEE: tl.con
 @triton.jit
 def _sel_dq_kernel(q, k, v, do, lse, delta, dq, idx, uni, ucnt, T, S, BS, UL, scale, scale_log2,
                HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, N_SEL: tl.constexpr,
-               N_P2: tl.constexpr, TT: tl.constexpr, WALK: tl.constexpr, KSPLIT: tl.constexpr,
+               N_P2: tl.constexpr, TT: tl.constexpr, WALK: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    # Same tiling and block walks as _sel_fwd_kernel; P is recomputed from the saved log-sum-exp.
+    # Same tiling and block walk as _sel_fwd_kernel; P is recomputed from the saved log-sum-exp.
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     NB = tl.cdiv(S, BS)
@@ -273,42 +212,14 @@ def _sel_dq_kernel(q, k, v, do, lse, delta, dq, idx, uni, ucnt, T, S, BS, UL, sc
     lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
     b_delta = tl.load(delta + row, mask=row_ok, other=0.)
     kv_base = i_b.to(tl.int64) * S * H * D + i_h * D
+    tile, idx_tok, lists = _walk_setup(idx, idx_row, row_ok, i_t, i_b, i_h, T, HS, H, N_SEL, N_P2, WALK)
+    u_base = tile.to(tl.int64) * UL
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if WALK == 0:
-        idx_tok = ((i_b * T + i_t).to(tl.int64) * HS + i_h) * N_SEL
-        for i in range(N_SEL * KSPLIT):
-            j = _clean_block(tl.load(idx + idx_tok + i // KSPLIT), NB)
-            b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, (i % KSPLIT) * BLOCK_S, BS, S, H, D,
-                                                   BLOCK_S, BLOCK_D)
-            vis = (row_ok[:, None] & s_ok[None, :] & (s_pos[None, :] <= i_t)) & (j < NB)
-            b_dq = _dq_step(b_q, b_do, b_k, b_v, vis, lse2, b_delta, b_dq, scale_log2, IEEE)
-    elif WALK == 1:
-        lists = _row_lists(idx, idx_row, row_ok, N_SEL, N_P2)
-        tile = (i_b * tl.num_programs(0) + i_t) * H + i_h
-        u_base = tile.to(tl.int64) * UL
-        for i in tl.range(0, tl.load(ucnt + tile) * KSPLIT):
-            j = tl.load(uni + u_base + i // KSPLIT)
-            b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, (i % KSPLIT) * BLOCK_S, BS, S, H, D,
-                                                   BLOCK_S, BLOCK_D)
-            hit = tl.max((lists == j).to(tl.int32), axis=1) > 0
-            vis = hit[:, None] & s_ok[None, :] & (s_pos[None, :] <= t[:, None])
-            b_dq = _dq_step(b_q, b_do, b_k, b_v, vis, lse2, b_delta, b_dq, scale_log2, IEEE)
-    else:
-        ptr = tl.zeros([BLOCK_M], dtype=tl.int32)
-        cur = _clean_block(tl.load(idx + idx_row, mask=row_ok, other=-1), NB)
-        j = tl.min(cur, axis=0)
-        while j < NB:
-            hit = cur == j
-            for sub in range(KSPLIT):
-                b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, sub * BLOCK_S, BS, S, H, D,
-                                                       BLOCK_S, BLOCK_D)
-                vis = hit[:, None] & s_ok[None, :] & (s_pos[None, :] <= t[:, None])
-                b_dq = _dq_step(b_q, b_do, b_k, b_v, vis, lse2, b_delta, b_dq, scale_log2, IEEE)
-            ptr += hit.to(tl.int32)
-            nxt = tl.load(idx + idx_row + ptr, mask=hit & (ptr < N_SEL), other=-1)
-            cur = tl.where(hit, _clean_block(nxt, NB), cur)
-            j = tl.min(cur, axis=0)
+    for i in tl.range(0, _walk_len(ucnt, tile, N_SEL, WALK)):
+        b_k, b_v, vis = _walk_step(i, k, v, kv_base, idx, idx_tok, uni, u_base, lists, t, i_t, row_ok, NB, BS, S,
+                                   H, D, WALK, BLOCK_S, BLOCK_D)
+        b_dq = _dq_step(b_q, b_do, b_k, b_v, vis, lse2, b_delta, b_dq, scale_log2, IEEE)
     tl.store(dq + row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=qd_mask)
 
 
@@ -409,33 +320,18 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _fwd_tiling(G, Hs, H, tokens):
-    """(BLOCK_M, TT, WALK): rows per tile, tokens per tile, block walk (see _sel_fwd_kernel)."""
-    if G >= 16:
-        block_m = _pow2(G) * max(1, int(tokens))
-    else:
-        block_m = max(FWD_MIN_ROWS, _pow2(G))
-    tt = max(1, block_m // G)
-    if tt == 1 and Hs == H:
-        walk = 0
-    elif UNION == "list":
-        walk = 1
-    elif UNION == "merge":
-        walk = 2
-    else:
-        raise ValueError(f"UNION must be 'list' or 'merge', got {UNION!r}")
-    return block_m, tt, walk
-
-
-def _launch_cfg(q, k, indices, sel_block, tokens):
+def _launch_cfg(q, k, indices, sel_block):
+    """Constexprs and grid of the forward and dQ kernels. A tile holds max(MIN_ROWS, G) rows (G rounded
+    up to a power of two): TT = BLOCK_M // G tokens. One token with one shared list walks its n slots
+    (WALK 0); anything else walks the sorted union of its rows' lists (WALK 1)."""
     B, T, HQ, D = q.shape
     H = k.shape[2]
     Hs, n = indices.shape[2], indices.shape[3]
-    block_m, tt, walk = _fwd_tiling(HQ // H, Hs, H, tokens)
-    block_s = max(16, _pow2(sel_block))
-    ksplit = max(1, min(int(KEY_SPLIT), block_s // 16))
-    return dict(HQ=HQ, H=H, HS=Hs, D=D, N_SEL=n, N_P2=_pow2(n), TT=tt, WALK=walk, KSPLIT=ksplit,
-                BLOCK_M=block_m, BLOCK_S=block_s // ksplit, BLOCK_D=max(16, _pow2(D)),
+    block_m = max(MIN_ROWS, _pow2(HQ // H))
+    tt = max(1, block_m // (HQ // H))
+    walk = 0 if tt == 1 and Hs == H else 1
+    return dict(HQ=HQ, H=H, HS=Hs, D=D, N_SEL=n, N_P2=_pow2(n), TT=tt, WALK=walk, BLOCK_M=block_m,
+                BLOCK_S=max(16, _pow2(sel_block)), BLOCK_D=max(16, _pow2(D)),
                 IEEE=q.dtype == torch.float32 or _interpreting()), (ceil_div(T, tt), B * H)
 
 
@@ -462,15 +358,16 @@ def _tile_union(indices, H, NB, tt):
 
 
 def _walk_args(cfg, indices, S, sel_block):
-    """(uni, cnt, UL) for the union walk; the index tensor itself as a dummy for the other walks."""
+    """(uni, cnt, UL) for the union walk; the index tensor itself as a dummy for the one-list walk."""
     if cfg["WALK"] != 1:
         return indices, indices, 1
     uni, cnt = _tile_union(indices, cfg["H"], ceil_div(S, sel_block), cfg["TT"])
     return uni, cnt, uni.shape[-1]
 
 
-def _launch_opts(warps, stages):
-    return dict(num_warps=warps) if stages is None else dict(num_warps=warps, num_stages=stages)
+def _dkv_chunk(total, n_keys):
+    """Entries per dK/dV work item: twice the mean per key (the tests shrink it to split every block)."""
+    return max(64, ceil_div(2 * total, n_keys))
 
 
 def _dkv_items(indices, H, S, sel_block):
@@ -499,7 +396,7 @@ def _dkv_items(indices, H, S, sel_block):
 
     # Items hold at most `chunk` entries, twice the mean per key: no item is much heavier than the
     # average block, and at most NK + total // chunk items and 2 * total // chunk partials exist.
-    chunk = DKV_CHUNK or max(64, ceil_div(2 * total, NK))
+    chunk = _dkv_chunk(total, NK)
     key_items = torch.clamp(ceil_div(counts, chunk), min=1)
     ends = torch.cumsum(key_items, 0)
     n_work = NK + total // chunk
@@ -523,19 +420,20 @@ def selection_fwd(q, k, v, indices, sel_block, scale, o, lse):
     """Launch the forward into preallocated o [B, T, HQ, D] and lse [B, T, HQ] fp32 (contiguous
     inputs); the tests hand in NaN-filled buffers to catch unwritten elements."""
     T, S = q.shape[1], k.shape[1]
-    cfg, grid = _launch_cfg(q, k, indices, sel_block, FWD_TOKENS)
+    cfg, grid = _launch_cfg(q, k, indices, sel_block)
     uni, cnt, ul = _walk_args(cfg, indices, S, sel_block)
-    _sel_fwd_kernel[grid](q, k, v, o, lse, indices, uni, cnt, T, S, sel_block, ul, scale * LOG2E,
-                      **_launch_opts(FWD_WARPS, FWD_STAGES), **cfg)
+    # 4 warps, Triton's default 3 stages: 2, 3 or 4 stages and 8 warps measured slower (H100).
+    _sel_fwd_kernel[grid](q, k, v, o, lse, indices, uni, cnt, T, S, sel_block, ul, scale * LOG2E, num_warps=4,
+                          **cfg)
 
 
 def selection_dq(do, q, k, v, lse, delta, indices, sel_block, scale, dq):
     """dQ into preallocated dq; delta = rowsum(dO * O) in fp32 [B, T, HQ]."""
     T, S = q.shape[1], k.shape[1]
-    cfg, grid = _launch_cfg(q, k, indices, sel_block, DQ_TOKENS)
+    cfg, grid = _launch_cfg(q, k, indices, sel_block)
     uni, cnt, ul = _walk_args(cfg, indices, S, sel_block)
     _sel_dq_kernel[grid](q, k, v, do, lse, delta, dq, indices, uni, cnt, T, S, sel_block, ul, scale, scale * LOG2E,
-                     **_launch_opts(DQ_WARPS, DQ_STAGES), **cfg)
+                         num_warps=4, **cfg)
 
 
 def selection_dkv(do, q, k, v, lse, delta, indices, sel_block, scale, dk, dv):
@@ -553,7 +451,7 @@ def selection_dkv(do, q, k, v, lse, delta, indices, sel_block, scale, dk, dv):
         q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries, item_key, item_lo, item_hi, item_slot,
         T, S, sel_block, scale, scale * LOG2E, HQ=HQ, H=H, HS=Hs, D=D, BLOCK_E=block_e,
         BLOCK_R=_pow2(block_e * (HQ // Hs)), BLOCK_S=block_s, BLOCK_D=block_d, IEEE=ieee,
-        **_launch_opts(DKV_WARPS, DKV_STAGES))
+        num_warps=8)  # the 64 x 128 fp32 dK and dV accumulators want 8 warps (4 measured slower)
     _sel_dkv_reduce_kernel[(key_items.numel(),)](part_dk, part_dv, dk, dv, key_items, key_first_slot, S, sel_block,
                                              H=H, D=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
 

@@ -189,13 +189,10 @@ def _topn_kernel(Q, CK, LSE, OUT, qk_scale, T, H, G, NUM_CMP, NUM_MEM, BLOCK, ST
 
 def _tiles(G, per_sel, dtype):
     """(BLOCK_M, BJ, num_warps, num_stages): about 128 query rows (64 for fp32) and 64 compressed keys
-    per step; small in the interpreter. NSA_TOPN_TILES="bm,bj,warps,stages" overrides (tuning)."""
+    per step, chosen on an H100; small in the interpreter."""
     GP = triton.next_power_of_2(G)
     if os.environ.get("TRITON_INTERPRET") == "1":
         return max(16, GP), 16, 4, 1
-    if os.environ.get("NSA_TOPN_TILES"):
-        bm, bj, warps, stages = (int(x) for x in os.environ["NSA_TOPN_TILES"].split(","))
-        return max(bm, GP), bj, warps, stages
     bj = max(16, triton.next_power_of_2(triton.cdiv(64, per_sel)))
     if dtype == torch.float32:
         return max(64, GP), bj, 4, 1
