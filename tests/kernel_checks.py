@@ -37,9 +37,12 @@ class Recorder:
 
 for name in KERNELS:
     setattr(mod, name, Recorder(getattr(mod, name)))
-# Launch choices that ask the device: answer as an H100 would.
-if hasattr(mod, "_num_sms"):
-    mod._num_sms = lambda index=0: 132
+# Launch choices that ask the device: answer as an H100 would (every nsa module's own binding too).
+import sys
+for m in [m for name, m in sys.modules.items() if name.startswith("nsa.")]:
+    for attr in ("num_sms", "_num_sms"):
+        if hasattr(m, attr):
+            setattr(m, attr, lambda index=0: 132)
 torch.cuda.current_device = lambda: 0
 exec(CALL)
 PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",

@@ -4,19 +4,19 @@ Reference twin: `nsa.ops.reference.compressed_attention`. Key row r of ck/cv is 
 r < num_mem (always visible) and compressed block i = r - num_mem otherwise, visible to query t iff
 its last token is not in the future: i*stride + block - 1 <= t. Both together are the key prefix
 
-    [0, num_mem - 1 + max(t + stride - block + 1, 0) // stride]
+    [0, num_mem - 1 + num_visible_blocks(t, block, stride)]
 
-(the max(...) // stride term counts the visible blocks), so this is range attention with no lower bound.
+(`nsa.ops.utils.num_visible_blocks`), so this is range attention with no lower bound.
 """
 
 from nsa.ops.range_attention import NO_LO_BOUND, range_attention
 
 
 def compressed_rule(block, stride, num_mem):
-    """(hi_base, hi_off, hi_div, lo_back) of the compressed branch's visibility for `range_attention`."""
+    """(hi_base, block, stride, lo_back) of the compressed branch's visibility for `range_attention`."""
     if block % stride:
         raise ValueError(f"stride {stride} must divide block {block}")
-    return num_mem - 1, stride - block + 1, stride, NO_LO_BOUND
+    return num_mem - 1, block, stride, NO_LO_BOUND
 
 
 def compressed_attention(q, ck, cv, p):

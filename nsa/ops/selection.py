@@ -22,15 +22,13 @@ Kernel layout (docs/KERNELS_SELECTION.md has the numbers behind it):
 """
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from nsa.ops.common import ceil_div
-
-LOG2E = 1.4426950408889634
+from nsa.ops.utils import LN2_C, LOG2E, LOG2E_C, dot, dot_precision
 
 # Smallest forward/dQ tile when G < 16: the tensor-core minimum of 16 rows, filled with several tokens.
 MIN_ROWS = 16
@@ -43,281 +41,263 @@ def _pow2(x):
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    # IEEE: fp32 inputs get full-precision products (the GPU default would be tf32). The interpreter
-    # always takes this path because its bf16 tl.dot is wrong (Triton 3.9); exact fp32 products of
-    # bf16 operands with fp32 accumulation are what the tensor cores compute anyway.
-    if IEEE:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
-
-@triton.jit
-def _clean_block(j, NB):
+def _clean_block(i_j, NB):
     # -1 padding and out-of-range indices both mean "no block": map them past the last block.
-    return tl.where((j < 0) | (j >= NB), NB, j)
+    return tl.where((i_j < 0) | (i_j >= NB), NB, i_j)
 
 
 @triton.jit
-def _load_kv_block(k, v, kv_base, j, key0, BS, S, H, D,
-                   BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Keys key0 .. key0 + BLOCK_S - 1 of l'-block j (key0 > 0 for the later sub-tiles of a split block).
-    o_s = key0 + tl.arange(0, BLOCK_S)
+def _load_kv_block(k, v, o_kv, i_j, BS, S, H, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    # The l' keys of block i_j (o_kv: offset of this (batch, kv head) in k and v), and their positions.
+    o_r = tl.arange(0, BLOCK_S)
     o_d = tl.arange(0, BLOCK_D)
-    s_pos = j * BS + o_s
-    s_ok = (o_s < BS) & (s_pos < S)
-    off = kv_base + s_pos[:, None].to(tl.int64) * (H * D) + o_d[None, :]
-    m = s_ok[:, None] & (o_d[None, :] < D)
-    return tl.load(k + off, mask=m, other=0.), tl.load(v + off, mask=m, other=0.), s_pos, s_ok
+    o_s = i_j * BS + o_r
+    m_s = (o_r < BS) & (o_s < S)
+    o_sd = o_kv + o_s[:, None].to(tl.int64) * (H * D) + o_d[None, :]
+    m_sd = m_s[:, None] & (o_d[None, :] < D)
+    return tl.load(k + o_sd, mask=m_sd, other=0.), tl.load(v + o_sd, mask=m_sd, other=0.), o_s, m_s
 
 
 @triton.jit
 def _tile_rows(i_t, i_b, i_h, T, HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, N_SEL: tl.constexpr,
                TT: tl.constexpr, BLOCK_M: tl.constexpr):
-    # Rows of a tile: TT consecutive tokens x the G query heads of kv head i_h, token-major.
+    # Rows of a tile: TT consecutive tokens x the G query heads of kv head i_h, token-major. Returns
+    # each row's token, mask, row of q (token * HQ + head) and first slot in the index tensor.
     G: tl.constexpr = HQ // H
-    r = tl.arange(0, BLOCK_M)
-    t = i_t * TT + r // G
-    row_ok = (r < TT * G) & (t < T)
-    hq = i_h * G + r % G
-    tok = (i_b * T + t).to(tl.int64)
-    row = tok * HQ + hq
-    idx_row = (tok * HS + hq // (HQ // HS)) * N_SEL
-    return t, row_ok, row, idx_row
+    o_r = tl.arange(0, BLOCK_M)
+    o_t = i_t * TT + o_r // G
+    m_row = (o_r < TT * G) & (o_t < T)
+    o_hq = i_h * G + o_r % G
+    o_tok = (i_b * T + o_t).to(tl.int64)
+    o_row = o_tok * HQ + o_hq
+    o_idx = (o_tok * HS + o_hq // (HQ // HS)) * N_SEL
+    return o_t, m_row, o_row, o_idx
 
 
 @triton.jit
-def _row_lists(idx, idx_row, row_ok, N_SEL: tl.constexpr, N_P2: tl.constexpr):
-    # Every row's block list, [BLOCK_M, N_P2], held in registers for the membership test of the
-    # union walk (-1 where there is nothing: it never equals a block of the union).
-    o_n = tl.arange(0, N_P2)
-    return tl.load(idx + idx_row[:, None] + o_n[None, :], mask=row_ok[:, None] & (o_n[None, :] < N_SEL), other=-1)
+def _walk_setup(idx, o_idx, m_row, i_t, i_b, i_h, T, HS: tl.constexpr, H: tl.constexpr, N_SEL: tl.constexpr,
+                N_P2: tl.constexpr, WALK: tl.constexpr):
+    # (tile id, first index slot of the tile's token for WALK 0, every row's block list for WALK 1:
+    # [BLOCK_M, N_P2], held in registers for the membership test, -1 where there is nothing).
+    i_tile = (i_b * tl.num_programs(0) + i_t) * H + i_h
+    o_tok = ((i_b * T + i_t).to(tl.int64) * HS + i_h) * N_SEL
+    if WALK == 0:
+        b_lists = m_row
+    else:
+        o_n = tl.arange(0, N_P2)
+        b_lists = tl.load(idx + o_idx[:, None] + o_n[None, :], mask=m_row[:, None] & (o_n[None, :] < N_SEL),
+                          other=-1)
+    return i_tile, o_tok, b_lists
 
 
 @triton.jit
-def _walk_len(ucnt, tile, N_SEL: tl.constexpr, WALK: tl.constexpr):
+def _walk_len(ucnt, i_tile, N_SEL: tl.constexpr, WALK: tl.constexpr):
     # Steps of a tile's block walk: the n slots of its one list, or the size of its rows' union.
     if WALK == 0:
         return N_SEL
     else:
-        return tl.load(ucnt + tile)
+        return tl.load(ucnt + i_tile)
 
 
 @triton.jit
-def _walk_step(i, k, v, kv_base, idx, idx_tok, uni, u_base, lists, t, i_t, row_ok, NB, BS, S, H, D,
+def _walk_step(i, k, v, o_kv, idx, o_tok, uni, o_uni, b_lists, o_t, i_t, m_row, NB, BS, S, H, D,
                WALK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     # K/V tile of step i of the walk and which (row, key) pairs of it are visible.
     # WALK 0: one token and one shared list for the whole tile, slot i of it (padding masked).
     # WALK 1: block i of the tile's sorted union; a row takes part where the block is in its list.
     if WALK == 0:
-        j = _clean_block(tl.load(idx + idx_tok + i), NB)
-        b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, 0, BS, S, H, D, BLOCK_S, BLOCK_D)
-        vis = (row_ok[:, None] & s_ok[None, :] & (s_pos[None, :] <= i_t)) & (j < NB)
+        i_j = _clean_block(tl.load(idx + o_tok + i), NB)
+        b_k, b_v, o_s, m_s = _load_kv_block(k, v, o_kv, i_j, BS, S, H, D, BLOCK_S, BLOCK_D)
+        m_vis = (m_row[:, None] & m_s[None, :] & (o_s[None, :] <= i_t)) & (i_j < NB)
     else:
-        j = tl.load(uni + u_base + i)
-        b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, j, 0, BS, S, H, D, BLOCK_S, BLOCK_D)
-        hit = tl.max((lists == j).to(tl.int32), axis=1) > 0
-        vis = hit[:, None] & s_ok[None, :] & (s_pos[None, :] <= t[:, None])
-    return b_k, b_v, vis
+        i_j = tl.load(uni + o_uni + i)
+        b_k, b_v, o_s, m_s = _load_kv_block(k, v, o_kv, i_j, BS, S, H, D, BLOCK_S, BLOCK_D)
+        m_hit = tl.max((b_lists == i_j).to(tl.int32), axis=1) > 0
+        m_vis = m_hit[:, None] & m_s[None, :] & (o_s[None, :] <= o_t[:, None])
+    return b_k, b_v, m_vis
 
 
 @triton.jit
-def _walk_setup(idx, idx_row, row_ok, i_t, i_b, i_h, T, HS: tl.constexpr, H: tl.constexpr, N_SEL: tl.constexpr,
-                N_P2: tl.constexpr, WALK: tl.constexpr):
-    # (tile id, first index slot of the token for WALK 0, first union slot, row lists for WALK 1).
-    tile = (i_b * tl.num_programs(0) + i_t) * H + i_h
-    idx_tok = ((i_b * T + i_t).to(tl.int64) * HS + i_h) * N_SEL
-    if WALK == 0:
-        lists = row_ok
-    else:
-        lists = _row_lists(idx, idx_row, row_ok, N_SEL, N_P2)
-    return tile, idx_tok, lists
+def _online_softmax_step(b_q, b_k, b_v, m_vis, b_m, b_l, b_acc, scale_log2, PREC: tl.constexpr,
+                         UPCAST: tl.constexpr):
+    b_s = dot(b_q, tl.trans(b_k), PREC, UPCAST) * scale_log2
+    b_s = tl.where(m_vis, b_s, float("-inf"))
+    b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+    # Rows with nothing visible yet keep m = -inf; shift them by 0 so no inf - inf appears.
+    b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
+    b_p = tl.exp2(b_s - b_m_safe[:, None])
+    b_alpha = tl.exp2(b_m - b_m_safe)
+    b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+    b_acc = b_acc * b_alpha[:, None] + dot(b_p.to(b_v.dtype), b_v, PREC, UPCAST)
+    return b_m_new, b_l, b_acc
+
+
+@triton.jit
+def _dq_step(b_q, b_do, b_k, b_v, m_vis, b_lse2, b_delta, b_dq, scale_log2, PREC: tl.constexpr,
+             UPCAST: tl.constexpr):
+    b_s = dot(b_q, tl.trans(b_k), PREC, UPCAST) * scale_log2
+    b_p = tl.where(m_vis, tl.exp2(b_s - b_lse2[:, None]), 0.)
+    b_dp = dot(b_do, tl.trans(b_v), PREC, UPCAST)
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    return b_dq + dot(b_ds.to(b_k.dtype), b_k, PREC, UPCAST)
 
 
 @triton.jit
 def _sel_fwd_kernel(q, k, v, o, lse, idx, uni, ucnt, T, S, BS, UL, scale_log2,
-                HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, N_SEL: tl.constexpr,
-                N_P2: tl.constexpr, TT: tl.constexpr, WALK: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+                    HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, N_SEL: tl.constexpr,
+                    N_P2: tl.constexpr, TT: tl.constexpr, WALK: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     # WALK 0: one token, one shared list (fixed loop over the n slots); 1: counted loop over the
     # precomputed union `uni` (UL slots per tile, ucnt valid). BLOCK_S is l' rounded up to a power of two.
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     NB = tl.cdiv(S, BS)
-    t, row_ok, row, idx_row = _tile_rows(i_t, i_b, i_h, T, HQ, H, HS, N_SEL, TT, BLOCK_M)
+    o_t, m_row, o_row, o_idx = _tile_rows(i_t, i_b, i_h, T, HQ, H, HS, N_SEL, TT, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
-    qd_mask = row_ok[:, None] & (o_d[None, :] < D)
-    b_q = tl.load(q + row[:, None] * D + o_d[None, :], mask=qd_mask, other=0.)
-    kv_base = i_b.to(tl.int64) * S * H * D + i_h * D
-    tile, idx_tok, lists = _walk_setup(idx, idx_row, row_ok, i_t, i_b, i_h, T, HS, H, N_SEL, N_P2, WALK)
-    u_base = tile.to(tl.int64) * UL
+    m_qd = m_row[:, None] & (o_d[None, :] < D)
+    b_q = tl.load(q + o_row[:, None] * D + o_d[None, :], mask=m_qd, other=0.)
+    o_kv = i_b.to(tl.int64) * S * H * D + i_h * D
+    i_tile, o_tok, b_lists = _walk_setup(idx, o_idx, m_row, i_t, i_b, i_h, T, HS, H, N_SEL, N_P2, WALK)
+    o_uni = i_tile.to(tl.int64) * UL
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for i in tl.range(0, _walk_len(ucnt, tile, N_SEL, WALK)):
-        b_k, b_v, vis = _walk_step(i, k, v, kv_base, idx, idx_tok, uni, u_base, lists, t, i_t, row_ok, NB, BS, S,
-                                   H, D, WALK, BLOCK_S, BLOCK_D)
-        m_i, l_i, acc = _online_softmax_step(b_q, b_k, b_v, vis, m_i, l_i, acc, scale_log2, IEEE)
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for i in tl.range(0, _walk_len(ucnt, i_tile, N_SEL, WALK)):
+        b_k, b_v, m_vis = _walk_step(i, k, v, o_kv, idx, o_tok, uni, o_uni, b_lists, o_t, i_t, m_row, NB, BS, S,
+                                     H, D, WALK, BLOCK_S, BLOCK_D)
+        b_m, b_l, b_acc = _online_softmax_step(b_q, b_k, b_v, m_vis, b_m, b_l, b_acc, scale_log2, PREC, UPCAST)
 
     # A row that saw no key gets o = 0 and lse = -inf, as in the reference.
-    empty = l_i == 0.
-    l_safe = tl.where(empty, 1., l_i)
-    b_o = acc / l_safe[:, None]
-    b_lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    tl.store(o + row[:, None] * D + o_d[None, :], b_o.to(o.dtype.element_ty), mask=qd_mask)
-    tl.store(lse + row, b_lse, mask=row_ok)
-
-
-@triton.jit
-def _online_softmax_step(b_q, b_k, b_v, vis, m_i, l_i, acc, scale_log2, IEEE: tl.constexpr):
-    s = _dot(b_q, tl.trans(b_k), IEEE) * scale_log2
-    s = tl.where(vis, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    # Rows with nothing visible yet keep m = -inf; shift them by 0 so no inf - inf appears.
-    m_safe = tl.where(m_new == float("-inf"), 0., m_new)
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p.to(b_v.dtype), b_v, IEEE)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _dq_step(b_q, b_do, b_k, b_v, vis, lse2, delta, dq, scale_log2, IEEE: tl.constexpr):
-    s = _dot(b_q, tl.trans(b_k), IEEE) * scale_log2
-    p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.)
-    dp = _dot(b_do, tl.trans(b_v), IEEE)
-    ds = p * (dp - delta[:, None])
-    return dq + _dot(ds.to(b_k.dtype), b_k, IEEE)
+    m_empty = b_l == 0.
+    b_l_safe = tl.where(m_empty, 1., b_l)
+    b_o = b_acc / b_l_safe[:, None]
+    b_lse = tl.where(m_empty, float("-inf"), (b_m + tl.log2(b_l_safe)) * LN2_C)
+    tl.store(o + o_row[:, None] * D + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_qd)
+    tl.store(lse + o_row, b_lse, mask=m_row)
 
 
 @triton.jit
 def _sel_dq_kernel(q, k, v, do, lse, delta, dq, idx, uni, ucnt, T, S, BS, UL, scale, scale_log2,
-               HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, N_SEL: tl.constexpr,
-               N_P2: tl.constexpr, TT: tl.constexpr, WALK: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+                   HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, N_SEL: tl.constexpr,
+                   N_P2: tl.constexpr, TT: tl.constexpr, WALK: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     # Same tiling and block walk as _sel_fwd_kernel; P is recomputed from the saved log-sum-exp.
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     NB = tl.cdiv(S, BS)
-    t, row_ok, row, idx_row = _tile_rows(i_t, i_b, i_h, T, HQ, H, HS, N_SEL, TT, BLOCK_M)
+    o_t, m_row, o_row, o_idx = _tile_rows(i_t, i_b, i_h, T, HQ, H, HS, N_SEL, TT, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
-    qd_mask = row_ok[:, None] & (o_d[None, :] < D)
-    b_q = tl.load(q + row[:, None] * D + o_d[None, :], mask=qd_mask, other=0.)
-    b_do = tl.load(do + row[:, None] * D + o_d[None, :], mask=qd_mask, other=0.)
+    m_qd = m_row[:, None] & (o_d[None, :] < D)
+    b_q = tl.load(q + o_row[:, None] * D + o_d[None, :], mask=m_qd, other=0.)
+    b_do = tl.load(do + o_row[:, None] * D + o_d[None, :], mask=m_qd, other=0.)
     # lse = -inf (a row that saw nothing) becomes +inf so that exp2(s - lse) is 0, not NaN.
-    b_lse = tl.load(lse + row, mask=row_ok, other=float("-inf"))
-    lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
-    b_delta = tl.load(delta + row, mask=row_ok, other=0.)
-    kv_base = i_b.to(tl.int64) * S * H * D + i_h * D
-    tile, idx_tok, lists = _walk_setup(idx, idx_row, row_ok, i_t, i_b, i_h, T, HS, H, N_SEL, N_P2, WALK)
-    u_base = tile.to(tl.int64) * UL
+    b_lse = tl.load(lse + o_row, mask=m_row, other=float("-inf"))
+    b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * LOG2E_C)
+    b_delta = tl.load(delta + o_row, mask=m_row, other=0.)
+    o_kv = i_b.to(tl.int64) * S * H * D + i_h * D
+    i_tile, o_tok, b_lists = _walk_setup(idx, o_idx, m_row, i_t, i_b, i_h, T, HS, H, N_SEL, N_P2, WALK)
+    o_uni = i_tile.to(tl.int64) * UL
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for i in tl.range(0, _walk_len(ucnt, tile, N_SEL, WALK)):
-        b_k, b_v, vis = _walk_step(i, k, v, kv_base, idx, idx_tok, uni, u_base, lists, t, i_t, row_ok, NB, BS, S,
-                                   H, D, WALK, BLOCK_S, BLOCK_D)
-        b_dq = _dq_step(b_q, b_do, b_k, b_v, vis, lse2, b_delta, b_dq, scale_log2, IEEE)
-    tl.store(dq + row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=qd_mask)
+    for i in tl.range(0, _walk_len(ucnt, i_tile, N_SEL, WALK)):
+        b_k, b_v, m_vis = _walk_step(i, k, v, o_kv, idx, o_tok, uni, o_uni, b_lists, o_t, i_t, m_row, NB, BS, S,
+                                     H, D, WALK, BLOCK_S, BLOCK_D)
+        b_dq = _dq_step(b_q, b_do, b_k, b_v, m_vis, b_lse2, b_delta, b_dq, scale_log2, PREC, UPCAST)
+    tl.store(dq + o_row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_qd)
 
 
 @triton.jit
 def _sel_dkv_kernel(q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries,
-                item_key, item_lo, item_hi, item_slot, T, S, BS, scale, scale_log2,
-                HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
-                BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                IEEE: tl.constexpr):
+                    item_key, item_lo, item_hi, item_slot, T, S, BS, scale, scale_log2,
+                    HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
+                    BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PREC: tl.constexpr, UPCAST: tl.constexpr):
     # One work item: a slice [lo, hi) of the entries that picked kv block `key` = (b, h, j).
     # An entry t * HS + hs stands for the GS = HQ // HS query heads that share index head hs.
     GS: tl.constexpr = HQ // HS
-    w = tl.program_id(0)
-    key = tl.load(item_key + w)
-    if key >= 0:
+    i_w = tl.program_id(0)
+    i_key = tl.load(item_key + i_w)
+    if i_key >= 0:
         NB = tl.cdiv(S, BS)
-        i_j = key % NB
-        i_b = key // NB // H
-        i_h = key // NB % H
-        lo = tl.load(item_lo + w)
-        hi = tl.load(item_hi + w)
-        kv_base = i_b.to(tl.int64) * S * H * D + i_h * D
-        b_k, b_v, s_pos, s_ok = _load_kv_block(k, v, kv_base, i_j, 0, BS, S, H, D, BLOCK_S, BLOCK_D)
+        i_j = i_key % NB
+        i_b = i_key // NB // H
+        i_h = i_key // NB % H
+        i_lo = tl.load(item_lo + i_w)
+        i_hi = tl.load(item_hi + i_w)
+        o_kv = i_b.to(tl.int64) * S * H * D + i_h * D
+        b_k, b_v, o_s, m_s = _load_kv_block(k, v, o_kv, i_j, BS, S, H, D, BLOCK_S, BLOCK_D)
         o_d = tl.arange(0, BLOCK_D)
-        d_ok = o_d < D
-        r = tl.arange(0, BLOCK_R)
-        r_ok = r < BLOCK_E * GS
+        m_d = o_d < D
+        o_r = tl.arange(0, BLOCK_R)
+        m_r = o_r < BLOCK_E * GS
 
         b_dk = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
         b_dv = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-        for e0 in tl.range(lo, hi, BLOCK_E):
-            e = e0 + r // GS
-            e_ok = r_ok & (e < hi)
-            ent = tl.load(entries + e, mask=e_ok, other=0)
-            t = ent // HS
-            hq = (ent % HS) * GS + r % GS
-            row = (i_b * T + t).to(tl.int64) * HQ + hq
-            m_rd = e_ok[:, None] & d_ok[None, :]
-            b_q = tl.load(q + row[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
-            b_do = tl.load(do + row[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
-            b_lse = tl.load(lse + row, mask=e_ok, other=float("-inf"))
-            lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
-            b_delta = tl.load(delta + row, mask=e_ok, other=0.)
+        for i_e in tl.range(i_lo, i_hi, BLOCK_E):
+            o_e = i_e + o_r // GS
+            m_e = m_r & (o_e < i_hi)
+            b_ent = tl.load(entries + o_e, mask=m_e, other=0)
+            o_t = b_ent // HS
+            o_hq = (b_ent % HS) * GS + o_r % GS
+            o_row = (i_b * T + o_t).to(tl.int64) * HQ + o_hq
+            m_rd = m_e[:, None] & m_d[None, :]
+            b_q = tl.load(q + o_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
+            b_do = tl.load(do + o_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
+            b_lse = tl.load(lse + o_row, mask=m_e, other=float("-inf"))
+            b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * LOG2E_C)
+            b_delta = tl.load(delta + o_row, mask=m_e, other=0.)
 
-            s = _dot(b_q, tl.trans(b_k), IEEE) * scale_log2
-            vis = e_ok[:, None] & s_ok[None, :] & (s_pos[None, :] <= t[:, None])
-            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.)
-            b_dv += _dot(tl.trans(p.to(b_do.dtype)), b_do, IEEE)
-            dp = _dot(b_do, tl.trans(b_v), IEEE)
-            ds = p * (dp - b_delta[:, None])
-            b_dk += _dot(tl.trans(ds.to(b_q.dtype)), b_q, IEEE)
+            b_s = dot(b_q, tl.trans(b_k), PREC, UPCAST) * scale_log2
+            m_vis = m_e[:, None] & m_s[None, :] & (o_s[None, :] <= o_t[:, None])
+            b_p = tl.where(m_vis, tl.exp2(b_s - b_lse2[:, None]), 0.)
+            b_dv += dot(tl.trans(b_p.to(b_do.dtype)), b_do, PREC, UPCAST)
+            b_dp = dot(b_do, tl.trans(b_v), PREC, UPCAST)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dk += dot(tl.trans(b_ds.to(b_q.dtype)), b_q, PREC, UPCAST)
         b_dk *= scale
 
-        slot = tl.load(item_slot + w)
-        if slot < 0:
+        i_slot = tl.load(item_slot + i_w)
+        if i_slot < 0:
             # The block's only item: write the gradient directly.
-            off = kv_base + s_pos[:, None].to(tl.int64) * (H * D) + o_d[None, :]
-            m = s_ok[:, None] & d_ok[None, :]
-            tl.store(dk + off, b_dk.to(dk.dtype.element_ty), mask=m)
-            tl.store(dv + off, b_dv.to(dv.dtype.element_ty), mask=m)
+            o_sd = o_kv + o_s[:, None].to(tl.int64) * (H * D) + o_d[None, :]
+            m_sd = m_s[:, None] & m_d[None, :]
+            tl.store(dk + o_sd, b_dk.to(dk.dtype.element_ty), mask=m_sd)
+            tl.store(dv + o_sd, b_dv.to(dv.dtype.element_ty), mask=m_sd)
         else:
-            o_s = tl.arange(0, BLOCK_S)
-            off = slot.to(tl.int64) * (BLOCK_S * BLOCK_D) + o_s[:, None] * BLOCK_D + o_d[None, :]
-            tl.store(part_dk + off, b_dk)
-            tl.store(part_dv + off, b_dv)
+            o_rs = tl.arange(0, BLOCK_S)
+            o_part = i_slot.to(tl.int64) * (BLOCK_S * BLOCK_D) + o_rs[:, None] * BLOCK_D + o_d[None, :]
+            tl.store(part_dk + o_part, b_dk)
+            tl.store(part_dv + o_part, b_dv)
 
 
 @triton.jit
 def _sel_dkv_reduce_kernel(part_dk, part_dv, dk, dv, key_items, key_first_slot, S, BS,
-                       H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                           H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     # Sum the fp32 partials of a split block in item order: deterministic, no atomics.
-    key = tl.program_id(0)
-    n_items = tl.load(key_items + key)
+    i_key = tl.program_id(0)
+    n_items = tl.load(key_items + i_key)
     if n_items > 1:
         NB = tl.cdiv(S, BS)
-        i_j = key % NB
-        i_b = key // NB // H
-        i_h = key // NB % H
-        first = tl.load(key_first_slot + key)
-        o_s = tl.arange(0, BLOCK_S)
+        i_j = i_key % NB
+        i_b = i_key // NB // H
+        i_h = i_key // NB % H
+        i_first = tl.load(key_first_slot + i_key)
+        o_r = tl.arange(0, BLOCK_S)
         o_d = tl.arange(0, BLOCK_D)
-        part_off = o_s[:, None] * BLOCK_D + o_d[None, :]
+        o_part = o_r[:, None] * BLOCK_D + o_d[None, :]
         b_dk = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
         b_dv = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
         for i in range(n_items):
-            base = (first + i).to(tl.int64) * (BLOCK_S * BLOCK_D)
-            b_dk += tl.load(part_dk + base + part_off)
-            b_dv += tl.load(part_dv + base + part_off)
-        s_pos = i_j * BS + o_s
-        s_ok = (o_s < BS) & (s_pos < S)
-        off = (i_b.to(tl.int64) * S * H * D + i_h * D) + s_pos[:, None].to(tl.int64) * (H * D) + o_d[None, :]
-        m = s_ok[:, None] & (o_d[None, :] < D)
-        tl.store(dk + off, b_dk.to(dk.dtype.element_ty), mask=m)
-        tl.store(dv + off, b_dv.to(dv.dtype.element_ty), mask=m)
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+            o_slot = (i_first + i).to(tl.int64) * (BLOCK_S * BLOCK_D)
+            b_dk += tl.load(part_dk + o_slot + o_part)
+            b_dv += tl.load(part_dv + o_slot + o_part)
+        o_s = i_j * BS + o_r
+        m_s = (o_r < BS) & (o_s < S)
+        o_sd = (i_b.to(tl.int64) * S * H * D + i_h * D) + o_s[:, None].to(tl.int64) * (H * D) + o_d[None, :]
+        m_sd = m_s[:, None] & (o_d[None, :] < D)
+        tl.store(dk + o_sd, b_dk.to(dk.dtype.element_ty), mask=m_sd)
+        tl.store(dv + o_sd, b_dv.to(dv.dtype.element_ty), mask=m_sd)
 
 
 def _launch_cfg(q, k, indices, sel_block):
@@ -330,9 +310,10 @@ def _launch_cfg(q, k, indices, sel_block):
     block_m = max(MIN_ROWS, _pow2(HQ // H))
     tt = max(1, block_m // (HQ // H))
     walk = 0 if tt == 1 and Hs == H else 1
+    prec, upcast = dot_precision(q.dtype)
     return dict(HQ=HQ, H=H, HS=Hs, D=D, N_SEL=n, N_P2=_pow2(n), TT=tt, WALK=walk, BLOCK_M=block_m,
-                BLOCK_S=max(16, _pow2(sel_block)), BLOCK_D=max(16, _pow2(D)),
-                IEEE=q.dtype == torch.float32 or _interpreting()), (ceil_div(T, tt), B * H)
+                BLOCK_S=max(16, _pow2(sel_block)), BLOCK_D=max(16, _pow2(D)), PREC=prec, UPCAST=upcast), \
+        (ceil_div(T, tt), B * H)
 
 
 def _tile_union(indices, H, NB, tt):
@@ -444,13 +425,13 @@ def selection_dkv(do, q, k, v, lse, delta, indices, sel_block, scale, dk, dv):
      n_slots) = _dkv_items(indices, H, S, sel_block)
     block_e = max(1, DKV_ROWS // (HQ // Hs))
     block_s, block_d = max(16, _pow2(sel_block)), max(16, _pow2(D))
-    ieee = q.dtype == torch.float32 or _interpreting()
+    prec, upcast = dot_precision(q.dtype)
     part_dk = torch.empty(n_slots, block_s, block_d, dtype=torch.float32, device=q.device)
     part_dv = torch.empty_like(part_dk)
     _sel_dkv_kernel[(item_key.numel(),)](
         q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries, item_key, item_lo, item_hi, item_slot,
         T, S, sel_block, scale, scale * LOG2E, HQ=HQ, H=H, HS=Hs, D=D, BLOCK_E=block_e,
-        BLOCK_R=_pow2(block_e * (HQ // Hs)), BLOCK_S=block_s, BLOCK_D=block_d, IEEE=ieee,
+        BLOCK_R=_pow2(block_e * (HQ // Hs)), BLOCK_S=block_s, BLOCK_D=block_d, PREC=prec, UPCAST=upcast,
         num_warps=8)  # the 64 x 128 fp32 dK and dV accumulators want 8 warps (4 measured slower)
     _sel_dkv_reduce_kernel[(key_items.numel(),)](part_dk, part_dv, dk, dv, key_items, key_first_slot, S, sel_block,
                                              H=H, D=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)

@@ -33,14 +33,12 @@ reference's by rounding (summation order), which can flip blocks whose importanc
 rounding of each other.
 """
 
-import math
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from nsa.ops.range_attention import _dot, _query_rows
+from nsa.ops.range_attention import _query_rows
+from nsa.ops.utils import LOG2E, LOG2E_C, dot, dot_precision, interpreting, num_visible_blocks
 
 # Larger than any block index: the decoded index of an unused slot, sorted last and written as -1.
 BIG: tl.constexpr = tl.constexpr(2**30)
@@ -52,29 +50,29 @@ _empty = torch.empty
 
 
 @triton.jit
-def _half_clean(x, R: tl.constexpr, W: tl.constexpr, M: tl.constexpr, HALF: tl.constexpr,
+def _half_clean(b_x, R: tl.constexpr, W: tl.constexpr, M: tl.constexpr, HALF: tl.constexpr,
                 LOG_W: tl.constexpr, DESC: tl.constexpr):
     """One half-cleaner step of `_bitonic` at merge level M, comparing elements HALF apart. Its own
     function so that HALF and A are fresh constexprs per step: Triton 3.6 turns a plain assignment of
     an int into a tensor and refuses to re-assign an annotated constexpr in an unrolled loop."""
     A: tl.constexpr = W // (2 * HALF)
-    y = tl.reshape(x, [R, A, 2, HALF])
+    b_y = tl.reshape(b_x, [R, A, 2, HALF])
     # Run of 2^M this pair belongs to; even runs go in the final direction, odd ones reversed.
     if M == LOG_W:
-        desc = tl.full([1, A, 1, 1], DESC, tl.int1)
+        m_desc = tl.full([1, A, 1, 1], DESC, tl.int1)
     else:
-        odd = ((tl.arange(0, A)[None, :, None, None] * (2 * HALF)) >> M) & 1
+        o_odd = ((tl.arange(0, A)[None, :, None, None] * (2 * HALF)) >> M) & 1
         if DESC:
-            desc = odd == 0
+            m_desc = o_odd == 0
         else:
-            desc = odd == 1
-    first = tl.arange(0, 2)[None, None, :, None] == 0
-    y = tl.where(first == desc, tl.max(y, 2, keep_dims=True), tl.min(y, 2, keep_dims=True))
-    return tl.reshape(y, [R, W])
+            m_desc = o_odd == 1
+    m_first = tl.arange(0, 2)[None, None, :, None] == 0
+    b_y = tl.where(m_first == m_desc, tl.max(b_y, 2, keep_dims=True), tl.min(b_y, 2, keep_dims=True))
+    return tl.reshape(b_y, [R, W])
 
 
 @triton.jit
-def _bitonic(x, R: tl.constexpr, W: tl.constexpr, FIRST: tl.constexpr, LOG_W: tl.constexpr,
+def _bitonic(b_x, R: tl.constexpr, W: tl.constexpr, FIRST: tl.constexpr, LOG_W: tl.constexpr,
              DESC: tl.constexpr):
     """Bitonic sorting network on each row of a [R, W] tile, merge levels FIRST .. LOG_W: FIRST = 1
     sorts arbitrary rows, FIRST = LOG_W only merges rows that are already bitonic. Level m makes
@@ -82,14 +80,14 @@ def _bitonic(x, R: tl.constexpr, W: tl.constexpr, FIRST: tl.constexpr, LOG_W: tl
     sorts whole rows descending if DESC else ascending. Each step is a half-cleaner: reshape to
     [R, pairs, 2, HALF] and put the max / min of each pair first. Own network rather than tl.sort:
     the same work on the GPU, and max/min reductions are fast in the interpreter."""
-    for m in tl.static_range(FIRST, LOG_W + 1):
-        for s in tl.static_range(m):
-            x = _half_clean(x, R, W, m, 1 << (m - 1 - s), LOG_W, DESC)
-    return x
+    for i_m in tl.static_range(FIRST, LOG_W + 1):
+        for i_s in tl.static_range(i_m):
+            b_x = _half_clean(b_x, R, W, i_m, 1 << (i_m - 1 - i_s), LOG_W, DESC)
+    return b_x
 
 
 @triton.jit
-def _topn_kernel(Q, CK, LSE, OUT, qk_scale, T, H, G, NUM_CMP, NUM_MEM, BLOCK, STRIDE, SEL_BLOCK,
+def _topn_kernel(q, ck, lse, out, qk_scale, T, H, G, NUM_CMP, NUM_MEM, BLOCK, STRIDE, SEL_BLOCK,
                  NUM_INITIAL, NUM_LOCAL,
                  D: tl.constexpr, BLOCK_D: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
                  PER_CMP: tl.constexpr, PER_SEL: tl.constexpr, PSP: tl.constexpr, KP: tl.constexpr,
@@ -98,100 +96,100 @@ def _topn_kernel(Q, CK, LSE, OUT, qk_scale, T, H, G, NUM_CMP, NUM_MEM, BLOCK, ST
                  UPCAST: tl.constexpr):
     BLOCK_T: tl.constexpr = BLOCK_M // GP
     BLOCK_C: tl.constexpr = BJ * PSP
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
     HQ = H * G
     S = NUM_MEM + NUM_CMP
-    t0 = pid_m * BLOCK_T
-    t, g, row_ok = _query_rows(t0, T, G, GP, BLOCK_M)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    row_off = (b * T + t).to(tl.int64) * HQ + h * G + g
-    q = tl.load(Q + row_off[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    lse2 = tl.load(LSE + row_off, mask=row_ok, other=0.0) * 1.4426950408889634
-    # Compressed block i is visible to token t iff i < n_visible(t) (its last token is <= t).
-    n_visible = tl.maximum(t + STRIDE - BLOCK + 1, 0) // STRIDE
+    t0 = i_m * BLOCK_T
+    o_t, o_g, m_row = _query_rows(t0, T, G, GP, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    o_row = (i_b * T + o_t).to(tl.int64) * HQ + i_h * G + o_g
+    b_q = tl.load(q + o_row[:, None] * D + o_d[None, :], mask=m_row[:, None] & m_d[None, :], other=0.0)
+    b_lse2 = tl.load(lse + o_row, mask=m_row, other=0.0) * LOG2E_C
+    # Compressed block i is visible to token t iff i < o_nvis(t) (its last token is <= t).
+    o_nvis = num_visible_blocks(o_t, BLOCK, STRIDE)
 
     # Rows of the running top-n: one per token if shared (heads summed), else one per (token, head).
     if SHARED:
-        tr = t0 + tl.arange(0, ROWS)
+        o_tr = t0 + tl.arange(0, ROWS)
     else:
-        tr = t
-    cur = tr // SEL_BLOCK
+        o_tr = o_t
+    o_cur = o_tr // SEL_BLOCK
 
     # Tile column c is compressed block (j0 + c // PSP) * PER_SEL + c % PSP (masked if c % PSP >= PER_SEL).
-    c = tl.arange(0, BLOCK_C)
-    c_sel = c // PSP
-    c_pos = c % PSP
+    o_c = tl.arange(0, BLOCK_C)
+    o_csel = o_c // PSP
+    o_cpos = o_c % PSP
     # Overlap weights w_k(r) [KP, PSP] and the rotation by k of plane k along the selection blocks.
-    kk = tl.arange(0, KP)[:, None]
-    rr = tl.arange(0, PSP)[None, :]
-    w = tl.minimum(rr + PER_CMP, (kk + 1) * PER_SEL) - tl.maximum(rr, kk * PER_SEL)
-    w = tl.where(rr < PER_SEL, tl.maximum(w, 0), 0).to(tl.float32)
-    k3 = tl.arange(0, KP)[None, :, None]
-    jj3 = tl.arange(0, BJ)[None, None, :]
-    rot = ((jj3 - k3) & (BJ - 1)) + tl.zeros([ROWS, KP, BJ], tl.int32)
-    jj = tl.arange(0, BJ)
+    o_k = tl.arange(0, KP)[:, None]
+    o_r = tl.arange(0, PSP)[None, :]
+    b_w = tl.minimum(o_r + PER_CMP, (o_k + 1) * PER_SEL) - tl.maximum(o_r, o_k * PER_SEL)
+    b_w = tl.where(o_r < PER_SEL, tl.maximum(b_w, 0), 0).to(tl.float32)
+    o_k3 = tl.arange(0, KP)[None, :, None]
+    o_j3 = tl.arange(0, BJ)[None, None, :]
+    o_rot = ((o_j3 - o_k3) & (BJ - 1)) + tl.zeros([ROWS, KP, BJ], tl.int32)
+    o_j = tl.arange(0, BJ)
 
-    spill = tl.zeros([ROWS, KP, BJ], tl.float32)
-    top = tl.full([ROWS, W], -1, tl.int64)
+    b_spill = tl.zeros([ROWS, KP, BJ], tl.float32)
+    b_top = tl.full([ROWS, W], -1, tl.int64)
     t_last = tl.minimum(t0 + BLOCK_T - 1, T - 1)
-    for j0 in range(0, t_last // SEL_BLOCK + 1, BJ):
+    for i_j0 in range(0, t_last // SEL_BLOCK + 1, BJ):
         # 1. probabilities of the compressed blocks that start in this chunk's selection blocks
-        i = (j0 + c_sel) * PER_SEL + c_pos
-        i_ok = (c_pos < PER_SEL) & (i < NUM_CMP)
-        ck_off = ((b * S + NUM_MEM + i).to(tl.int64) * H + h) * D
-        ck = tl.load(CK + ck_off[:, None] + d[None, :], mask=i_ok[:, None] & d_ok[None, :], other=0.0)
-        s = _dot(q, tl.trans(ck), PREC, UPCAST)
-        visible = row_ok[:, None] & i_ok[None, :] & (i[None, :] < n_visible[:, None])
-        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        o_i = (i_j0 + o_csel) * PER_SEL + o_cpos
+        m_i = (o_cpos < PER_SEL) & (o_i < NUM_CMP)
+        o_ck = ((i_b * S + NUM_MEM + o_i).to(tl.int64) * H + i_h) * D
+        b_ck = tl.load(ck + o_ck[:, None] + o_d[None, :], mask=m_i[:, None] & m_d[None, :], other=0.0)
+        b_s = dot(b_q, tl.trans(b_ck), PREC, UPCAST)
+        m_vis = m_row[:, None] & m_i[None, :] & (o_i[None, :] < o_nvis[:, None])
+        b_p = tl.where(m_vis, tl.exp2(b_s * qk_scale - b_lse2[:, None]), 0.0)
         # 2. group sum
         if SHARED:
-            p3 = tl.sum(tl.reshape(p, [BLOCK_T, GP, BJ, PSP]), 1)
+            b_p3 = tl.sum(tl.reshape(b_p, [BLOCK_T, GP, BJ, PSP]), 1)
         else:
-            p3 = tl.reshape(p, [BLOCK_M, BJ, PSP])
+            b_p3 = tl.reshape(b_p, [BLOCK_M, BJ, PSP])
         # 3. overlap: plane k goes k selection blocks ahead; the previous chunk's rotated planes
         #    supply the columns j < k
-        a = tl.sum(p3[:, None, :, :] * w[None, :, None, :], 3)
+        b_a = tl.sum(b_p3[:, None, :, :] * b_w[None, :, None, :], 3)
         if KP > 1:
-            a = tl.gather(a, rot, 2)
-        imp = tl.sum(tl.where(jj3 >= k3, a, spill), 1)
-        spill = a
+            b_a = tl.gather(b_a, o_rot, 2)
+        b_imp = tl.sum(tl.where(o_j3 >= o_k3, b_a, b_spill), 1)
+        b_spill = b_a
         # 4. keys
-        j = j0 + jj
-        valid = j[None, :] <= cur[:, None]
-        forced = (j[None, :] < NUM_INITIAL) | (cur[:, None] - j[None, :] < NUM_LOCAL)
-        bits = tl.maximum(imp.to(tl.int32, bitcast=True), 0)  # importance >= 0 (-0.0 -> +0.0)
-        bits = tl.where(forced, INF_BITS, bits)
-        key = ((bits.to(tl.int64) + 1) << 32) - 1 - j[None, :]
-        key = tl.where(valid, key, -1)
-        for e in tl.static_range(LOG_WIDEN):  # n > BJ: pad the chunk to W with empty keys
-            key = tl.reshape(tl.join(key, tl.full([ROWS, BJ << e], -1, tl.int64)), [ROWS, BJ << (e + 1)])
+        o_jj = i_j0 + o_j
+        m_valid = o_jj[None, :] <= o_cur[:, None]
+        m_forced = (o_jj[None, :] < NUM_INITIAL) | (o_cur[:, None] - o_jj[None, :] < NUM_LOCAL)
+        b_bits = tl.maximum(b_imp.to(tl.int32, bitcast=True), 0)  # importance >= 0 (-0.0 -> +0.0)
+        b_bits = tl.where(m_forced, INF_BITS, b_bits)
+        b_key = ((b_bits.to(tl.int64) + 1) << 32) - 1 - o_jj[None, :]
+        b_key = tl.where(m_valid, b_key, -1)
+        for i_e in tl.static_range(LOG_WIDEN):  # n > BJ: pad the chunk to W with empty keys
+            b_key = tl.reshape(tl.join(b_key, tl.full([ROWS, BJ << i_e], -1, tl.int64)), [ROWS, BJ << (i_e + 1)])
         # 5. merge: max(descending, ascending) is the top W of both, bitonic
-        asc = _bitonic(key, ROWS, W, 1, LOG_W, False)
-        top = _bitonic(tl.maximum(top, asc), ROWS, W, LOG_W, LOG_W, True)
+        b_asc = _bitonic(b_key, ROWS, W, 1, LOG_W, False)
+        b_top = _bitonic(tl.maximum(b_top, b_asc), ROWS, W, LOG_W, LOG_W, True)
 
     # Ascending indices of the first n keys; empty slots (key -1) sort last and are written -1.
-    col = tl.arange(0, W)[None, :]
-    sel = tl.where((col < N_SEL) & (top >= 0), (-1 - top).to(tl.int32), BIG)
-    sel = _bitonic(sel, ROWS, W, 1, LOG_W, False)
-    sel = tl.where(sel >= BIG, -1, sel)
+    o_col = tl.arange(0, W)[None, :]
+    b_sel = tl.where((o_col < N_SEL) & (b_top >= 0), (-1 - b_top).to(tl.int32), BIG)
+    b_sel = _bitonic(b_sel, ROWS, W, 1, LOG_W, False)
+    b_sel = tl.where(b_sel >= BIG, -1, b_sel)
     if SHARED:
-        out_row = (b * T + tr).to(tl.int64) * H + h
-        out_ok = tr < T
+        o_out = (i_b * T + o_tr).to(tl.int64) * H + i_h
+        m_out = o_tr < T
     else:
-        out_row = row_off
-        out_ok = row_ok
-    tl.store(OUT + out_row[:, None] * N_SEL + col, sel, mask=out_ok[:, None] & (col < N_SEL))
+        o_out = o_row
+        m_out = m_row
+    tl.store(out + o_out[:, None] * N_SEL + o_col, b_sel, mask=m_out[:, None] & (o_col < N_SEL))
 
 
 def _tiles(G, per_sel, dtype):
     """(BLOCK_M, BJ, num_warps, num_stages): about 128 query rows (64 for fp32) and 64 compressed keys
     per step, chosen on an H100; small in the interpreter."""
     GP = triton.next_power_of_2(G)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         return max(16, GP), 16, 4, 1
     bj = max(16, triton.next_power_of_2(triton.cdiv(64, per_sel)))
     if dtype == torch.float32:
@@ -210,12 +208,13 @@ def _kernel_meta(G, D, dtype, block, stride, sel_block, num_selected, shared):
     bj = max(bj, triton.next_power_of_2(K))
     W = max(bj, triton.next_power_of_2(num_selected))
     GP = triton.next_power_of_2(G)
+    prec, upcast = dot_precision(dtype)
     return dict(
         D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), GP=GP, BLOCK_M=bm, PER_CMP=per_cmp, PER_SEL=per_sel,
         PSP=triton.next_power_of_2(per_sel), KP=triton.next_power_of_2(K), BJ=bj, W=W,
         LOG_W=W.bit_length() - 1, LOG_WIDEN=(W // bj).bit_length() - 1, N_SEL=num_selected,
-        ROWS=bm // GP if shared else bm, SHARED=shared, PREC="tf32x3" if dtype == torch.float32 else "tf32",
-        UPCAST=os.environ.get("TRITON_INTERPRET") == "1", num_warps=warps, num_stages=stages)
+        ROWS=bm // GP if shared else bm, SHARED=shared, PREC=prec, UPCAST=upcast, num_warps=warps,
+        num_stages=stages)
 
 
 def _topn_launch(q, ck, lse, block, stride, sel_block, num_mem, num_selected, num_initial, num_local, shared,
@@ -231,7 +230,7 @@ def _topn_launch(q, ck, lse, block, stride, sel_block, num_mem, num_selected, nu
     meta = _kernel_meta(G, D, q.dtype, block, stride, sel_block, num_selected, shared)
     grid = (triton.cdiv(T, meta["BLOCK_M"] // meta["GP"]), B * H)
     _topn_kernel[grid](
-        q, ck, lse, out, scale * math.log2(math.e), T, H, G, ck.shape[1] - num_mem, num_mem, block, stride,
+        q, ck, lse, out, scale * LOG2E, T, H, G, ck.shape[1] - num_mem, num_mem, block, stride,
         sel_block, num_initial, num_local, **meta)
     return out
 

@@ -15,6 +15,9 @@ import triton.language as tl
 
 # The kernels take softmax in base 2 (exp2 is one instruction): exp(x) = exp2(x * LOG2E).
 LOG2E = 1.4426950408889634
+# The same for @triton.jit code, which reads only constexpr globals; LN2_C turns a log2 back into a log.
+LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)
+LN2_C: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 def interpreting():
@@ -49,7 +52,7 @@ def num_visible_blocks(t, BLOCK, STRIDE):
     """Compressed blocks query t sees: block i once its last token i*STRIDE + BLOCK - 1 <= t, so
     max(0, (t + 1 - BLOCK) // STRIDE + 1) (docs/SPEC.md section 1). max(., 0) before the division:
     Triton's integer division truncates, floor is needed, and both agree on non-negative values."""
-    return tl.maximum(t + STRIDE - BLOCK + 1, 0) // STRIDE
+    return tl.maximum(t + (STRIDE - BLOCK + 1), 0) // STRIDE
 
 
 @functools.cache

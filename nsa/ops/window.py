@@ -9,10 +9,11 @@ from nsa.ops.range_attention import range_attention
 
 
 def window_rule(window):
-    """(hi_base, hi_off, hi_div, lo_back) of the causal window for `range_attention`."""
+    """(hi_base, block, stride, lo_back) of the causal window for `range_attention`: one-token blocks at
+    stride 1, so hi(t) = -1 + (t + 1) = t."""
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    return 0, 0, 1, window - 1
+    return -1, 1, 1, window - 1
 
 
 def sliding_window_attention(q, k, v, p):
