@@ -22,12 +22,14 @@ def parse_args(argv=None):
     src.add_argument("--prompt", default=None, help="prompt text (UTF-8); default: a newline")
     src.add_argument("--prompt-file", default=None, help="read the prompt from this file (raw bytes)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely bytes (0: off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="softmax temperature, >= 0; 0 means greedy (the same as --greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely bytes, k >= 0 (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (1.0: off)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature, top-k, top-p)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=1, help="sequences generated together as one batch")
+    p.add_argument("--num-samples", type=int, default=1,
+                   help="sequences generated together as one batch (one cache), each sampled on its own")
     p.add_argument("--no-cache", action="store_true", help="recompute the full forward each step")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on cuda, fp32 on cpu")
@@ -55,6 +57,21 @@ def main(argv=None):
         return fail("--max-new-tokens must be at least 1")
     if args.num_samples < 1:
         return fail("--num-samples must be at least 1")
+    if not args.temperature >= 0:  # also NaN
+        return fail(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
+    if args.top_k < 0:
+        return fail(f"--top-k must be >= 0 (0: off), got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        return fail(f"--top-p must be in (0, 1] (1: off), got {args.top_p}")
+    if args.max_context < 0:
+        return fail(f"--max-context must be >= 0 (0: the checkpoint's train.seq_len), got {args.max_context}")
+    device = _device(args.device)
+    if device is None:
+        return fail(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return fail(f"--device {args.device} but CUDA is not available")
+    if args.cuda_graph and device.type != "cuda":
+        return fail(f"--cuda-graph needs a CUDA device; --device {args.device} is {device.type}")
     if args.prompt_file is not None:
         try:
             with open(args.prompt_file, "rb") as f:
@@ -66,10 +83,6 @@ def main(argv=None):
     if not prompt:
         return fail("the prompt is empty: give at least one byte")
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return fail(f"--device {args.device} but CUDA is not available")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -106,6 +119,17 @@ def main(argv=None):
           f"decode {stats['tokens_per_s']:.1f} tokens/s ({args.max_new_tokens} x {args.num_samples}), "
           f"peak memory {'n/a (cpu)' if mem is None else f'{mem / 2**20:.0f} MiB'}")
     return 0
+
+
+def _device(name):
+    """torch.device of --device (auto: cuda when available), or None for anything but cpu and cuda."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return None
+    return device if device.type in ("cpu", "cuda") else None
 
 
 if __name__ == "__main__":

@@ -160,6 +160,34 @@ def test_generate_cli_errors(tmp_path, capsys, monkeypatch):
         assert "needs a CUDA device" in fails("--checkpoint", str(ckpt), "--backend", "triton")
 
 
+def test_generate_cli_rejects_bad_sampling_and_device_flags(tmp_path, capsys):
+    # Each bad value ends in one line naming the flag (exit code 2), before any model is loaded.
+    ckpt = tmp_path / "ckpt.pt"
+    _save_tiny_checkpoint(ckpt)
+    bad = [("--temperature", "-1"), ("--temperature", "nan"), ("--top-p", "0"), ("--top-p", "1.5"),
+           ("--top-k", "-3"), ("--max-context", "-1"), ("--device", "tpu"), ("--device", "cuda:x")]
+    if not torch.cuda.is_available():
+        bad += [("--cuda-graph",), ("--device", "cuda")]
+    for flag in bad:
+        rc, out, err = _cli_inprocess(capsys, "--checkpoint", str(ckpt), "--max-new-tokens", "3", *flag)
+        assert rc == 2 and not out, (flag, rc, out)
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and flag[0] in err, (flag, err)
+
+
+def test_generate_cli_temperature_zero_is_greedy(tmp_path, capsys):
+    # --temperature 0 is documented as greedy (--help) and decodes exactly like --greedy.
+    ckpt = tmp_path / "ckpt.pt"
+    _save_tiny_checkpoint(ckpt)
+    with pytest.raises(SystemExit):
+        _cli_inprocess(capsys, "--help")
+    assert "0 means greedy" in " ".join(capsys.readouterr().out.split())
+    args = ("--checkpoint", str(ckpt), "--prompt", "abc", "--max-new-tokens", "10", "--device", "cpu")
+    rc0, zero, err = _cli_inprocess(capsys, *args, "--temperature", "0", "--seed", "1")
+    rc1, greedy, _ = _cli_inprocess(capsys, *args, "--greedy", "--seed", "2")
+    assert rc0 == rc1 == 0, err
+    assert zero.splitlines()[0] == greedy.splitlines()[0]
+
+
 def test_load_model_incompatible(tmp_path):
     cfg = Config(model=tiny())
     model = build(cfg.model)
