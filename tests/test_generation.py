@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -186,6 +187,49 @@ def test_generate_cli_temperature_zero_is_greedy(tmp_path, capsys):
     rc1, greedy, _ = _cli_inprocess(capsys, *args, "--greedy", "--seed", "2")
     assert rc0 == rc1 == 0, err
     assert zero.splitlines()[0] == greedy.splitlines()[0]
+
+
+def test_batch_generation_equals_single_runs_greedy():
+    # Rows of one batch decode independently: greedy continuations of different prompts as one batch
+    # equal each prompt generated alone.
+    model = build(tiny(separate_kv=True))
+    prompts = torch.randint(0, 256, (3, 11), generator=torch.Generator().manual_seed(1))
+    batch, _ = generate(model, prompts, 20, greedy=True)
+    for i in range(3):
+        alone, _ = generate(model, prompts[i:i + 1], 20, greedy=True)
+        assert torch.equal(batch[i:i + 1], alone), f"row {i}"
+
+
+def test_generate_cli_num_samples_is_one_batch(tmp_path, capsys, monkeypatch):
+    # --num-samples N: one cache of batch N; greedy gives N copies of the single-sample text, sampling
+    # (one seeded generator for the batch) N different samples.
+    import nsa.cache
+
+    batches = []
+
+    class Recorded(nsa.cache.ModelCache):
+        def __init__(self, model, batch, *args, **kw):
+            batches.append(batch)
+            super().__init__(model, batch, *args, **kw)
+
+    monkeypatch.setattr(nsa.cache, "ModelCache", Recorded)
+    ckpt = tmp_path / "ckpt.pt"
+    _save_tiny_checkpoint(ckpt)
+    args = ("--checkpoint", str(ckpt), "--prompt", "abc", "--max-new-tokens", "24", "--device", "cpu")
+
+    def texts(out):  # the printed samples (they may hold newlines), without the stats line
+        body = out.rsplit("\n\n[", 1)[0] + "\n"
+        return [t[:-1] for t in re.split(r"--- sample \d+ ---\n", body)[1:]] or [body[:-1]]
+
+    rc, single, err = _cli_inprocess(capsys, *args, "--greedy")
+    assert rc == 0, err
+    rc, greedy, err = _cli_inprocess(capsys, *args, "--greedy", "--num-samples", "3")
+    assert rc == 0, err
+    assert texts(greedy) == texts(single) * 3
+    rc, sampled, err = _cli_inprocess(capsys, *args, "--num-samples", "3", "--seed", "4")
+    assert rc == 0, err
+    assert len(set(texts(sampled))) == 3
+    assert batches == [1, 3, 3]
 
 
 def test_load_model_incompatible(tmp_path):
