@@ -60,13 +60,11 @@ CASES = [
 ]
 
 
-def _forced_plan(nc_split, w_split, s_split):
-    """A `decode._plan` with fixed splits (compressed chunks, window chunks, selection programs) per pair
-    and chunks that are no multiple of the tile, so one tile straddles two chunks."""
-    def plan(pairs, nc_rows, window, w_len, num_selected, block_n, sms):
-        return nc_split, ceil_div(nc_rows, nc_split), w_split, ceil_div(w_len, w_split), s_split
-
-    return plan
+def _force_splits(monkeypatch, nc_split, w_split, s_split):
+    """Fixed splits (compressed chunks, window chunks, selection programs) per pair, and chunks that are
+    no multiple of the tile, so one tile straddles two chunks and some slots stay unused."""
+    monkeypatch.setattr(decode, "_plan", lambda *args: (nc_split, w_split, s_split))
+    monkeypatch.setattr(decode, "_chunk", lambda length, chunks, granule: ceil_div(max(length, 1), chunks))
 
 
 def _case_id(c):
@@ -92,7 +90,7 @@ def test_decode_kernel_matches_reference(case, dtype, splits, monkeypatch):
     # splits = (compressed chunks, window chunks, selection programs) per pair: the partials and their merge, including
     # chunks that start past the current length (t = 3 with 7 chunks) and so must stay empty.
     if splits is not None:
-        monkeypatch.setattr(decode, "_plan", _forced_plan(*splits))
+        _force_splits(monkeypatch, *splits)
     G, num_mem, (block, stride, sel_block), ring, shared = case
     B, H, D, S, window, n = 3, 2, 16, 64, 16, 4
     # t crosses the block boundaries: before l - 1, at l - 1, mid-sequence, the last position

@@ -5,12 +5,13 @@ kernels, split flash-decoding style so that batch 1 fills the GPU as well as bat
 one (sequence b, selection head hs): with GQA-shared selection (the default) hs is a kv head and its G
 query heads are one tile; with per-head selection hs is a query head (a tile of one).
 
-1. `_partials_kernel`, grid (pairs, NC_SPLIT + W_SPLIT). Program c < NC_SPLIT runs the compressed
-   attention of its pair over one chunk of the compressed rows (memory rows first, then the blocks
-   complete at t), keeping an online softmax (m, l, acc) in fp32 that it writes as a partial, and it
-   writes the raw scores of its compressed blocks (fp32, per query head) to a scratch row. Programs
-   c >= NC_SPLIT each attend one chunk of the window (t - w, t] (the window cache may be a ring:
-   position p in slot p % W) and write a partial the same way. The compressed keys are read once.
+1. `_partials_kernel`, grid (pairs, compressed chunks + window chunks in use; at most NC_SPLIT +
+   W_SPLIT). The first programs each run the compressed attention of their pair over one chunk of the
+   compressed rows (memory rows first, then the blocks complete at t), keeping an online softmax
+   (m, l, acc) in fp32 that they write as a partial, and write the raw scores of their compressed
+   blocks (fp32, per query head) to a scratch row. The others each attend one chunk of the window
+   (t - w, t] (the window cache may be a ring: position p in slot p % W) and write a partial the same
+   way. The compressed keys are read once.
 2. `_importance_kernel`, grid (pairs, chunks): merges the compressed (m, l) partials into the
    log-sum-exp and turns a chunk of the scores into probabilities summed over the pair's query heads
    (one fp32 per compressed block).
@@ -35,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.ops.common import ceil_div
+from nsa.ops.common import ceil_div, num_compressed_blocks
 from nsa.ops.utils import LOG2E, dot, dot_precision, num_sms, num_visible_blocks
 
 # Allocator of the outputs and scratch; the tests swap in a poisoned one to catch elements the kernels
@@ -113,11 +114,13 @@ def _store_partial(p_pm, p_pl, p_pacc, i_pair, slot, b_m, b_l, b_acc, o_g, o_d, 
     tl.store(p_pacc + o_row[:, None] * BLOCK_D + o_d[None, :], b_acc)
 
 
-@triton.jit(do_not_specialize=["w_slots"])  # the ring's size follows the cache's: no recompile for a new one
+# The ring's size and the chunks in use follow the cache's length: unspecialised, so a new length
+# compiles nothing (Triton would specialise a value of 1 or a multiple of 16).
+@triton.jit(do_not_specialize=["w_slots", "nc_used"])
 def _partials_kernel(
     Q, QR, CK, CV, KW, VW, TPOS, PM, PL, PACC, SC,
-    sq_b, sq_h, sck_b, sck_r, sck_h, skw_b, skw_s, skw_h, qk_scale, sc_row, w_slots, nc_chunk, w_chunk,
-    HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    sq_b, sq_h, sck_b, sck_r, sck_h, skw_b, skw_s, skw_h, qk_scale, w_slots, nc_chunk, w_chunk, nc_used,
+    HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SC_ROW: tl.constexpr,
     NUM_MEM: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
     NC_SPLIT: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -129,34 +132,37 @@ def _partials_kernel(
     b_m = tl.full([BLOCK_G], _NO_KEY, tl.float32)
     b_l = tl.zeros([BLOCK_G], tl.float32)
     b_acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    p_sc = SC + i_pair.to(tl.int64) * BLOCK_G * sc_row
-    if i_c < NC_SPLIT:
+    p_sc = SC + i_pair.to(tl.int64) * (BLOCK_G * SC_ROW)
+    slot = i_c
+    if i_c < nc_used:
         # Compressed rows [i_c * nc_chunk, ...) of the memory rows + the blocks complete at t.
         b_q = tl.load(Q + o_q, mask=m_q, other=0.0)
         lo = i_c * nc_chunk
         hi = tl.minimum(lo + nc_chunk, NUM_MEM + num_visible_blocks(t, L_CMP, STRIDE))
         b_m, b_l, b_acc = _attend_range(b_q, CK + b * sck_b + h * sck_h, CV + b * sck_b + h * sck_h, sck_r, lo, hi,
-                                        0, b_m, b_l, b_acc, qk_scale, p_sc, sc_row, NUM_MEM, o_g, m_g, o_d, m_d,
+                                        0, b_m, b_l, b_acc, qk_scale, p_sc, SC_ROW, NUM_MEM, o_g, m_g, o_d, m_d,
                                         RING=False, SCORES=True, BLOCK_N=BLOCK_N, PREC=PREC, UPCAST=UPCAST)
     else:
-        # Window positions (t - WINDOW, t], chunk i_c - NC_SPLIT of them, in a ring of w_slots rows.
+        # Window positions (t - WINDOW, t], chunk i_c - nc_used of them, in a ring of w_slots rows.
+        slot = NC_SPLIT + i_c - nc_used
         b_q = tl.load(QR + o_q, mask=m_q, other=0.0)
-        lo = tl.maximum(t - WINDOW + 1, 0) + (i_c - NC_SPLIT) * w_chunk
+        lo = tl.maximum(t - WINDOW + 1, 0) + (i_c - nc_used) * w_chunk
         hi = tl.minimum(lo + w_chunk, t + 1)
         b_m, b_l, b_acc = _attend_range(b_q, KW + b * skw_b + h * skw_h, VW + b * skw_b + h * skw_h, skw_s, lo, hi,
-                                        w_slots, b_m, b_l, b_acc, qk_scale, p_sc, sc_row, 0, o_g, m_g, o_d, m_d,
+                                        w_slots, b_m, b_l, b_acc, qk_scale, p_sc, SC_ROW, 0, o_g, m_g, o_d, m_d,
                                         RING=True, SCORES=False, BLOCK_N=BLOCK_N, PREC=PREC, UPCAST=UPCAST)
-    _store_partial(PM, PL, PACC, i_pair, i_c, b_m, b_l, b_acc, o_g, o_d, NPART, BLOCK_G, BLOCK_D)
+    _store_partial(PM, PL, PACC, i_pair, slot, b_m, b_l, b_acc, o_g, o_d, NPART, BLOCK_G, BLOCK_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nc_used"])
 def _importance_kernel(
-    TPOS, PM, PL, SC, PC, sc_row, p_chunk,
-    HS: tl.constexpr, GS: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
-    NC_SPLIT: tl.constexpr, NC_PAD: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+    TPOS, PM, PL, SC, PC, nc_used,
+    HS: tl.constexpr, GS: tl.constexpr, SC_ROW: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
+    P_CHUNK: tl.constexpr,
+    NC_PAD: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """p[i] = sum over the pair's query heads g of 2^(s[g, i] - lse[g]) (base-2 scores and lse), compressed
-    blocks [i_c * p_chunk, (i_c + 1) * p_chunk) of program i_c; lse from the compressed partials."""
+    blocks [i_c * P_CHUNK, (i_c + 1) * P_CHUNK) of program i_c; lse from the compressed partials."""
     i_pair = tl.program_id(0)
     i_c = tl.program_id(1)
     t = tl.load(TPOS + i_pair // HS).to(tl.int32)
@@ -164,7 +170,7 @@ def _importance_kernel(
     o_c = tl.arange(0, NC_PAD)
     m_g = o_g < GS
     o_row = (i_pair.to(tl.int64) * BLOCK_G + o_g)[:, None] * NPART + o_c[None, :]
-    m_c = (o_c < NC_SPLIT)[None, :]
+    m_c = (o_c < nc_used)[None, :]
     b_mc = tl.load(PM + o_row, mask=m_c, other=_NO_KEY)
     b_lc = tl.load(PL + o_row, mask=m_c, other=0.0)
     b_m = tl.max(b_mc, axis=1)
@@ -172,24 +178,25 @@ def _importance_kernel(
     m_has = b_l > 0
     b_lse = b_m + tl.log2(tl.where(m_has, b_l, 1.0))
     n_vis = num_visible_blocks(t, L_CMP, STRIDE)
-    p_sc = SC + i_pair.to(tl.int64) * BLOCK_G * sc_row
-    p_pc = PC + i_pair.to(tl.int64) * sc_row
+    p_sc = SC + i_pair.to(tl.int64) * (BLOCK_G * SC_ROW)
+    p_pc = PC + i_pair.to(tl.int64) * SC_ROW
     o_p = tl.arange(0, BLOCK_P)
-    lo = i_c * p_chunk
-    hi = tl.minimum(lo + p_chunk, n_vis)
+    lo = i_c * P_CHUNK
+    hi = tl.minimum(lo + P_CHUNK, n_vis)
     for i_p in range(lo, hi, BLOCK_P):
         o_i = i_p + o_p
         m_i = o_i < hi
         m_s = m_g[:, None] & m_i[None, :] & m_has[:, None]
-        b_s = tl.load(p_sc + o_g[:, None] * sc_row + o_i[None, :], mask=m_s, other=0.0)
+        b_s = tl.load(p_sc + o_g[:, None] * SC_ROW + o_i[None, :], mask=m_s, other=0.0)
         tl.store(p_pc + o_i, tl.sum(tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0), axis=0), mask=m_i)
 
 
 @triton.jit
 def _select_kernel(
     QR, KS, VS, TPOS, IDX, PM, PL, PACC, PC,
-    sq_b, sq_h, sks_b, sks_s, sks_h, qk_scale, sc_row,
-    HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
+    sq_b, sq_h, sks_b, sks_s, sks_h, qk_scale,
+    HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SC_ROW: tl.constexpr,
+    L_CMP: tl.constexpr, STRIDE: tl.constexpr,
     SEL: tl.constexpr, NSEL: tl.constexpr, NSEL_PAD: tl.constexpr, NUM_INIT: tl.constexpr,
     NUM_LOCAL: tl.constexpr, NS_PAD: tl.constexpr, R_OVL: tl.constexpr, S_SPLIT: tl.constexpr,
     SLOT0: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -213,7 +220,7 @@ def _select_kernel(
     o_hi = tl.minimum(o_i + PER_CMP, (o_j[:, None] + 1) * PER_SEL)
     b_w = tl.maximum(o_hi - o_lo, 0).to(tl.float32)
     m_i = (o_i >= 0) & (o_i < n_vis) & (o_r[None, :] < PER_SEL + PER_CMP - 1)
-    b_pc = tl.load(PC + i_pair.to(tl.int64) * sc_row + o_i, mask=m_i, other=0.0)
+    b_pc = tl.load(PC + i_pair.to(tl.int64) * SC_ROW + o_i, mask=m_i, other=0.0)
     b_imp = tl.sum(b_w * b_pc, axis=1)
     cur = t // SEL
     m_valid = o_j <= cur
@@ -269,45 +276,45 @@ def _branch(b_mc, b_lc, b_accc, m_branch):
     return tl.sum(b_a[:, None] * b_accc, axis=0) / tl.where(b_l > 0, b_l, 1.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nc_used", "w_used"])
 def _combine_kernel(
-    GATES, O, PM, PL, PACC, sg_b, sg_h, so_b, so_h,
+    GATES, O, PM, PL, PACC, sg_b, sg_h, so_b, so_h, nc_used, w_used,
     HQ: tl.constexpr, HS: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, NC_SPLIT: tl.constexpr,
     W_SPLIT: tl.constexpr, NPART: tl.constexpr, NPART_PAD: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """One query head: merge each branch's partials (one load of all its slots) and gate them."""
+    """One query head: merge each branch's partials (one load of all the slots in use) and gate them."""
     i_bh = tl.program_id(0)
     b = (i_bh // HQ).to(tl.int64)
     hq = i_bh % HQ
     pair = b * HS + hq // GS
     o_c = tl.arange(0, NPART_PAD)
     o_d = tl.arange(0, BLOCK_D)
-    m_c = o_c < NPART
+    m_cmp = o_c < nc_used
+    m_win = (o_c >= NC_SPLIT) & (o_c < NC_SPLIT + w_used)
+    m_slc = (o_c >= NC_SPLIT + W_SPLIT) & (o_c < NPART)
+    m_c = m_cmp | m_win | m_slc  # slots not in use were never written
     o_row = (pair * BLOCK_G + hq % GS) * NPART + o_c
     b_mc = tl.load(PM + o_row, mask=m_c, other=_NO_KEY)
     b_lc = tl.load(PL + o_row, mask=m_c, other=0.0)
     b_accc = tl.load(PACC + o_row[:, None] * BLOCK_D + o_d[None, :], mask=m_c[:, None], other=0.0)
     p_g = GATES + b * sg_b + hq.to(tl.int64) * sg_h
-    b_o = tl.load(p_g).to(tl.float32) * _branch(b_mc, b_lc, b_accc, o_c < NC_SPLIT)
-    b_o += tl.load(p_g + 1).to(tl.float32) * _branch(b_mc, b_lc, b_accc, m_c & (o_c >= NC_SPLIT + W_SPLIT))
-    b_o += tl.load(p_g + 2).to(tl.float32) * _branch(b_mc, b_lc, b_accc,
-                                                     (o_c >= NC_SPLIT) & (o_c < NC_SPLIT + W_SPLIT))
+    b_o = tl.load(p_g).to(tl.float32) * _branch(b_mc, b_lc, b_accc, m_cmp)
+    b_o += tl.load(p_g + 1).to(tl.float32) * _branch(b_mc, b_lc, b_accc, m_slc)
+    b_o += tl.load(p_g + 2).to(tl.float32) * _branch(b_mc, b_lc, b_accc, m_win)
     tl.store(O + b * so_b + hq.to(tl.int64) * so_h + o_d, b_o.to(O.dtype.element_ty), mask=o_d < D)
 
 
-def _plan(pairs, nc_rows, window, w_len, num_selected, block_n, sms):
-    """(compressed chunks, rows per chunk, window chunks, positions per chunk, selection programs) per
-    pair, for nc_rows compressed rows and a window of at most w_len positions. The chunk counts are
-    compile-time constants of the kernels, so they depend on the batch, heads and the device only,
-    never on the cache's length: about 4 programs per SM for the compressed keys (the most bytes), 2
-    for the window (no more than its tiles), at most MAX_SPLIT per pair and branch so the merges stay
-    one load; chunks are whole tiles, and those past the rows write empty partials. The selection
-    programs each redo the pair's top-n, so they fill one wave at most. (The tests swap this for forced
-    splits.)"""
-    nc_split = min(ceil_div(min(4 * sms, MAX_SPLIT * pairs), pairs), MAX_SPLIT)
-    w_split = min(ceil_div(min(2 * sms, MAX_SPLIT * pairs), pairs), ceil_div(window, block_n), MAX_SPLIT)
-    return (nc_split, _chunk(nc_rows, nc_split, block_n), w_split, _chunk(w_len, w_split, block_n),
+def _plan(pairs, nc_rows, w_len, num_selected, block_n, sms):
+    """Programs per pair: (compressed chunks, window chunks, selection programs), for nc_rows compressed
+    rows and a window of w_len positions. About 4 programs per SM for the compressed keys (the most
+    bytes), 2 for the window, chunks of whole tiles; at most MAX_SPLIT chunks per pair and branch, so
+    the merges stay one load. The selection programs each redo the pair's top-n, so they fill one wave
+    at most. (The tests swap this, and `_chunk`, for forced splits.)"""
+    def split(length, target):
+        return ceil_div(length, _chunk(length, min(ceil_div(target, pairs), ceil_div(length, block_n)), block_n))
+
+    return (split(nc_rows, min(4 * sms, MAX_SPLIT * pairs)), split(w_len, min(2 * sms, MAX_SPLIT * pairs)),
             max(1, min(num_selected, sms // pairs)))
 
 
@@ -318,20 +325,25 @@ def _chunk(length, chunks, granule):
 
 def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block, stride, sel_block, num_mem,
                    num_selected, num_initial, num_local, window, shared, scale):
-    # Compile-time constants come from the heads, head dim, NSA hyperparameters and the device; the
-    # cache's capacities and the chunk lengths are runtime arguments, whose divisibility by 16 (Triton
-    # specialises on it) does not change with the length: the chunks are whole tiles, the scratch rows
-    # are padded to 16, and the caches' strides are multiples of 16 when H * D is. Only the selection
-    # blocks' vector NS_PAD (a power of two >= the blocks that fit) grows with the capacity, so a new
-    # length recompiles only when it crosses a power of two times 16 selection blocks.
+    # No recompilation for every new cache length: what the kernels take as compile-time constants
+    # depends on the heads, head dim, NSA hyperparameters, the device and a capacity bucket S_b (the
+    # cache's capacity rounded up to a power of two times l', at least 16 selection blocks), never on
+    # the capacity itself. The compile-time sizes (selection-block vector, scratch rows, chunk counts)
+    # are those of S_b, so a capacity of S_b itself gets the launches sized for it exactly (bucketing
+    # a constant to another value, e.g. padding the scratch rows, slowed the importance kernel by 70%
+    # on an H200); the chunk lengths, the chunks in use and the window ring's size are runtime
+    # arguments. Runtime integers Triton would specialise (== 1, divisible by 16) are either always of
+    # one class (chunk lengths: whole tiles; the caches' strides when H * D is a multiple of 16) or
+    # marked do_not_specialize.
     B, HQ, D = q.shape
     H = ck.shape[2]
     G = HQ // H
     Hs = H if shared else HQ
     GS = HQ // Hs
     S, W = k_slc.shape[1], k_win.shape[1]
-    nc_max = max(ck.shape[1] - num_mem, 1)
-    sc_row = ceil_div(nc_max, 16) * 16  # scratch row length: a multiple of 16, aligned for any capacity
+    ns_pad = max(16, triton.next_power_of_2(ceil_div(S, sel_block)))
+    s_b = ns_pad * sel_block
+    sc_row = max(num_compressed_blocks(s_b, block, stride), 1)  # compressed blocks that fit in S_b
     q, q_rot, gates = q.contiguous(), q_rot.contiguous(), gates.contiguous()
     t = t.to(torch.int32) if t.dtype != torch.int32 else t
     BLOCK_G = max(16, triton.next_power_of_2(GS))
@@ -339,9 +351,16 @@ def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block
     block_n = 64 if BLOCK_G * BLOCK_D <= 64 * 128 else 32
     num_warps = 4 if BLOCK_G * BLOCK_D <= 16 * 128 else 8
     pairs = B * Hs
-    nc_split, nc_chunk, w_split, w_chunk, s_split = _plan(pairs, ck.shape[1], window, min(window, S), num_selected,
-                                                          block_n, num_sms(q.device.index or 0))
+    nc_split, w_split, s_split = _plan(pairs, num_mem + sc_row, min(window, s_b), num_selected, block_n,
+                                       num_sms(q.device.index or 0))
     npart = nc_split + w_split + s_split
+    # Launched: the chunks that hold rows of this cache; the partials' layout has room for NC_SPLIT
+    # and W_SPLIT of them, and the merges read the slots in use.
+    nc_rows, w_len = ck.shape[1], min(window, S)
+    nc_chunk, w_chunk = _chunk(nc_rows, nc_split, block_n), _chunk(w_len, w_split, block_n)
+    nc_used, w_used = ceil_div(max(nc_rows, 1), nc_chunk), ceil_div(max(w_len, 1), w_chunk)
+    block_p = max(16, min(128, triton.next_power_of_2(sc_row)))
+    p_chunk = _chunk(sc_row, nc_split, block_p)
     f32 = dict(dtype=torch.float32, device=q.device)
     pm = _empty(pairs * BLOCK_G * npart, **f32)
     pl = _empty(pairs * BLOCK_G * npart, **f32)
@@ -354,27 +373,24 @@ def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block
     qk_scale = float(scale) * LOG2E
     common = dict(HS=Hs, GS=GS, NPART=npart, BLOCK_G=BLOCK_G)
     attn = dict(G=G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n, PREC=prec, UPCAST=upcast, num_warps=num_warps)
-    cmp = dict(L_CMP=block, STRIDE=stride)
-    _partials_kernel[(pairs, nc_split + w_split)](
+    cmp = dict(SC_ROW=sc_row, L_CMP=block, STRIDE=stride)
+    _partials_kernel[(pairs, nc_used + w_used)](
         q, q_rot, ck, cv, k_win, v_win, t, pm, pl, pacc, sc,
         q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ck.stride(2),
-        k_win.stride(0), k_win.stride(1), k_win.stride(2), qk_scale, sc_row, W, nc_chunk, w_chunk,
+        k_win.stride(0), k_win.stride(1), k_win.stride(2), qk_scale, W, nc_chunk, w_chunk, nc_used,
         NUM_MEM=num_mem, WINDOW=window, NC_SPLIT=nc_split, **common, **attn, **cmp)
-    block_p = 128
-    p_chunk = _chunk(nc_max, nc_split, block_p)
-    _importance_kernel[(pairs, ceil_div(nc_max, p_chunk))](
-        t, pm, pl, sc, pc, sc_row, p_chunk, NC_SPLIT=nc_split, NC_PAD=triton.next_power_of_2(nc_split),
-        BLOCK_P=block_p, **common, **cmp, num_warps=4)
+    _importance_kernel[(pairs, ceil_div(max(nc_rows - num_mem, 1), p_chunk))](
+        t, pm, pl, sc, pc, nc_used, NC_PAD=triton.next_power_of_2(nc_split), P_CHUNK=p_chunk, BLOCK_P=block_p,
+        **common, **cmp, num_warps=4)
     per_cmp, per_sel = block // stride, sel_block // stride
     _select_kernel[(pairs, s_split)](
         q_rot, k_slc, v_slc, t, idx, pm, pl, pacc, pc,
-        q.stride(0), q.stride(1), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2), qk_scale, sc_row,
+        q.stride(0), q.stride(1), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2), qk_scale,
         SEL=sel_block, NSEL=num_selected, NSEL_PAD=triton.next_power_of_2(num_selected), NUM_INIT=num_initial,
-        NUM_LOCAL=num_local, NS_PAD=max(16, triton.next_power_of_2(ceil_div(S, sel_block))),
-        R_OVL=triton.next_power_of_2(per_sel + per_cmp - 1), S_SPLIT=s_split, SLOT0=nc_split + w_split,
-        **common, **attn, **cmp)
+        NUM_LOCAL=num_local, NS_PAD=ns_pad, R_OVL=triton.next_power_of_2(per_sel + per_cmp - 1), S_SPLIT=s_split,
+        SLOT0=nc_split + w_split, **common, **attn, **cmp)
     _combine_kernel[(B * HQ,)](
-        gates, o, pm, pl, pacc, gates.stride(0), gates.stride(1), o.stride(0), o.stride(1),
+        gates, o, pm, pl, pacc, gates.stride(0), gates.stride(1), o.stride(0), o.stride(1), nc_used, w_used,
         HQ=HQ, D=D, NC_SPLIT=nc_split, W_SPLIT=w_split, NPART_PAD=triton.next_power_of_2(npart),
         BLOCK_D=BLOCK_D, **common, num_warps=4)
     return o, idx
