@@ -87,17 +87,39 @@ def test_bf16(num_mem):
     check(1, 70, 2, 4, 64, 8, 4, num_mem, torch.bfloat16)
 
 
-def test_lse_gets_no_gradient_and_compiles_without_graph_break():
-    q, ck, cv = inputs(1, 37, 1, 2, 16, 8, 4, 1, torch.float32, device())
+@pytest.mark.parametrize("num_mem", [0, 1])
+def test_lse_gradient_flows_as_through_the_reference(num_mem):
+    """lse is differentiable: its gradient adds dlse * P to dS. num_mem = 0: the first rows see no key
+    (lse = -inf) and get no gradient from it. Also a loss on lse alone (o's gradient is None)."""
+    q, ck, cv = inputs(1, 37, 1, 2, 16, 8, 4, num_mem, torch.float32, device())
+    p = NSAParams(compress_block=8, compress_stride=4, num_mem=num_mem)
+    do, dl = torch.randn_like(q), torch.randn(q.shape[:3], device=q.device)
 
-    def f(q, ck, cv):
-        o, lse = compressed_attention(q, ck, cv, NSAParams(compress_block=8, compress_stride=4, num_mem=1))
+    def grads(fn, use_o):
+        o, lse = fn(q, ck, cv, p)
+        loss = (torch.where(lse > -math.inf, lse, 0) * dl).sum() + ((o * do).sum() if use_o else 0)
+        # lse alone does not depend on cv: the reference leaves its gradient undefined.
+        grads = torch.autograd.grad(loss, (q, ck, cv), allow_unused=True)
+        return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, (q, ck, cv))]
+
+    for use_o in (True, False):
+        for name, g, rg in zip(("dq", "dck", "dcv"), grads(compressed_attention, use_o),
+                               grads(reference.compressed_attention, use_o)):
+            assert_close(g, rg, torch.float32, name)
+
+
+def test_compiles_without_graph_break():
+    q, ck, cv = inputs(1, 37, 1, 2, 16, 8, 4, 1, torch.float32, device())
+    p = NSAParams(compress_block=8, compress_stride=4, num_mem=1)
+
+    def f(fn, q, ck, cv):
+        o, lse = fn(q, ck, cv, p)
         return o.sum() + lse.sum()
 
-    torch.compile(f, backend="aot_eager", fullgraph=True)(q, ck, cv).backward()
+    torch.compile(lambda *x: f(compressed_attention, *x), backend="aot_eager", fullgraph=True)(q, ck, cv).backward()
     dq = q.grad.clone()
     q.grad = None
-    reference.compressed_attention(q, ck, cv, NSAParams(compress_block=8, compress_stride=4, num_mem=1))[0].sum().backward()
+    f(reference.compressed_attention, q, ck, cv).backward()
     assert_close(dq, q.grad, torch.float32, "dq")
 
 

@@ -139,6 +139,16 @@ def test_autograd_and_custom_op():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_lse_is_not_differentiable():
+    # The op's lse is the backward's statistic: it carries no gradient, and a loss on it alone fails.
+    q, k, v, _ = _inputs(1, 9, 1, 2, 16, torch.float32)
+    idx = _indices(1, 9, 1, 16, 1)
+    o, lse = selection._fwd_op(q.requires_grad_(), k, v, idx, 16, 0.25)
+    assert o.requires_grad and not lse.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        lse.sum().backward()
+
+
 def test_compile_without_graph_break():
     q, k, v, _ = _inputs(1, 9, 1, 2, 16, torch.float32)
     idx = _indices(1, 9, 1, 16, 1)

@@ -23,7 +23,7 @@ def compressed_attention(q, ck, cv, p):
     """(o [B, T, HQ, D], lse [B, T, HQ] fp32) over memory + compressed keys ck, cv [B, num_mem + N_c, H, D].
 
     A query that sees no key (num_mem = 0 and t < block - 1) gets o = 0 and lse = -inf. Differentiable in
-    q, ck and cv; no gradient flows through lse.
+    q, ck and cv through o and lse, as the reference.
     """
     if not p.causal:
         raise NotImplementedError("the Triton compressed attention is causal only: use the torch backend "

@@ -29,6 +29,8 @@ its rows' intervals through an unmasked loop, the boundary tiles through a maske
 programs start with the last query tiles, which see the most keys.
 """
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -192,9 +194,9 @@ def _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, k, v, o_kv, o_lo, o_hi, qk_scale
 
 
 @triton.jit
-def _range_dq_kernel(q, k, v, o, do, lse, delta, dq, qk_scale, scale, T, S, H, G, HI_BASE, BLOCK, STRIDE, LO_BACK,
-                     D: tl.constexpr, BLOCK_D: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _range_dq_kernel(q, k, v, o, do, lse, dlse, delta, dq, qk_scale, scale, T, S, H, G, HI_BASE, BLOCK, STRIDE,
+                     LO_BACK, D: tl.constexpr, BLOCK_D: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, HAS_DLSE: tl.constexpr):
     BLOCK_T: tl.constexpr = BLOCK_M // GP
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest programs first
     i_bh = tl.program_id(1)
@@ -211,8 +213,11 @@ def _range_dq_kernel(q, k, v, o, do, lse, delta, dq, qk_scale, scale, T, S, H, G
     b_q = tl.load(q + o_q[:, None] + o_d[None, :], mask=m_qd, other=0.0)
     b_do = tl.load(do + o_q[:, None] + o_d[None, :], mask=m_qd, other=0.0)
     b_o = tl.load(o + o_q[:, None] + o_d[None, :], mask=m_qd, other=0.0)
-    # delta = rowsum(o * do), the softmax backward's correction; stored for the dk/dv kernel.
+    # delta = rowsum(o * do), the softmax backward's correction; stored for the dk/dv kernel. A gradient
+    # of lse adds dlse * P to dS (d lse / d s = P), which is dS = P * (dP - (delta - dlse)).
     b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
+    if HAS_DLSE:
+        b_delta -= tl.load(dlse + o_row, mask=m_row, other=0.0)
     tl.store(delta + o_row, b_delta, mask=m_row)
     # +inf for padded rows and rows that see no key: their p is 0 with or without the mask.
     b_lse2 = _load_lse2(lse, o_row, m_row)
@@ -436,8 +441,11 @@ def _num_splits(n_programs, n_query_tiles, lo_back, T, kv_numel, device):
     return max(1, min(want, n_query_tiles, MAX_SPLITS, MAX_SPLIT_ELEMENTS // max(kv_numel, 1)))
 
 
-def range_attention_bwd(do, q, k, v, o, lse, scale, hi_base, block, stride, lo_back):
+def range_attention_bwd(do, q, k, v, o, lse, dlse, scale, hi_base, block, stride, lo_back):
+    """(dq, dk, dv) from the gradients of o (do) and of lse (dlse, None when lse took no part)."""
     q, k, v, o, do = (x.contiguous() for x in (q, k, v, o, do))
+    lse = lse.contiguous()
+    dlse = None if dlse is None else dlse.contiguous().float()
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
     G = HQ // H
@@ -452,8 +460,8 @@ def range_attention_bwd(do, q, k, v, o, lse, scale, hi_base, block, stride, lo_b
     qk_scale = scale * LOG2E
     rule = (hi_base, block, stride, lo_back)
     _range_dq_kernel[(triton.cdiv(T, bm2 // GP), B * H)](
-        q, k, v, o, do, lse, delta, dq, qk_scale, scale, T, S, H, G, *rule,
-        BLOCK_M=bm2, BLOCK_N=bn2, num_warps=warps2, num_stages=stages2, **common)
+        q, k, v, o, do, lse, lse if dlse is None else dlse, delta, dq, qk_scale, scale, T, S, H, G, *rule,
+        BLOCK_M=bm2, BLOCK_N=bn2, HAS_DLSE=dlse is not None, num_warps=warps2, num_stages=stages2, **common)
 
     n_key_tiles, n_query_tiles = triton.cdiv(S, bn3), triton.cdiv(T, bm3 // GP)
     splits = _num_splits(n_key_tiles * B * H, n_query_tiles, lo_back, T, k.numel(), q.device)
@@ -497,13 +505,13 @@ def _(q, k, v, scale, hi_base, block, stride, lo_back):
 
 @torch.library.custom_op("nsa::range_attention_bwd", mutates_args=())
 def _range_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                            lse: torch.Tensor, scale: float, hi_base: int, block: int, stride: int,
-                            lo_back: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return range_attention_bwd(do, q, k, v, o, lse, scale, hi_base, block, stride, lo_back)
+                            lse: torch.Tensor, dlse: Optional[torch.Tensor], scale: float, hi_base: int, block: int,
+                            stride: int, lo_back: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return range_attention_bwd(do, q, k, v, o, lse, dlse, scale, hi_base, block, stride, lo_back)
 
 
 @_range_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, scale, hi_base, block, stride, lo_back):
+def _(do, q, k, v, o, lse, dlse, scale, hi_base, block, stride, lo_back):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -511,14 +519,16 @@ def _setup_context(ctx, inputs, output):
     q, k, v, *rule = inputs
     ctx.save_for_backward(q, k, v, *output)
     ctx.rule = rule
+    # An output no loss used gets None rather than zeros: without an lse gradient (the model's top-n
+    # reads lse under no_grad) the backward runs exactly as if lse had none.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, do, dlse):
-    # lse is a statistic for the top-n pass, which runs under no_grad: no gradient flows through it.
     q, k, v, o, lse = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
-    dq, dk, dv = _range_attention_bwd_op(do, q, k, v, o, lse, *ctx.rule)
+    dq, dk, dv = _range_attention_bwd_op(do, q, k, v, o, lse, dlse, *ctx.rule)
     return dq, dk, dv, None, None, None, None, None
 
 
@@ -527,5 +537,5 @@ _range_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 def range_attention(q, k, v, scale, hi_base, block, stride, lo_back):
     """(o [B, T, HQ, D], lse [B, T, HQ] fp32) of attention where query t sees keys [lo(t), hi(t)]
-    (module docstring); differentiable in q, k, v."""
+    (module docstring); differentiable in q, k, v through both o and lse, as the reference."""
     return _range_attention_op(q, k, v, float(scale), int(hi_base), int(block), int(stride), int(lo_back))

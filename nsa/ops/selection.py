@@ -456,7 +456,8 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Te
 
 @_fwd_op.register_fake
 def _(q, k, v, indices, sel_block, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    # Contiguous, like the real op's outputs (it makes its inputs contiguous first).
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("nsa::selection_attention_bwd", mutates_args=())
@@ -471,18 +472,20 @@ def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @_bwd_op.register_fake
 def _(do, q, k, v, o, lse, indices, sel_block, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, indices, sel_block, scale = inputs
     o, lse = output
+    # lse is the backward's statistic, not a result (`selection_attention` drops it): no gradient flows
+    # through it, and a loss that uses it alone fails loudly instead of getting a silent zero.
+    ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, indices, o, lse)
     ctx.sel_block, ctx.scale = sel_block, scale
 
 
 def _backward(ctx, do, dlse):
-    # lse is an internal output (the public function drops it), so its gradient is never used.
     q, k, v, indices, o, lse = ctx.saved_tensors
     dq, dk, dv = _bwd_op(do, q, k, v, o, lse, indices, ctx.sel_block, ctx.scale)
     return dq, dk, dv, None, None, None
