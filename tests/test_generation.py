@@ -48,22 +48,45 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
-def test_cached_logits_equal_full_forward(case):
-    model = build(tiny(**case))
+# The Triton decode step (interpreter on CPU): the default config in the default tier; G = 1 with
+# separate_kv and no memory, l' > l, and per-head selection in the full tier.
+TRITON_CASES = [dict(), dict(num_mem=0, separate_kv=True, heads=4, kv_heads=4), dict(sel_block=16, num_selected=5),
+                dict(shared=False, num_selected=5)]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case_id(c):
+    return ",".join(f"{k}={v}" for k, v in c.items()) or "default"
+
+
+@pytest.mark.parametrize("backend, case", [("torch", c) for c in CASES] + [("triton", TRITON_CASES[0])] +
+                         [pytest.param("triton", c, marks=pytest.mark.full) for c in TRITON_CASES[1:]],
+                         ids=[f"torch-{_case_id(c)}" for c in CASES] + [f"triton-{_case_id(c)}" for c in TRITON_CASES])
+def test_cached_logits_equal_full_forward(backend, case):
+    # Batch 2, fp32: the prefill and every decode step through the backend's decode op give the full
+    # forward's logits (the parallel ops run on the torch backend: they are tested on their own).
+    device = DEVICE if backend == "triton" else "cpu"
+    model = build(tiny(**case)).to(device)
+    nsa = model.cfg.nsa  # the one NSAConfig every layer reads
     B, N = 2, 36
-    # Prompts ending before l, inside the first blocks, past l' and w. (The parallel forward cannot
-    # take a prompt shorter than l with num_mem = 0: it has no compressed key at all.)
+    tol = dict(atol=2e-5, rtol=1e-4) if backend == "torch" else dict(atol=1e-4, rtol=1e-4)
+    # Prompts ending before l, inside the first blocks, past l' and w; the N steps cross l, every d,
+    # l' and w again. (The parallel forward cannot take a prompt shorter than l with num_mem = 0: it
+    # has no compressed key at all.)
     for T in (1, 13) if case.get("num_mem", 1) or case.get("attention") == "dense" else (8,):
-        idx = torch.randint(0, 256, (B, T + N))
+        idx = torch.randint(0, 256, (B, T + N), device=device)
         with torch.no_grad():
             full, _ = model(idx)
             cache = ModelCache(model, B, T + N)
             got = model.prefill(idx[:, :T], cache)
             torch.testing.assert_close(got, full[:, :T], atol=2e-5, rtol=1e-4)
-            for s in range(N):
-                logits = model.decode_step(idx[:, T + s], cache)
-                torch.testing.assert_close(logits, full[:, T + s], atol=2e-5, rtol=1e-4, msg=f"T={T} step {s}")
+            nsa.backend = backend
+            try:
+                for s in range(N):
+                    logits = model.decode_step(idx[:, T + s], cache)
+                    torch.testing.assert_close(logits, full[:, T + s], **tol, msg=f"T={T} step {s}")
+            finally:
+                nsa.backend = "torch"
             assert cache.lengths.tolist() == [T + N] * B
 
 
@@ -269,6 +292,7 @@ def test_gpu_bf16_cached_decoding_matches_full_forward():
     assert rel.median() < 0.05 and agree > 0.95
 
 
+@pytest.mark.full  # torch.compile
 def test_compiled_cache_append_writes_in_place():
     # torch.compile'd decode steps write the caches in place: a cache-sized buffer in the generated
     # code would mean a copy of the whole cache (and back) on every token, growing with the context.
@@ -296,6 +320,7 @@ def test_compiled_cache_append_writes_in_place():
     torch.testing.assert_close(layer.v_win[torch.arange(B), pos % layer.v_win.shape[1]], v[:, 0])
 
 
+@pytest.mark.full  # torch.compile
 def test_generate_compiled_equals_eager_greedy():
     # generate.py --compile: the compiled decode step gives the eager step's greedy continuation.
     from nsa.model import Transformer
