@@ -17,6 +17,7 @@ O(T * (w + n * l' + T / d)) activations per head, plus one chunk's intermediates
 """
 
 import torch
+import torch.nn.functional as F
 from local_attention import LocalAttention
 from torch.utils.checkpoint import checkpoint
 
@@ -128,20 +129,28 @@ def topn_blocks(q, ck, lse, p):
 # --- Selection branch ----------------------------------------------------------------------------
 
 
-def _selection_chunk(q, k, v, indices, block_gate, start, p):
-    """Rows start.. of selection_attention: every (query, block set) attends to its own gathered keys."""
+def _block_rows(x, sel_block):
+    """[B, S, H, D] -> [B * H * N_s, l' * D], the tail zero-padded: each selection block of each kv head
+    is one contiguous row, so gathering a selected block is one index_select row."""
+    B, S, H, D = x.shape
+    x = F.pad(x, (0, 0, 0, 0, 0, ceil_div(S, sel_block) * sel_block - S))
+    return x.view(B, -1, sel_block, H, D).permute(0, 3, 1, 2, 4).reshape(-1, sel_block * D)
+
+
+def _selection_chunk(q, k_rows, v_rows, indices, block_gate, start, S, H, p):
+    """Rows start.. of selection_attention: every (query, block set) attends to its own gathered blocks."""
     B, C, HQ, D = q.shape
-    S, H = k.shape[1], k.shape[2]
     Hs, n = indices.shape[2], indices.shape[3]
     group = HQ // Hs  # query heads sharing one block set
-    pos = indices.long()[..., None] * p.sel_block + torch.arange(p.sel_block, device=q.device)  # [B, C, Hs, n, l']
-    seen = (indices[..., None] >= 0) & (pos < S)
+    blk = indices.long()
+    pos = blk[..., None] * p.sel_block + torch.arange(p.sel_block, device=q.device)  # [B, C, Hs, n, l']
+    seen = (blk[..., None] >= 0) & (pos < S)
     if p.causal:
         seen = seen & (pos <= torch.arange(start, start + C, device=q.device)[None, :, None, None, None])
-    pos = torch.where(seen, pos, 0).flatten(3)  # [B, C, Hs, n * l']
-    batch = torch.arange(B, device=q.device)[:, None, None, None]
-    head = (torch.arange(Hs, device=q.device) // (Hs // H))[None, None, :, None]
-    k_sel, v_sel = k[batch, pos, head], v[batch, pos, head]  # [B, C, Hs, n * l', D]
+    head = torch.arange(Hs, device=q.device) // (Hs // H)  # the kv head of each block set
+    rows = (torch.arange(B, device=q.device)[:, None, None, None] * H + head[:, None]) * ceil_div(S, p.sel_block)
+    rows = (rows + blk.clamp_min(0)).flatten()  # unused slots (-1) read block 0, masked out by `seen`
+    k_sel, v_sel = k_rows.index_select(0, rows), v_rows.index_select(0, rows)  # [B * C * Hs * n, l' * D]
     # attend() with one query position per (b, t, block set): that set's `group` heads over its keys.
     R, L = B * C * Hs, n * p.sel_block
     gate = None
@@ -161,9 +170,10 @@ def selection_attention(q, k, v, indices, p, block_gate=None):
     """
     B, T = q.shape[:2]
     Hs, n = indices.shape[2], indices.shape[3]
+    k_rows, v_rows = _block_rows(k, p.sel_block), _block_rows(v, p.sel_block)
     spans = _spans(T, B * Hs * n * p.sel_block * q.shape[-1])
-    return torch.cat([_checkpointed(_selection_chunk, q[:, a:b], k, v, indices[:, a:b],
-                                    None if block_gate is None else block_gate[:, a:b], a, p)
+    return torch.cat([_checkpointed(_selection_chunk, q[:, a:b], k_rows, v_rows, indices[:, a:b],
+                                    None if block_gate is None else block_gate[:, a:b], a, k.shape[1], k.shape[2], p)
                       for a, b in spans], 1)
 
 
