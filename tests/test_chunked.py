@@ -38,10 +38,11 @@ def leaf(*shape):
     return torch.randn(*shape, requires_grad=True)
 
 
+FULL = pytest.mark.full
 OP_CASES = [  # T, G, H, shared, causal, num_mem
     (77, 1, 2, True, True, 1), (77, 4, 1, False, True, 0), (130, 2, 2, True, False, 0),
-    (130, 16, 1, False, False, 1), (300, 4, 2, True, True, 0), (300, 2, 1, False, True, 1),
-    (130, 1, 3, False, True, 1), (77, 16, 1, True, False, 1),
+    (130, 16, 1, False, False, 1), (300, 4, 2, True, True, 0), pytest.param(300, 2, 1, False, True, 1, marks=FULL),
+    pytest.param(130, 1, 3, False, True, 1, marks=FULL), pytest.param(77, 16, 1, True, False, 1, marks=FULL),
 ]
 
 
@@ -76,7 +77,7 @@ def test_ops_equal_reference_outputs_and_gradients(monkeypatch, T, G, H, shared,
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("T,window", [(77, 20), (130, 1), (130, 2), (77, 64), (300, 37), (40, 100)])
-@pytest.mark.parametrize("G,H", [(1, 2), (2, 2), (4, 1), (16, 1)])
+@pytest.mark.parametrize("G,H", [(1, 2), (4, 1), pytest.param(2, 2, marks=FULL), pytest.param(16, 1, marks=FULL)])
 def test_window_equals_reference(monkeypatch, causal, T, window, G, H):
     # local-attention's exact window: keys (t - w, t], or |t - s| < w, for any T, w (w = 1 and w > T
     # included), GQA through repeated keys; one (batch, kv head) row a chunk.
@@ -95,7 +96,8 @@ def test_window_keeps_input_dtype():
     p = NSAParams(window=5)
     got = K.sliding_window_attention(q, k, v, p)
     assert got.dtype == torch.bfloat16
-    close(got.float(), R.sliding_window_attention(q, k, v, p).float())
+    # Both compute in fp32 and round once to bf16, so they differ by at most one bf16 step.
+    torch.testing.assert_close(got, R.sliding_window_attention(q, k, v, p), rtol=1e-2, atol=1e-2)
 
 
 def test_importance_without_memory_has_finite_gradients():
@@ -185,6 +187,7 @@ def test_memory_grows_linearly_in_T(monkeypatch):
     assert largest_intermediate(monkeypatch, R, 512) >= B * HQ * 512 * 512
 
 
+@FULL
 def test_layer_traces_into_one_graph(monkeypatch):
     # torch.compile-traceable: the chunk loops, checkpoints and local-attention trace without a break.
     force_rows(monkeypatch, 16)

@@ -1,19 +1,20 @@
 """The `torch` backend: the reference ops (nsa/ops/reference.py) computed a chunk of queries at a time.
 
 Same signatures and, up to float rounding, the same outputs and gradients as the references (the tests
-hold them equal), but no op builds a [T, T] tensor, so training on CPU at a few thousand tokens fits in
-a laptop's memory:
+hold them equal), but no op builds a [T, T] tensor:
 
 - compressed attention, block importance and top-n: a chunk of queries against the memory and T/d
   compressed keys ([chunk, N_c] scores);
-- selection: each query gathers the n * l' keys of its own selected blocks ([chunk, n * l'] keys);
-- window: local-attention's bucketed attention ([T, 2w] scores), a chunk of (batch, kv head) rows at a
-  time; it has no GQA, so each chunk's keys are repeated over the G query heads of their kv head.
+- selection: each query gathers its n selected blocks (n * l' keys), one contiguous row per block;
+- window: local-attention's bucketed attention ([T, 2w] scores; 3w bidirectional), a chunk of
+  (batch, kv head) rows at a time; it has no GQA, so a chunk's keys are repeated over the G query
+  heads of their kv head.
 
-Chunk sizes come from the shapes alone (CHUNK_ELEMENTS bounds the largest per-chunk intermediate), so
-the loops are static and torch.compile unrolls them. Every chunk runs under torch.utils.checkpoint:
-the backward recomputes a chunk's scores instead of keeping them, so forward and backward both hold
-O(T * (w + n * l' + T / d)) activations per head, plus one chunk's intermediates.
+Chunk sizes come from the shapes alone (CHUNK_ELEMENTS bounds a chunk's largest intermediate), so the
+loops are static and torch.compile unrolls them. Every chunk runs under torch.utils.checkpoint: the
+backward recomputes a chunk's scores instead of keeping them, so forward and backward hold the ops'
+inputs and outputs plus one chunk's intermediates, and no tensor exceeds O(T * (w + n l' + T / d))
+elements per head (block_importance's own [T, N_s] output included).
 """
 
 import torch
