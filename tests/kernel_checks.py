@@ -1,53 +1,162 @@
-"""Helpers shared by the kernel tests: output comparison, and compiling launches for sm_90 without a GPU."""
+"""Helpers shared by the kernel tests: tolerances calibrated to the dtype, and compiling launches for sm_90
+without a GPU."""
+
+import contextlib
 
 import torch
 
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+from nsa.ops import reference
+from nsa.ops.utils import interpreting
 
 
-def assert_close(got, want, dtype, what):
-    """Max error relative to the reference's largest value (at least 1), within the dtype's tolerance;
-    any NaN (an element the kernel never wrote, with NaN-poisoned outputs) fails."""
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+def _round(x, dtype):
+    """x rounded to `dtype` as the kernels round it, returned in x's dtype. Triton's interpreter
+    truncates fp32 -> bf16 (the GPU rounds to nearest), so under it the bf16 rounding truncates too."""
+    if dtype == torch.bfloat16 and interpreting():
+        return (x.float().view(torch.int32) & -65536).view(torch.float32).to(x.dtype)
+    return x.to(dtype).to(x.dtype)
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Masked GQA attention computed the way the kernels compute it, in PyTorch: every product of
+    `dtype` operands accumulated in fp32 (fp64 for fp64), P and dS rounded to `dtype` before their
+    products, each output rounded once to `dtype`; the backward recomputes P = exp(s - lse) and takes
+    the row correction delta = rowsum(o * dO) - dlse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale, dtype):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        B, T, HQ, D = q.shape
+        H = k.shape[2]
+        qg, k, v = q.to(acc).view(B, T, H, HQ // H, D), k.to(acc), v.to(acc)
+        s = torch.einsum("bthgd,bshd->bhgts", qg, k) * scale
+        s = s.masked_fill(~mask, float("-inf"))
+        m = s.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = torch.exp(s - m)
+        denom = e.sum(dim=-1, keepdim=True)
+        p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+        lse = (m + torch.log(denom)).squeeze(-1)
+        o = _round(torch.einsum("bhgts,bshd->bthgd", _round(p, dtype), v), dtype)
+        ctx.save_for_backward(qg, k, v, mask, lse, o)
+        ctx.scale, ctx.dtype = scale, dtype
+        return o.reshape(B, T, HQ, D).to(dtype), lse.permute(0, 3, 1, 2).reshape(B, T, HQ)
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        qg, k, v, mask, lse, o = ctx.saved_tensors
+        dtype, acc = ctx.dtype, lse.dtype
+        B, T, H, G, D = qg.shape
+        dog = do.to(acc).view(B, T, H, G, D)
+        s = torch.einsum("bthgd,bshd->bhgts", qg, k) * ctx.scale
+        # A row that saw no key has lse = -inf: its P is 0, as the kernels make it.
+        lse = torch.where(lse == float("-inf"), float("inf"), lse)[..., None]
+        p = torch.where(mask, torch.exp(s - lse), 0)
+        dv = torch.einsum("bhgts,bthgd->bshd", _round(p, dtype), dog)
+        dp = torch.einsum("bthgd,bshd->bhgts", dog, v)
+        delta = (o * dog).sum(-1).permute(0, 2, 3, 1)[..., None]
+        if dlse is not None:
+            delta = delta - dlse.to(acc).view(B, T, H, G).permute(0, 2, 3, 1)[..., None]
+        ds = _round(p * (dp - delta), dtype)
+        dq = torch.einsum("bhgts,bshd->bthgd", ds, k) * ctx.scale
+        dk = torch.einsum("bhgts,bthgd->bshd", ds, qg) * ctx.scale
+        return (_round(dq, dtype).reshape(B, T, H * G, D).to(dtype), _round(dk, dtype).to(dtype),
+                _round(dv, dtype).to(dtype), None, None, None)
+
+
+def _attend_at(dtype):
+    """A stand-in for `reference.attend` (same arguments, masking and empty-key rule) computed by
+    `_FlashAttention` at `dtype`."""
+    def attend(q, k, v, mask, scale, gate=None):
+        assert gate is None, "the kernel checks compare ungated attention"
+        B, T, HQ, D = q.shape
+        if k.shape[1] == 0:
+            return q * 0, q.new_full((B, T, HQ), float("-inf"), dtype=torch.float32)
+        mask = mask.expand(B, k.shape[2], HQ // k.shape[2], T, k.shape[1])
+        return _FlashAttention.apply(q, k, v, mask, scale, dtype)
+
+    return attend
+
+
+@contextlib.contextmanager
+def _reference_at(dtype):
+    saved = reference.attend
+    reference.attend = _attend_at(dtype)
+    try:
+        yield
+    finally:
+        reference.attend = saved
+
+
+def reference_runs(fn, inputs, grad_outputs, dtype):
+    """(exact, at_dtype): the outputs of the reference function `fn(*inputs)` (a tensor or a tuple)
+    followed by the gradients of `inputs` for `grad_outputs` (one per output, None for an output no
+    loss uses), once in fp64 (the exact answer, against which errors are measured) and once the way
+    PyTorch computes them at `dtype` (whose error is the yardstick). An input no output depends on
+    gets a zero gradient."""
+    runs = []
+    for prec in (torch.float64, dtype):
+        xs = [x.detach().to(prec).requires_grad_() for x in inputs]
+        with _reference_at(prec):
+            outs = fn(*xs)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            used = [(o, g.to(o.dtype)) for o, g in zip(outs, grad_outputs) if g is not None]
+            grads = torch.autograd.grad([o for o, _ in used], xs, [g for _, g in used], allow_unused=True)
+        runs.append([o.detach() for o in outs] + [torch.zeros_like(x) if g is None else g for g, x in zip(grads, xs)])
+    return runs
+
+
+# How many times PyTorch's own error at the dtype a kernel's may be. 16-bit: flash-attention's 2, the
+# errors being the dtype's roundings, which both make. fp32: the errors are a few ulps of summation-
+# order noise, and two fp32 orders differ by up to 6x at the worst element (measured over these tests).
+FACTOR = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 8}
+
+
+def assert_close(got, exact, at_dtype, what, dtype=None):
+    """Flash-attention's rule: the kernel's error is at most FACTOR (2 for 16-bit) times that of the
+    same computation in PyTorch at the kernel's dtype (`reference_runs`), plus two rounding steps of the
+    output: max |got - exact| <= FACTOR max |at_dtype - exact| + 2 max |(x + 0.3) - 0.3 - x|, errors
+    measured against the fp64 answer. `dtype`: the computation's dtype where the output's differs (an
+    fp32 lse from bf16 inputs). Infinities (lse of a row that sees no key) must match; any NaN (an
+    element the kernel never wrote, with NaN-poisoned outputs) fails."""
+    assert got.shape == exact.shape, f"{what}: shape {tuple(got.shape)} != {tuple(exact.shape)}"
     assert not got.isnan().any(), f"{what}: NaN (unwritten or invalid) elements"
-    if want.numel() == 0:
+    assert torch.equal(got.isinf(), exact.isinf()), f"{what}: infinities differ from the reference's"
+    fin = exact.isfinite()
+    if not fin.any():
         return
-    scale = want.float().abs().max().clamp_min(1.0)
-    err = (got.float() - want.float()).abs().max() / scale
-    assert err <= TOL[dtype], f"{what}: max error {err:.3g} (relative to {scale:.3g}) > {TOL[dtype]}"
+    g, e, t = got[fin].double(), exact[fin].double(), at_dtype[fin].double()
+    err, torch_err = (g - e).abs().max().item(), (t - e).abs().max().item()
+    # One rounding step of the output at its magnitude (+ 0.3, as flash-attention's tests), in its dtype.
+    x = e.to(got.dtype)
+    step = ((x + 0.3) - 0.3 - x).abs().max().item()
+    factor = FACTOR[dtype or got.dtype]
+    bound = factor * torch_err + 2 * step
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} ({factor}x PyTorch's {torch_err:.3g} at {dtype or got.dtype})"
 
+
+# What the launchers ask of the device, per target: SMs, and the shared memory one program may use
+# (H100 / A100 / RTX 3090-class sm_86 / RTX 4090-class sm_89).
+ARCHS = {90: (132, 232448), 80: (108, 166912), 86: (82, 101376), 89: (128, 101376)}
 
 # Run in a fresh process without TRITON_INTERPRET: records every `kernel[grid](...)` launch that CALL
 # makes (the kernels listed in KERNELS of MODULE are swapped for recorders, so nothing runs), then
-# compiles each recorded launch for an H100 (sm_90) with the installed Triton, with the launch's own
-# constexprs, scalar and pointer types.
+# compiles each recorded launch for ARCH with the installed Triton, with the launch's own constexprs,
+# scalar and pointer types, and checks that it fits ARCH's shared memory. A recorder's `warmup` (how
+# the launchers try a candidate launch against the device's shared memory) compiles for ARCH too.
 _AOT = r"""
-import importlib, torch, triton
+import importlib, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 mod = importlib.import_module(MODULE)
 calls = []
-
-class Recorder:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __getitem__(self, grid):
-        return lambda *args, **kw: calls.append((self.fn, args, kw))
-
-for name in KERNELS:
-    setattr(mod, name, Recorder(getattr(mod, name)))
-# Launch choices that ask the device: answer as an H100 would (every nsa module's own binding too).
-import sys
-for m in [m for name, m in sys.modules.items() if name.startswith("nsa.")]:
-    for attr in ("num_sms", "_num_sms"):
-        if hasattr(m, attr):
-            setattr(m, attr, lambda index=0: 132)
-torch.cuda.current_device = lambda: 0
-exec(CALL)
 PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
        torch.int64: "*i64"}
-for fn, args, kw in calls:
+compiled = {}
+
+
+def compile_for_arch(fn, args, kw):
+    kw = dict(kw)
     opts = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
     sig, attrs = {}, {}
     for i, a in enumerate(fn.arg_names):
@@ -60,18 +169,48 @@ for fn, args, kw in calls:
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[a] = "fp32" if isinstance(v, float) else "i64" if abs(v) >= 2**31 else "i32"
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=kw, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options=opts)
+    key = (fn.__name__, repr(sig), repr(sorted(kw.items())), repr(sorted(opts.items())))
+    if key not in compiled:
+        compiled[key] = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=kw, attrs=attrs),
+                                       target=GPUTarget("cuda", ARCH, 32), options=opts)
+    return compiled[key]
+
+
+class Recorder:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: calls.append((self.fn, args, kw))
+
+    def warmup(self, *args, grid, **kw):
+        return compile_for_arch(self.fn, args, kw)
+
+
+for name in KERNELS:
+    setattr(mod, name, Recorder(getattr(mod, name)))
+# Launch choices that ask the device: answer as ARCH would (every nsa module's own binding too).
+for m in [m for name, m in sys.modules.items() if name.startswith("nsa.")]:
+    for attr, value in (("num_sms", SMS), ("_num_sms", SMS), ("max_shared_mem", SHARED)):
+        if hasattr(m, attr):
+            setattr(m, attr, lambda index=0, value=value: value)
+torch.cuda.current_device = lambda: 0
+exec(CALL)
+for fn, args, kw in calls:
+    k = compile_for_arch(fn, args, kw)
     assert k.asm["cubin"], fn.__name__
+    assert k.metadata.shared <= SHARED, f"{fn.__name__} {kw}: {k.metadata.shared} bytes of shared memory > {SHARED}"
 print("compiled", len(calls))
 """
 
 
-def compile_launches_for_sm90(module, kernels, call):
-    """Compile, for sm_90 and with no GPU, every launch of `kernels` (names in `module`) that the code
-    `call` makes (it runs on CPU tensors, with `torch` and the module as `mod` in scope). The
-    interpreter never runs Triton's compiler, so this catches what only the compiler rejects, with the
-    installed Triton (CI's is newer than the GPU machine's). Returns the number of launches compiled."""
+def compile_launches(module, kernels, call, arch=90):
+    """Compile, for GPU architecture `arch` (90: H100, 80: A100, 86 / 89: consumer cards) and with no
+    GPU, every launch of `kernels` (names in `module`) that the code `call` makes (it runs on CPU
+    tensors, with `torch` and the module as `mod` in scope), the launchers answered as that
+    architecture would answer them (SMs, shared memory), and check that each fits its shared memory.
+    The interpreter never runs Triton's compiler, so this catches what only the compiler rejects, with
+    the installed Triton. Returns the number of launches compiled."""
     import os
     import subprocess
     import sys
@@ -82,7 +221,14 @@ def compile_launches_for_sm90(module, kernels, call):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    script = f"MODULE = {module!r}\nKERNELS = {list(kernels)!r}\nCALL = {call!r}\n" + _AOT
+    sms, shared = ARCHS[arch]
+    script = (f"MODULE = {module!r}\nKERNELS = {list(kernels)!r}\nCALL = {call!r}\nARCH = {arch}\nSMS = {sms}\n"
+              f"SHARED = {shared}\n" + _AOT)
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-4000:]
     return int(r.stdout.split()[-1])
+
+
+def compile_launches_for_sm90(module, kernels, call):
+    """`compile_launches` for an H100 (sm_90)."""
+    return compile_launches(module, kernels, call, 90)

@@ -46,44 +46,57 @@ def compare(q, ck, lse, block, stride, sel_block, num_mem, n, num_initial=1, num
     return got
 
 
+# Default tier: one small shape per dtype and the exact ties; the full tier sweeps the rest.
+def test_small():
+    check(37, 4, 8, 4, 16, shared=False)
+
+
+@pytest.mark.full
 @pytest.mark.parametrize("T", [1, 7, 37, 70])
 @pytest.mark.parametrize("block,stride,sel_block", [(8, 4, 16), (4, 4, 4), (16, 8, 8)])
 def test_shapes_and_blocks(T, block, stride, sel_block):
     check(T, 2, block, stride, sel_block)
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("shared", [True, False])
 def test_many_chunks_carry(shared):
     # (8, 4, 16) is (32, 16, 64) scaled down: weights 1,2,2,2,1 over compressed blocks 4j-1 .. 4j+3.
     check(300, 1, 8, 4, 16, n=8, shared=shared)
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("G", [1, 3, 4, 16])
 @pytest.mark.parametrize("shared", [True, False])
 def test_group_sizes(G, shared):
     check(37, G, 8, 4, 16, shared=shared, H=1)
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("num_mem", [0, 2])
 def test_memory_keys(num_mem):
     check(70, 2, 8, 4, 8, num_mem=num_mem)
 
 
+@pytest.mark.full
 def test_more_slots_than_blocks_and_other_forced_counts():
     out = check(70, 2, 4, 4, 4, n=32, num_initial=2, num_local=3)
     assert (out[:, :10, :, -1] == -1).all()
 
 
+@pytest.mark.full
 def test_single_slot_keeps_the_lowest_forced_block():
     check(70, 2, 8, 4, 8, n=1)
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("n", [1, 32])
 def test_several_chunks(n):
     # 75 selection blocks: 5 chunks of 16 in the interpreter, n=32 pads the chunk keys to 32.
     check(600, 1, 8, 4, 8, n=n, H=1)
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("block,stride,sel_block", [(8, 4, 12), (16, 4, 8), (12, 4, 16)])
 def test_overlap_shapes(block, stride, sel_block):
     # l'/d = 3 (padded to 4 per selection block); l/d = 4 over l'/d = 2 reaches two blocks ahead;
@@ -108,7 +121,7 @@ def _tie_inputs(T, G, block, stride, num_mem, H, D, kind):
 
 
 @pytest.mark.parametrize("kind", ["all_equal", "zero", "mixed"])
-@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("shared", [True, pytest.param(False, marks=pytest.mark.full)])
 def test_exact_ties_go_to_the_lower_index(kind, shared):
     # 18 selection blocks: two chunks in the interpreter; n = 32 leaves slots empty for every query.
     q, ck, lse = _tie_inputs(140, 2, 8, 4, 1, 1, 16, kind)
@@ -124,10 +137,12 @@ def test_bf16():
     check(70, 4, 8, 4, 16, dtype=torch.bfloat16, D=64, H=1)
 
 
+@pytest.mark.full
 def test_head_dim_96():
     check(37, 2, 8, 4, 8, D=96, H=1)
 
 
+@pytest.mark.full
 def test_compiles_without_graph_break():
     q, ck = torch.randn(1, 37, 2, 16), torch.randn(1, 1 + num_compressed_blocks(37, 8, 4), 1, 16)
     p = NSAParams(compress_block=8, compress_stride=4, sel_block=16, num_mem=1, num_selected=3)
@@ -173,6 +188,7 @@ def test_gpu_fp32_n32():
     _gpu_check_tolerant(4096, 16, True, torch.float32, n=32)
 
 
+@pytest.mark.full
 def test_compiles_for_sm90_ahead_of_time():
     """Compile the real kernel for an H100 (bf16 paper setting, and fp32 / unshared / n > BJ / D=64)
     with no GPU. Catches what only the compiler rejects (Triton 3.6 refused to re-assign
