@@ -24,7 +24,8 @@ def small_model(attention="nsa", heads=4, kv_heads=2, **nsa_kw):
                        nsa=small_nsa(**nsa_kw))
 
 
-@pytest.mark.parametrize("attention,backend", [("nsa", "torch"), ("nsa", "flex"), ("dense", "torch")])
+@pytest.mark.parametrize("attention,backend", [("nsa", "torch"), pytest.param("nsa", "flex", marks=pytest.mark.full),
+                                               ("dense", "torch")])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1), (16, 1)])
 def test_future_token_never_changes_earlier_outputs(attention, backend, heads, kv_heads):
     model = Transformer(small_model(attention, heads, kv_heads, backend=backend)).eval()
@@ -102,6 +103,7 @@ def test_bf16_close_to_fp32(heads, kv_heads):
     assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
 
 
+@pytest.mark.full  # flex attention runs eagerly (slowly) on CPU
 @pytest.mark.parametrize("T", [1, 5, 8, 63, 70])
 @pytest.mark.parametrize("shared", [True, False])
 def test_torch_and_flex_backends_agree(T, shared):
@@ -128,6 +130,7 @@ def test_bad_input_shape_is_a_clear_error():
         model(torch.randint(0, 256, (9,)))
 
 
+@pytest.mark.full
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     model = Transformer(small_model())
@@ -143,7 +146,8 @@ def test_tiny_model_overfits_one_batch():
     assert losses[-1] < 0.3 * losses[0], losses[::10]
 
 
-@pytest.mark.parametrize("heads,kv_heads,T", [(4, 2, 41), (2, 2, 9), (16, 1, 30)])
+@pytest.mark.parametrize("heads,kv_heads,T", [(4, 2, 41), pytest.param(2, 2, 9, marks=pytest.mark.full),
+                                              pytest.param(16, 1, 30, marks=pytest.mark.full)])
 def test_triton_backend_matches_torch_forward_and_gradients(heads, kv_heads, T):
     """The whole model through the Triton kernels (interpreter on CPU) equals the references."""
     cfg = small_model(heads=heads, kv_heads=kv_heads)
@@ -159,6 +163,7 @@ def test_triton_backend_matches_torch_forward_and_gradients(heads, kv_heads, T):
         assert torch.allclose(got[name], g, atol=1e-4, rtol=1e-3), name
 
 
+@pytest.mark.full  # torch._dynamo
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_model_traces_without_graph_breaks(backend):
     """torch.compile sees the whole model as one graph: the kernels are registered custom ops and the
