@@ -152,13 +152,7 @@ def test_gpu_long_split_dkdv():
     check(1, 8192, 4, 16, 128, 32, 16, 1, torch.bfloat16, "cuda")
 
 
-@pytest.mark.full
-def test_range_attention_kernels_compile_for_sm90_ahead_of_time():
-    # The compressed and window branches' forward and backward launches (GPU tile sizes), bf16 paper
-    # setting and fp32 with G = 1, D = 64.
-    from kernel_checks import compile_launches_for_sm90
-
-    call = """
+RANGE_CALL = """
 from nsa.ops.compressed import compressed_attention
 from nsa.ops.common import NSAParams
 from nsa.ops.window import sliding_window_attention
@@ -169,5 +163,51 @@ for dtype, HQ, H, D in [(torch.bfloat16, 64, 4, 128), (torch.float32, 2, 2, 64)]
     compressed_attention(q, ck, cv, NSAParams())[0].sum().backward()
     sliding_window_attention(q, k, v, NSAParams()).sum().backward()
 """
-    kernels = ["_range_fwd_kernel", "_range_dq_kernel", "_range_dkdv_kernel", "_range_sum_splits_kernel"]
-    assert compile_launches_for_sm90("nsa.ops.range_attention", kernels, call) >= 12
+RANGE_KERNELS = ["_range_fwd_kernel", "_range_dq_kernel", "_range_dkdv_kernel", "_range_sum_splits_kernel"]
+
+
+@pytest.mark.full
+def test_range_attention_kernels_compile_for_sm90_ahead_of_time():
+    # The compressed and window branches' forward and backward launches (GPU tile sizes), bf16 paper
+    # setting and fp32 with G = 1, D = 64.
+    from kernel_checks import compile_launches_for_sm90
+
+    assert compile_launches_for_sm90("nsa.ops.range_attention", RANGE_KERNELS, RANGE_CALL) >= 12
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("arch", [80, 86])
+def test_range_attention_kernels_compile_for_sm80_and_sm86_within_their_shared_memory(arch):
+    # An A100 (163 KiB) and a consumer card (99 KiB): the launches fall back to what fits (on sm_86 the
+    # bf16 D = 128 dq kernel takes 2 stages instead of 3).
+    from kernel_checks import compile_launches
+
+    assert compile_launches("nsa.ops.range_attention", RANGE_KERNELS, RANGE_CALL, arch) >= 12
+
+
+def test_fitting_takes_the_first_launch_that_fits(monkeypatch):
+    """utils.fitting against a stand-in kernel whose compiled shared memory is 1000 x BLOCK bytes."""
+    from types import SimpleNamespace
+
+    from nsa.ops import utils
+
+    class Kernel:
+        def __init__(self):
+            self.compiled = []
+
+        def warmup(self, *args, grid, **kw):
+            self.compiled.append(kw["BLOCK"])
+            return SimpleNamespace(metadata=SimpleNamespace(shared=1000 * kw["BLOCK"]))
+
+    monkeypatch.setattr(utils, "interpreting", lambda: False)
+    monkeypatch.setattr(utils, "max_shared_mem", lambda index: 100_000)
+    launches = [dict(BLOCK=128), dict(BLOCK=64), dict(BLOCK=32)]
+    kernel = Kernel()
+    assert utils.fitting(kernel, (), launches, 0, "key") == dict(BLOCK=64)
+    assert utils.fitting(kernel, (), launches, 0, "key") == dict(BLOCK=64)
+    assert kernel.compiled == [128, 64]  # the second call is the cached choice
+    monkeypatch.setattr(utils, "max_shared_mem", lambda index: 10_000)
+    assert utils.fitting(Kernel(), (), launches, 0, "key") == dict(BLOCK=32)  # nothing fits: the smallest
+    monkeypatch.setattr(utils, "max_shared_mem", lambda index: 10**6)
+    kernel = Kernel()
+    assert utils.fitting(kernel, (), launches, 0, "key") == dict(BLOCK=128) and kernel.compiled == [128]

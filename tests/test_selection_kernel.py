@@ -191,13 +191,7 @@ def test_gpu_larger(G, shared, dtype):
     _check(B=1, T=1000, H=1, G=G, D=96, sel_block=32, n=16, shared=shared, dtype=dtype)
 
 
-@pytest.mark.full
-def test_selection_kernels_compile_for_sm90_ahead_of_time():
-    # Forward, dQ, dK/dV and its reduction as launched on GPU: bf16 paper setting (shared G = 16) and
-    # fp32 per-head selection with G = 2, D = 64.
-    from kernel_checks import compile_launches_for_sm90
-
-    call = """
+SELECTION_CALL = """
 from nsa.ops.common import NSAParams
 from nsa.ops.selection import selection_attention
 for dtype, HQ, H, D, Hs in [(torch.bfloat16, 64, 4, 128, 4), (torch.float32, 4, 2, 64, 4)]:
@@ -209,5 +203,22 @@ for dtype, HQ, H, D, Hs in [(torch.bfloat16, 64, 4, 128, 4), (torch.float32, 4, 
     idx = torch.where(idx >= 0, idx, -1).contiguous()
     selection_attention(q, k, v, idx, NSAParams()).sum().backward()
 """
-    kernels = ["_sel_fwd_kernel", "_sel_dq_kernel", "_sel_dkv_kernel", "_sel_dkv_reduce_kernel"]
-    assert compile_launches_for_sm90("nsa.ops.selection", kernels, call) >= 6
+SELECTION_KERNELS = ["_sel_fwd_kernel", "_sel_dq_kernel", "_sel_dkv_kernel", "_sel_dkv_reduce_kernel"]
+
+
+@pytest.mark.full
+def test_selection_kernels_compile_for_sm90_ahead_of_time():
+    # Forward, dQ, dK/dV and its reduction as launched on GPU: bf16 paper setting (shared G = 16) and
+    # fp32 per-head selection with G = 2, D = 64.
+    from kernel_checks import compile_launches_for_sm90
+
+    assert compile_launches_for_sm90("nsa.ops.selection", SELECTION_KERNELS, SELECTION_CALL) >= 6
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("arch", [80, 86])
+def test_selection_kernels_compile_for_sm80_and_sm86_within_their_shared_memory(arch):
+    # On sm_86 (99 KiB) dK/dV falls back to 64 rows per step and 2 stages.
+    from kernel_checks import compile_launches
+
+    assert compile_launches("nsa.ops.selection", SELECTION_KERNELS, SELECTION_CALL, arch) >= 6

@@ -188,18 +188,29 @@ def test_gpu_fp32_n32():
     _gpu_check_tolerant(4096, 16, True, torch.float32, n=32)
 
 
-@pytest.mark.full
-def test_compiles_for_sm90_ahead_of_time():
-    """Compile the real kernel for an H100 (bf16 paper setting, and fp32 / unshared / n > BJ / D=64)
-    with no GPU. Catches what only the compiler rejects (Triton 3.6 refused to re-assign
-    `HALF: tl.constexpr` in the bitonic network's unrolled loop)."""
-    from kernel_checks import compile_launches_for_sm90
-
-    call = """
+TOPN_CALL = """
 from nsa.ops.common import NSAParams
-for dtype, shared, n, D in [(torch.bfloat16, True, 16, 128), (torch.float32, False, 32, 64)]:
+for dtype, shared, n, D in [(torch.bfloat16, True, 16, 128), (torch.float32, False, 32, 64),
+                            (torch.bfloat16, False, 16, 128)]:
     T, H, G = 2048, 2, 16
     q, ck = torch.zeros(1, T, H * G, D, dtype=dtype), torch.zeros(1, 128, H, D, dtype=dtype)
     mod.topn_blocks(q, ck, torch.zeros(1, T, H * G), NSAParams(num_selected=n, shared_selection=shared))
 """
-    assert compile_launches_for_sm90("nsa.ops.topn", ["_topn_kernel"], call) == 2
+
+
+@pytest.mark.full
+def test_compiles_for_sm90_ahead_of_time():
+    """Compile the real kernel for an H100 (bf16 paper setting shared and not, and fp32 / unshared /
+    n > BJ / D=64) with no GPU. Catches what only the compiler rejects (Triton 3.6 refused to re-assign
+    `HALF: tl.constexpr` in the bitonic network's unrolled loop)."""
+    from kernel_checks import compile_launches_for_sm90
+
+    assert compile_launches_for_sm90("nsa.ops.topn", ["_topn_kernel"], TOPN_CALL) == 3
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("arch", [80, 86])
+def test_compiles_for_sm80_and_sm86_within_their_shared_memory(arch):
+    from kernel_checks import compile_launches
+
+    assert compile_launches("nsa.ops.topn", ["_topn_kernel"], TOPN_CALL, arch) == 3

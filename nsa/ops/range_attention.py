@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.ops.utils import LN2_C, LOG2E, LOG2E_C, dot, dot_precision, interpreting, num_sms, num_visible_blocks
+from nsa.ops.utils import (LN2_C, LOG2E, LOG2E_C, dot, dot_precision, fitting, interpreting, num_sms,
+                           num_visible_blocks)
 
 # A lower bound no real index reaches; kept well inside int32 so t + NO_LO_BOUND cannot overflow.
 NO_LO_BOUND = 2**30
@@ -366,7 +367,8 @@ def _group_pad(G):
 # Tiles for 16-bit inputs on GPU, chosen on an H100: (BLOCK_M query rows, BLOCK_N keys,
 # num_warps, num_stages) per kernel, by head dim (D <= 64 or larger). BLOCK_M is raised to the padded
 # group size GP. Each config was compiled for sm_90 (Triton 3.9 ptxas) and checked to fit 227 KiB of
-# shared memory with no register spill.
+# shared memory with no register spill; a card with less shared memory gets the first of `_shrunk`
+# that fits (`utils.fitting`).
 FWD_TILES = {64: (128, 64, 4, 3), 128: (128, 128, 8, 2)}  # prefix rules (compressed): long key loops
 FWD_TILES_BANDED = {64: (128, 64, 4, 3), 128: (128, 64, 8, 2)}  # window: ~9 key tiles of 64 per query tile
 DQ_TILES = {64: (128, 64, 8, 2), 128: (128, 64, 8, 3)}
@@ -396,6 +398,26 @@ def _tiles(G, D, dtype, banded=False):
     return tuple((max(bm, GP), bn, w, st) for bm, bn, w, st in cfg)
 
 
+def _shrunk(tile, GP):
+    """`tile` (BLOCK_M, BLOCK_N, num_warps, num_stages), then ever smaller ones: fewer stages, then half
+    the key tile, then half the query tile (never below 16 rows or keys, nor below GP rows)."""
+    bm, bn, warps, stages = tile
+    out = [(bm, bn, warps, st) for st in range(stages, 0, -1)]
+    while bn > 16:
+        bn //= 2
+        out.append((bm, bn, warps, 1))
+    while bm // 2 >= max(16, GP):
+        bm //= 2
+        out.append((bm, bn, warps, 1))
+    return out
+
+
+def _fit(kernel, args, tile, GP, meta, device, key):
+    """Launch keywords of `kernel`: `meta` with the first of `_shrunk(tile)` that fits the device."""
+    candidates = [dict(meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st) for bm, bn, w, st in _shrunk(tile, GP)]
+    return fitting(kernel, args, candidates, device.index or 0, key)
+
+
 def _check(q, k, v):
     B, T, HQ, D = q.shape
     H = k.shape[2]
@@ -421,12 +443,14 @@ def range_attention_fwd(q, k, v, scale, hi_base, block, stride, lo_back):
     lse = _empty((B, T, HQ), dtype=torch.float32, device=q.device)
     if T == 0:
         return o, lse
-    (bm, bn, warps, stages), _, _ = _tiles(G, D, q.dtype, banded=lo_back < T)
-    grid = (triton.cdiv(T, bm // _group_pad(G)), B * H)
+    GP = _group_pad(G)
+    banded = lo_back < T
+    tile, _, _ = _tiles(G, D, q.dtype, banded=banded)
     prec, upcast = dot_precision(q.dtype)
-    _range_fwd_kernel[grid](q, k, v, o, lse, scale * LOG2E, T, S, H, G, hi_base, block, stride, lo_back,
-                            D=D, BLOCK_D=_block_d(D), GP=_group_pad(G), BLOCK_M=bm, BLOCK_N=bn, PREC=prec,
-                            UPCAST=upcast, num_warps=warps, num_stages=stages)
+    args = (q, k, v, o, lse, scale * LOG2E, T, S, H, G, hi_base, block, stride, lo_back)
+    meta = dict(D=D, BLOCK_D=_block_d(D), GP=GP, PREC=prec, UPCAST=upcast)
+    launch = _fit(_range_fwd_kernel, args, tile, GP, meta, q.device, (G, D, q.dtype, banded))
+    _range_fwd_kernel[(triton.cdiv(T, launch["BLOCK_M"] // GP), B * H)](*args, **launch)
     return o, lse
 
 
@@ -454,15 +478,21 @@ def range_attention_bwd(do, q, k, v, o, lse, dlse, scale, hi_base, block, stride
     if T == 0 or S == 0:
         return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
     delta = _empty((B, T, HQ), dtype=torch.float32, device=q.device)
-    (bm, bn, warps, stages), (bm2, bn2, warps2, stages2), (bm3, bn3, warps3, stages3) = _tiles(G, D, q.dtype)
+    _, dq_tile, dkdv_tile = _tiles(G, D, q.dtype)
     prec, upcast = dot_precision(q.dtype)
     common = dict(D=D, BLOCK_D=_block_d(D), GP=GP, PREC=prec, UPCAST=upcast)
     qk_scale = scale * LOG2E
     rule = (hi_base, block, stride, lo_back)
-    _range_dq_kernel[(triton.cdiv(T, bm2 // GP), B * H)](
-        q, k, v, o, do, lse, lse if dlse is None else dlse, delta, dq, qk_scale, scale, T, S, H, G, *rule,
-        BLOCK_M=bm2, BLOCK_N=bn2, HAS_DLSE=dlse is not None, num_warps=warps2, num_stages=stages2, **common)
+    key = (G, D, q.dtype)
+    args = (q, k, v, o, do, lse, lse if dlse is None else dlse, delta, dq, qk_scale, scale, T, S, H, G, *rule)
+    launch = _fit(_range_dq_kernel, args, dq_tile, GP, dict(common, HAS_DLSE=dlse is not None), q.device,
+                  key + (dlse is not None,))
+    _range_dq_kernel[(triton.cdiv(T, launch["BLOCK_M"] // GP), B * H)](*args, **launch)
 
+    # The dk/dv tile is chosen on the unsplit launch (dk, dv in k's dtype); splitting changes no tile.
+    args = (q, k, v, do, lse, delta, k, v, qk_scale, scale, T, S, H, G, *rule, 1)
+    launch = _fit(_range_dkdv_kernel, args, dkdv_tile, GP, dict(common, SPLIT=0), q.device, key)
+    bm3, bn3 = launch["BLOCK_M"], launch["BLOCK_N"]
     n_key_tiles, n_query_tiles = triton.cdiv(S, bn3), triton.cdiv(T, bm3 // GP)
     splits = _num_splits(n_key_tiles * B * H, n_query_tiles, lo_back, T, k.numel(), q.device)
     tiles_per_split = triton.cdiv(n_query_tiles, splits)
@@ -475,7 +505,7 @@ def range_attention_bwd(do, q, k, v, o, lse, dlse, scale, hi_base, block, stride
         dv = _empty((splits, *v.shape), dtype=torch.float32, device=v.device)
     _range_dkdv_kernel[(n_key_tiles, B * H, splits)](
         q, k, v, do, lse, delta, dk, dv, qk_scale, scale, T, S, H, G, *rule, tiles_per_split,
-        BLOCK_M=bm3, BLOCK_N=bn3, SPLIT=int(splits > 1), num_warps=warps3, num_stages=stages3, **common)
+        **dict(launch, SPLIT=int(splits > 1)))
     if splits > 1:
         dkp, dvp = dk, dv
         dk, dv = _empty(k.shape, dtype=k.dtype, device=k.device), _empty(v.shape, dtype=v.dtype, device=v.device)

@@ -28,12 +28,19 @@ import triton
 import triton.language as tl
 
 from nsa.ops.common import ceil_div
-from nsa.ops.utils import LN2_C, LOG2E, LOG2E_C, dot, dot_precision
+from nsa.ops.utils import LN2_C, LOG2E, LOG2E_C, dot, dot_precision, fitting
 
 # Smallest forward/dQ tile when G < 16: the tensor-core minimum of 16 rows, filled with several tokens.
 MIN_ROWS = 16
 # Query rows per inner step of the dK/dV kernel: 128 measured 1.6x faster than 64 (H100, 64k).
 DKV_ROWS = 128
+# Launch options of the forward and dQ, the first the measured best (4 warps, Triton's default 3
+# stages: 2, 3 or 4 stages and 8 warps measured slower on an H100), then fewer stages for a card with
+# less shared memory (`utils.fitting`).
+WALK_LAUNCHES = (dict(num_warps=4), dict(num_warps=4, num_stages=2), dict(num_warps=4, num_stages=1))
+# (rows per step, num_stages) of dK/dV, the same way: 8 warps (the 64 x 128 fp32 dK and dV
+# accumulators; 4 measured slower), then fewer stages, then fewer rows.
+DKV_LAUNCHES = ((DKV_ROWS, None), (DKV_ROWS, 2), (DKV_ROWS // 2, 2), (DKV_ROWS // 2, 1), (DKV_ROWS // 4, 1))
 
 
 def _pow2(x):
@@ -403,9 +410,10 @@ def selection_fwd(q, k, v, indices, sel_block, scale, o, lse):
     T, S = q.shape[1], k.shape[1]
     cfg, grid = _launch_cfg(q, k, indices, sel_block)
     uni, cnt, ul = _walk_args(cfg, indices, S, sel_block)
-    # 4 warps, Triton's default 3 stages: 2, 3 or 4 stages and 8 warps measured slower (H100).
-    _sel_fwd_kernel[grid](q, k, v, o, lse, indices, uni, cnt, T, S, sel_block, ul, scale * LOG2E, num_warps=4,
-                          **cfg)
+    args = (q, k, v, o, lse, indices, uni, cnt, T, S, sel_block, ul, scale * LOG2E)
+    launch = fitting(_sel_fwd_kernel, args, [dict(cfg, **w) for w in WALK_LAUNCHES], q.device.index or 0,
+                     key=(q.dtype, *cfg.values()))
+    _sel_fwd_kernel[grid](*args, **launch)
 
 
 def selection_dq(do, q, k, v, lse, delta, indices, sel_block, scale, dq):
@@ -413,8 +421,10 @@ def selection_dq(do, q, k, v, lse, delta, indices, sel_block, scale, dq):
     T, S = q.shape[1], k.shape[1]
     cfg, grid = _launch_cfg(q, k, indices, sel_block)
     uni, cnt, ul = _walk_args(cfg, indices, S, sel_block)
-    _sel_dq_kernel[grid](q, k, v, do, lse, delta, dq, indices, uni, cnt, T, S, sel_block, ul, scale, scale * LOG2E,
-                         num_warps=4, **cfg)
+    args = (q, k, v, do, lse, delta, dq, indices, uni, cnt, T, S, sel_block, ul, scale, scale * LOG2E)
+    launch = fitting(_sel_dq_kernel, args, [dict(cfg, **w) for w in WALK_LAUNCHES], q.device.index or 0,
+                     key=(q.dtype, *cfg.values()))
+    _sel_dq_kernel[grid](*args, **launch)
 
 
 def selection_dkv(do, q, k, v, lse, delta, indices, sel_block, scale, dk, dv):
@@ -423,18 +433,22 @@ def selection_dkv(do, q, k, v, lse, delta, indices, sel_block, scale, dk, dv):
     S, H, Hs = k.shape[1], k.shape[2], indices.shape[2]
     (entries, item_key, item_lo, item_hi, item_slot, key_items, key_first_slot,
      n_slots) = _dkv_items(indices, H, S, sel_block)
-    block_e = max(1, DKV_ROWS // (HQ // Hs))
     block_s, block_d = max(16, _pow2(sel_block)), max(16, _pow2(D))
     prec, upcast = dot_precision(q.dtype)
     part_dk = torch.empty(n_slots, block_s, block_d, dtype=torch.float32, device=q.device)
     part_dv = torch.empty_like(part_dk)
-    _sel_dkv_kernel[(item_key.numel(),)](
-        q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries, item_key, item_lo, item_hi, item_slot,
-        T, S, sel_block, scale, scale * LOG2E, HQ=HQ, H=H, HS=Hs, D=D, BLOCK_E=block_e,
-        BLOCK_R=_pow2(block_e * (HQ // Hs)), BLOCK_S=block_s, BLOCK_D=block_d, PREC=prec, UPCAST=upcast,
-        num_warps=8)  # the 64 x 128 fp32 dK and dV accumulators want 8 warps (4 measured slower)
+    args = (q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries, item_key, item_lo, item_hi, item_slot,
+            T, S, sel_block, scale, scale * LOG2E)
+    meta = dict(HQ=HQ, H=H, HS=Hs, D=D, BLOCK_S=block_s, BLOCK_D=block_d, PREC=prec, UPCAST=upcast, num_warps=8)
+    candidates = []
+    for rows, stages in DKV_LAUNCHES:
+        block_e = max(1, rows // (HQ // Hs))
+        candidates.append(dict(meta, BLOCK_E=block_e, BLOCK_R=_pow2(block_e * (HQ // Hs)),
+                               **({} if stages is None else dict(num_stages=stages))))
+    launch = fitting(_sel_dkv_kernel, args, candidates, q.device.index or 0, key=(q.dtype, *meta.values()))
+    _sel_dkv_kernel[(item_key.numel(),)](*args, **launch)
     _sel_dkv_reduce_kernel[(key_items.numel(),)](part_dk, part_dv, dk, dv, key_items, key_first_slot, S, sel_block,
-                                             H=H, D=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
+                                                 H=H, D=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
 
 
 def selection_bwd(do, q, k, v, o, lse, indices, sel_block, scale, dq, dk, dv):

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from nsa.ops.range_attention import _query_rows
-from nsa.ops.utils import LOG2E, LOG2E_C, dot, dot_precision, interpreting, num_visible_blocks
+from nsa.ops.utils import LOG2E, LOG2E_C, dot, dot_precision, fitting, interpreting, num_visible_blocks
 
 # Larger than any block index: the decoded index of an unused slot, sorted last and written as -1.
 BIG: tl.constexpr = tl.constexpr(2**30)
@@ -197,11 +197,20 @@ def _tiles(G, per_sel, dtype):
     return max(128, GP), bj, 8, 2
 
 
-def _kernel_meta(G, D, dtype, block, stride, sel_block, num_selected, shared):
-    """The constexprs and launch options of `_topn_kernel` (also used by the tests to compile it ahead
-    of time for sm_90 without a GPU)."""
+def _kernel_metas(G, D, dtype, block, stride, sel_block, num_selected, shared):
+    """The constexprs and launch options of `_topn_kernel`: the H100 choice of `_tiles`, then fewer
+    stages and fewer query rows for a card with less shared memory (`utils.fitting`)."""
     per_cmp, per_sel = block // stride, sel_block // stride
     bm, bj, warps, stages = _tiles(G, per_sel, dtype)
+    GP = triton.next_power_of_2(G)
+    tiles = [(bm, st) for st in range(stages, 0, -1)]
+    while bm // 2 >= max(16, 2 * GP if shared else GP):  # shared: at least 2 tokens per tile
+        bm //= 2
+        tiles.append((bm, 1))
+    return [_kernel_meta(G, D, dtype, per_cmp, per_sel, bj, num_selected, shared, bm, warps, st) for bm, st in tiles]
+
+
+def _kernel_meta(G, D, dtype, per_cmp, per_sel, bj, num_selected, shared, bm, warps, stages):
     # Planes k < K: a compressed block reaches the K - 1 selection blocks after its own; the rotation
     # by k needs k < BJ.
     K = 1 + triton.cdiv(per_cmp - 1, per_sel)
@@ -227,11 +236,11 @@ def _topn_launch(q, ck, lse, block, stride, sel_block, num_mem, num_selected, nu
     if T == 0 or num_selected == 0:
         return out
     q, ck, lse = q.contiguous(), ck.contiguous(), lse.contiguous().float()
-    meta = _kernel_meta(G, D, q.dtype, block, stride, sel_block, num_selected, shared)
-    grid = (triton.cdiv(T, meta["BLOCK_M"] // meta["GP"]), B * H)
-    _topn_kernel[grid](
-        q, ck, lse, out, scale * LOG2E, T, H, G, ck.shape[1] - num_mem, num_mem, block, stride,
-        sel_block, num_initial, num_local, **meta)
+    args = (q, ck, lse, out, scale * LOG2E, T, H, G, ck.shape[1] - num_mem, num_mem, block, stride, sel_block,
+            num_initial, num_local)
+    meta = fitting(_topn_kernel, args, _kernel_metas(G, D, q.dtype, block, stride, sel_block, num_selected, shared),
+                   q.device.index or 0, (G, D, q.dtype, block, stride, sel_block, num_selected, shared))
+    _topn_kernel[(triton.cdiv(T, meta["BLOCK_M"] // meta["GP"]), B * H)](*args, **meta)
     return out
 
 

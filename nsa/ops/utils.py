@@ -1,5 +1,6 @@
 """What every Triton kernel module shares: the interpreter switch, the one precision policy for
-`tl.dot`, the compressed-visibility rule, and the device's limits.
+`tl.dot`, the compressed-visibility rule, and the device's limits (SM count, shared memory, and the
+choice of a launch that fits it).
 
 Naming in the kernels (flash-linear-attention's scheme): `i_*` program ids and loop indices, `o_*`
 index vectors (offsets), `m_*` masks, `p_*` pointers, `b_*` tiles held in registers; upper-case names
@@ -61,3 +62,32 @@ def num_sms(device_index):
     if interpreting() or not torch.cuda.is_available():
         return 4
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def max_shared_mem(device_index):
+    """Bytes of shared memory one program may use on CUDA device `device_index` (the opt-in maximum):
+    227 KiB on an H100, 163 KiB on an A100, 99 KiB on sm_86 / sm_89 cards."""
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+_FITTING = {}
+
+
+def fitting(kernel, args, candidates, device_index, key):
+    """The first of `candidates` (keyword arguments of `kernel[grid](*args, **candidate)`: constexprs,
+    num_warps, num_stages; the fastest first) whose compiled kernel fits the device's shared memory.
+    Each is compiled by `kernel.warmup`, the compile its launch does anyway, so where the first fits
+    (an H100, for every launch of this package) the launch is the first; a card with less shared
+    memory gets fewer stages or smaller tiles instead of a launch error. The choice is cached under
+    (kernel, device, `key`), where `key` holds what the candidates and the argument dtypes depend on.
+    The interpreter has no limit: the first candidate."""
+    if interpreting():
+        return candidates[0]
+    cache_key = (kernel, device_index, key)
+    if cache_key not in _FITTING:
+        limit = max_shared_mem(device_index)
+        _FITTING[cache_key] = next(
+            (c for c in candidates[:-1] if kernel.warmup(*args, grid=(1,), **c).metadata.shared <= limit),
+            candidates[-1])
+    return _FITTING[cache_key]
