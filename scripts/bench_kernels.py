@@ -5,7 +5,10 @@ docs/BENCHMARKS.md, "Benchmark shapes": the paper setting (HQ=64, H=4, D=128, l'
 and small groups (H=4, HQ in 4..64) at one T, reported per query head as well. Block picks are
 random and causal and always include the forced blocks (0 and the two local ones). Before timing, a
 correctness check against the reference at a moderate size and a determinism check (two backward
-runs bit-identical). The paper rows also time the backward's dQ and dK/dV kernels alone. Prints
+runs bit-identical). The paper rows also time the backward's dQ and dK/dV kernels alone, and
+flash_nsa's selection kernel (mdy666/Scalable-Flash-Native-Sparse-Attention, `select_attn`) on the
+same picks when it imports, from the installed packages or from a folder named by the environment
+variable NSA_PEERS that holds flash_nsa/ (e.g. a copy of ../shared/peers in the checkout's .peers/). Prints
 markdown tables last; with $OUT set, writes them to $OUT/bench_kernels.md and the raw numbers to
 $OUT/bench_kernels.json.
 
@@ -130,6 +133,34 @@ def fla_selection(indices, sel_block):
     return fn
 
 
+def _peer_missing(e):
+    """The one line printed when flash_nsa does not import."""
+    if isinstance(e, ModuleNotFoundError) and e.name == "flash_nsa":
+        return "flash_nsa not found: skipping its row (set NSA_PEERS to a folder holding flash_nsa/)"
+    # Its own imports: e.g. pkg_resources, which setuptools >= 81 no longer ships.
+    return f"flash_nsa does not import ({type(e).__name__}: {e}): skipping its row"
+
+
+def flash_nsa_selection(indices, sel_block):
+    """flash_nsa's select_attn on our picks (B = 1, one block set per kv head), or None with one line.
+    Its layout is varlen ([T, heads, D], cu_seqlens) with picks [H, T, n], of which it reads the first
+    min(n, t // l' + 1) per query: ours, ascending with the -1 padding last, fit as they are."""
+    peers = os.environ.get("NSA_PEERS")
+    if peers and peers not in sys.path:
+        sys.path.insert(0, peers)
+    try:
+        from flash_nsa import NSAHelper, select_attn
+    except Exception as e:
+        print(_peer_missing(e))
+        return None
+    B, T, H, n = indices.shape
+    NSAHelper.set_hyperparameters(block_size=sel_block, top_n=n, num_init_blocks=1, num_local_blocks=2)
+    # Outside the timed function: it syncs with the host to read the lengths.
+    NSAHelper.init_cu_seqlens(torch.tensor([0, T], dtype=torch.int32, device=indices.device))
+    topk = indices[0].permute(1, 0, 2).contiguous()
+    return lambda q, k, v: select_attn(q[0], k[0], v[0], topk)[None]
+
+
 def dense(backend):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -244,6 +275,8 @@ def main():
         row["parts"] = bench_parts(q, k, v, do, idx, bs, args.quick)
         fla = fla_selection(idx, bs)
         row["fla"] = bench(fla, leaf(q, k, v), do, args.quick) if fla else None
+        peer = flash_nsa_selection(idx, bs)
+        row["flash_nsa"] = bench(peer, leaf(q, k, v), do, args.quick) if peer else None
         if not args.no_dense:
             for be in ("cudnn", "flash"):
                 row[be] = bench(dense(be), leaf(*expand_kv(q, k, v)), do, args.quick)
@@ -304,12 +337,12 @@ def render(raw, args):
 
     lines += ["", "Paper setting (B=1, HQ=64, H=4, D=128, l'=64, n=16), median ms fwd / fwd+bwd; dQ and dK/dV: the "
               "backward's two kernels alone (dK/dV with its reverse index)", "",
-              "| T | ours | dQ / dK+dV | fla-core selection | SDPA cuDNN (dense) | SDPA flash (dense) | "
-              "ours / fla-core |", "|---|---|---|---|---|---|---|"]
+              "| T | ours | dQ / dK+dV | fla-core selection | flash_nsa selection | SDPA cuDNN (dense) | "
+              "SDPA flash (dense) | ours / fla-core |", "|---|---|---|---|---|---|---|---|"]
     for r in raw["paper"]:
         o, f = r["ours"], r["fla"]
         ratio = f"{_num(o[0]) / _num(f[0]):.2f} / {_num(o[1]) / _num(f[1]):.2f}" if f else "n/a"
-        lines.append(f"| {r['T'] // 1024}k | {pair(o)} | {pair(r['parts'])} | {pair(f)} "
+        lines.append(f"| {r['T'] // 1024}k | {pair(o)} | {pair(r['parts'])} | {pair(f)} | {pair(r.get('flash_nsa'))} "
                      f"| {pair(r.get('cudnn'))} | {pair(r.get('flash'))} | {ratio} |")
 
     lines += ["", f"Small groups (B=1, H=4, D=128, T={args.small_T // 1024}k), median ms fwd / fwd+bwd and per "

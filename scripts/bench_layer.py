@@ -9,6 +9,12 @@ Rows per T:
 - sliding window: our Triton kernel (nsa.ops.window) vs compiled flex attention with a cached mask;
 - the whole attention core, if nsa.ops.selection imports: compressed + top-n + selection + window +
   gate combine (projections, compression MLP and rotary excluded), vs dense causal SDPA cuDNN;
+- flash_nsa's whole core (mdy666/Scalable-Flash-Native-Sparse-Attention, `HFNSACore`: its mean-pooling
+  compression included) when it imports, from the installed packages or from a folder named by the
+  environment variable NSA_PEERS that holds flash_nsa/ (e.g. a copy of ../shared/peers in the
+  checkout's .peers/). Its window branch calls flash-attn, which does not install on these machines:
+  `flash_nsa.modules.hf_level_nsa.swa_varlen_func` is replaced by our Triton window kernel, so that
+  row's window is ours;
 with the peak memory of one forward+backward. Before timing, a correctness check of every kernel
 against nsa.ops.reference at a moderate size (--check-T). Prints markdown tables last; with $OUT set,
 writes them to $OUT/bench_layer.md and the raw numbers to $OUT/bench_layer.json.
@@ -45,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--no-flex", action="store_true", help="skip the flex-attention window baseline")
     p.add_argument("--quick", action="store_true", help="T = 8k, 16k and shorter timing")
     p.add_argument("--no-fla", action="store_true", help="skip fla-core's compression + selection")
+    p.add_argument("--no-peers", action="store_true", help="skip flash_nsa's core")
     p.add_argument("--mem-T", type=int, nargs="*", default=[],
                    help="lengths (e.g. 131072) at which only one fwd+bwd of the core and of dense is run, "
                         "for its peak memory and a single-shot time")
@@ -121,6 +128,46 @@ def fla_fn():
         g = gates.sigmoid()
         return parallel_nsa(q, k, v, g[..., 0], g[..., 1], None, block_counts=PAPER["n"],
                             block_size=PAPER["sel_block"])
+
+    return fn
+
+
+def _peer_missing(e):
+    """The one line printed when flash_nsa does not import."""
+    if isinstance(e, ModuleNotFoundError) and e.name == "flash_nsa":
+        return "flash_nsa not found: skipping its row (set NSA_PEERS to a folder holding flash_nsa/)"
+    # Its own imports: e.g. pkg_resources, which setuptools >= 81 no longer ships.
+    return f"flash_nsa does not import ({type(e).__name__}: {e}): skipping its row"
+
+
+def flash_nsa_fn():
+    """flash_nsa's HFNSACore at the paper setting, its window on our kernel (module docstring), taking
+    our [1, T, ...] tensors (it is varlen: [T, ...] and cu_seqlens); None, with one line, when it does
+    not import."""
+    peers = os.environ.get("NSA_PEERS")
+    if peers and peers not in sys.path:
+        sys.path.insert(0, peers)
+    try:
+        import flash_nsa
+        from flash_nsa.modules import hf_level_nsa
+    except Exception as e:
+        print(_peer_missing(e))
+        return None
+    from nsa.ops.window import sliding_window_attention
+
+    def swa(q, k, v, sm_scale=None):  # flash_nsa's swa_varlen_func signature: [T, heads, D], one sequence
+        p = NSAParams(window=PAPER["window"], scale=sm_scale)
+        return sliding_window_attention(q[None], k[None], v[None], p)[0]
+
+    hf_level_nsa.swa_varlen_func = swa
+    P = PAPER
+    core = flash_nsa.HFNSACore(flash_nsa.NSAConfig(
+        head_dim=P["D"], num_heads=P["HQ"], num_kv_heads=P["H"], kernel_size=P["block"], stride=P["stride"],
+        block_size=P["sel_block"], top_n=P["n"], num_init_blocks=1, num_local_blocks=2, window_size=P["window"]))
+
+    def fn(q, k, v, gates):
+        cu_seqlens = torch.tensor([0, q.shape[1]], dtype=torch.int32, device=q.device)
+        return core(q[0], k[0], v[0], gates[0], cu_seqlens)[None]
 
     return fn
 
@@ -332,6 +379,7 @@ def main():
         for k, v in raw["check"].items():
             print(f"  {k}: {v:.3g}")
     ops = triton_ops()
+    peer = None if args.no_peers else flash_nsa_fn()
     for T in args.T:
         print(f"T={T} ...")
         x = make_inputs(T, device)
@@ -352,6 +400,8 @@ def main():
         fla = None if args.no_fla else fla_fn()
         if fla is not None:
             row["fla_cmp_slc"] = bench(fla, [q, k, v, gates], args.quick)
+        if peer is not None:
+            row["flash_nsa_core"] = bench(peer, [q, k, v, gates], args.quick)
         if not args.no_dense:
             row["dense_cudnn"] = bench(dense_fn, expand_kv(q, k, v), args.quick)
         raw["rows"].append(row)
@@ -397,12 +447,17 @@ def render(raw):
              "peak = GiB allocated above the inputs during one fwd+bwd. Command: `" + raw["command"] + "`",
              "",
              "| T | compressed | top-n (fwd) | window (ours) | window (flex) | core (ours) | fla-core cmp+slc "
-             "| dense cuDNN | peak core | peak dense |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| flash_nsa core (window: ours) | dense cuDNN | peak core | peak dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in raw["rows"]:
         lines.append(f"| {r['T'] // 1024}k | {cell(r['compressed'])} | {cell(r['topn'], False)} "
                      f"| {cell(r['window'])} | {cell(r.get('flex_window'))} | {cell(r.get('core'))} "
-                     f"| {cell(r.get('fla_cmp_slc'))} | {cell(r.get('dense_cudnn'))} | {peak(r.get('core'))} | {peak(r.get('dense_cudnn'))} |")
+                     f"| {cell(r.get('fla_cmp_slc'))} | {cell(r.get('flash_nsa_core'))} | {cell(r.get('dense_cudnn'))} "
+                     f"| {peak(r.get('core'))} | {peak(r.get('dense_cudnn'))} |")
+    if any(r.get("flash_nsa_core") for r in raw["rows"]):
+        lines += ["", "flash_nsa core: its HFNSACore with its own mean-pooling compression, top-n, selection and gate "
+                  "combine; its window branch (flash-attn, which does not install here) replaced by our Triton "
+                  "window kernel."]
     if raw.get("memory"):
         lines += ["", "One fwd+bwd at long T (single shot after a warm-up call): ms and peak GiB allocated above "
                   "the inputs (core inputs incl. ck/cv/gates; dense inputs have k, v expanded to HQ heads).", "",
