@@ -35,8 +35,7 @@ class SparseAttention(nn.Module):
         _check_heads(dim, heads, kv_heads, dim_head)
         nsa.validate()  # a module built directly (not through load_config) gets the same checks
         self.dim, self.heads, self.kv_heads, self.dim_head, self.cfg = dim, heads, kv_heads, dim_head, nsa
-        self.scale = dim_head**-0.5
-        self.params = NSAParams.from_config(nsa, self.scale)
+        self.params = NSAParams.from_config(nsa, dim_head**-0.5)
         # With separate_kv each branch gets its own keys/values (cmp, slc, win); else all share one.
         self.kv_sets = 3 if nsa.separate_kv else 1
         self.to_q = nn.Linear(dim, heads * dim_head, bias=False)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from nsa.ops.common import NSAParams
+from peers import import_flash_nsa  # scripts/peers.py: the script's own folder is on sys.path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -133,26 +134,14 @@ def fla_selection(indices, sel_block):
     return fn
 
 
-def _peer_missing(e):
-    """The one line printed when flash_nsa does not import."""
-    if isinstance(e, ModuleNotFoundError) and e.name == "flash_nsa":
-        return "flash_nsa not found: skipping its row (set NSA_PEERS to a folder holding flash_nsa/)"
-    # Its own imports: e.g. pkg_resources, which setuptools >= 81 no longer ships.
-    return f"flash_nsa does not import ({type(e).__name__}: {e}): skipping its row"
-
-
 def flash_nsa_selection(indices, sel_block):
     """flash_nsa's select_attn on our picks (B = 1, one block set per kv head), or None with one line.
     Its layout is varlen ([T, heads, D], cu_seqlens) with picks [H, T, n], of which it reads the first
     min(n, t // l' + 1) per query: ours, ascending with the -1 padding last, fit as they are."""
-    peers = os.environ.get("NSA_PEERS")
-    if peers and peers not in sys.path:
-        sys.path.insert(0, peers)
-    try:
-        from flash_nsa import NSAHelper, select_attn
-    except Exception as e:
-        print(_peer_missing(e))
+    flash_nsa = import_flash_nsa()
+    if flash_nsa is None:
         return None
+    NSAHelper, select_attn = flash_nsa.NSAHelper, flash_nsa.select_attn
     B, T, H, n = indices.shape
     NSAHelper.set_hyperparameters(block_size=sel_block, top_n=n, num_init_blocks=1, num_local_blocks=2)
     # Outside the timed function: it syncs with the host to read the lengths.

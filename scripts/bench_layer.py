@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from nsa.ops.common import NSAParams
+from peers import import_flash_nsa  # scripts/peers.py: the script's own folder is on sys.path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -132,27 +133,14 @@ def fla_fn():
     return fn
 
 
-def _peer_missing(e):
-    """The one line printed when flash_nsa does not import."""
-    if isinstance(e, ModuleNotFoundError) and e.name == "flash_nsa":
-        return "flash_nsa not found: skipping its row (set NSA_PEERS to a folder holding flash_nsa/)"
-    # Its own imports: e.g. pkg_resources, which setuptools >= 81 no longer ships.
-    return f"flash_nsa does not import ({type(e).__name__}: {e}): skipping its row"
-
-
 def flash_nsa_fn():
     """flash_nsa's HFNSACore at the paper setting, its window on our kernel (module docstring), taking
     our [1, T, ...] tensors (it is varlen: [T, ...] and cu_seqlens); None, with one line, when it does
     not import."""
-    peers = os.environ.get("NSA_PEERS")
-    if peers and peers not in sys.path:
-        sys.path.insert(0, peers)
-    try:
-        import flash_nsa
-        from flash_nsa.modules import hf_level_nsa
-    except Exception as e:
-        print(_peer_missing(e))
+    flash_nsa = import_flash_nsa()
+    if flash_nsa is None:
         return None
+    from flash_nsa.modules import hf_level_nsa
     from nsa.ops.window import sliding_window_attention
 
     def swa(q, k, v, sm_scale=None):  # flash_nsa's swa_varlen_func signature: [T, heads, D], one sequence
@@ -330,7 +318,6 @@ def correctness(T, device):
     from nsa.ops.compressed import compressed_attention
     from nsa.ops.topn import topn_blocks
 
-    P = PAPER
     x = make_inputs(T, device, seed=1)
     q, k, v, ck, cv = (x[n].detach() for n in ("q", "k", "v", "ck", "cv"))
     res = check_grads("compressed", compressed_fn,

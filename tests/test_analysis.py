@@ -28,13 +28,7 @@ TINY = ["model.dim=32", "model.depth=2", "model.heads=4", "model.kv_heads=2", "m
         "data.source=synthetic", "train.seq_len=64", "train.batch_size=2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and far faster than with two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny(attention="nsa", *extra):
