@@ -3,8 +3,8 @@
 Prints the kernels (and ops) with the most CUDA time, so the slowest parts of an NSA layer can be
 compared against the dense twin's. Needs a CUDA GPU.
 
-    python scripts/profile_train.py --config configs/enwik8_nsa.yaml --T 8192 --batch 8
-    python scripts/profile_train.py --config configs/enwik8_dense.yaml --T 8192 --batch 8
+    python scripts/profile_train.py --config configs/enwik8_nsa.yaml --T 8192 --batch 8 --compile
+    python scripts/profile_train.py --config configs/enwik8_dense.yaml --T 8192 --batch 8 --compile
 """
 
 import argparse
@@ -23,14 +23,17 @@ def main():
     p.add_argument("--config", required=True)
     p.add_argument("--T", type=int, default=8192)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=3, help="profiled steps, after 2 warm-up steps")
+    p.add_argument("--steps", type=int, default=3, help="profiled steps, after 3 warm-up steps")
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model, as train.py does on CUDA")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_train.py needs a CUDA GPU")
 
     model = Transformer(load_config(args.config).model).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    if args.compile:
+        model = torch.compile(model)
     x = torch.randint(0, 256, (args.batch, args.T + 1), device="cuda")
 
     def step():
@@ -40,7 +43,7 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):  # Triton compiles and autotunes on the first calls
+    for _ in range(3):  # torch.compile and Triton compile on the first calls
         step()
     torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -49,7 +52,7 @@ def main():
             step()
         torch.cuda.synchronize()
     print(f"{args.config}, T={args.T}, batch={args.batch}, {torch.cuda.get_device_name()}, "
-          f"torch {torch.__version__}; CUDA time summed over {args.steps} steps")
+          f"torch {torch.__version__}, compile={args.compile}; CUDA time summed over {args.steps} steps")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=70))
 
 

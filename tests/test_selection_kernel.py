@@ -82,7 +82,7 @@ def test_padding_more_slots_than_blocks():
 @pytest.mark.full
 @pytest.mark.parametrize("G", [3, 16])
 def test_odd_group_and_block_size(G):
-    # l' = 24 pads the key tile to 32. G = 3 packs 5 tokens in a 16-row tile (the union walk);
+    # l' = 24 pads the key tile to 32. G = 3 packs 21 tokens in a 64-row tile (the union walk);
     # G = 16 is one token's heads (the n-slot walk).
     _check(B=1, T=53, H=2 if G < 16 else 1, G=G, D=32, sel_block=24, n=2)
 
@@ -103,8 +103,8 @@ def test_split_blocks(monkeypatch, shared):
 
 @pytest.mark.full
 def test_packed_tile_of_many_tokens(monkeypatch):
-    # 64-row tiles at G = 2: 32 tokens per program, a wide union of block lists.
-    monkeypatch.setattr(selection, "MIN_ROWS", 64)
+    # 128-row tiles at G = 2: 64 tokens per program, a wide union of block lists.
+    monkeypatch.setattr(selection, "MIN_ROWS", 128)
     _check(B=1, T=70, H=1, G=2, D=32, sel_block=16, n=3)
 
 
@@ -203,7 +203,8 @@ for dtype, HQ, H, D, Hs in [(torch.bfloat16, 64, 4, 128, 4), (torch.float32, 4, 
     idx = torch.where(idx >= 0, idx, -1).contiguous()
     selection_attention(q, k, v, idx, NSAParams()).sum().backward()
 """
-SELECTION_KERNELS = ["_sel_fwd_kernel", "_sel_dq_kernel", "_sel_dkv_kernel", "_sel_dkv_reduce_kernel"]
+SELECTION_KERNELS = ["_sel_fwd_kernel", "_sel_dq_kernel", "_sel_dkv_kernel", "_sel_dkv_reduce_kernel",
+                     "_tile_union_kernel"]
 
 
 @pytest.mark.full

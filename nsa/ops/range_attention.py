@@ -371,10 +371,12 @@ def _group_pad(G):
 # that fits (`utils.fitting`).
 FWD_TILES = {64: (128, 64, 4, 3), 128: (128, 128, 8, 2)}  # prefix rules (compressed): long key loops
 FWD_TILES_BANDED = {64: (128, 64, 4, 3), 128: (128, 64, 8, 2)}  # window: ~9 key tiles of 64 per query tile
-DQ_TILES = {64: (128, 64, 8, 2), 128: (128, 64, 8, 3)}
-# 8 warps everywhere in the backward and BLOCK_M 32 for dk/dv at D=128: the other choices spill registers
+# D <= 64 backward: 64 x 64 tiles with 4 warps, 0.80x (compressed) and 0.87x (window) the backward time
+# of the former (128, 64, 8, 2) dq and (64, 128, 8, 2) dk/dv tiles at the enwik8 model's shape on an H200
+# (docs/BENCHMARKS.md). D = 128: 8 warps and BLOCK_M 32 for dk/dv, the other choices spill registers
 # (G <= 16; fp32 and G = 64 at D=128 still spill some, they fit shared memory).
-DKDV_TILES = {64: (64, 128, 8, 2), 128: (32, 128, 8, 3)}
+DQ_TILES = {64: (64, 64, 4, 2), 128: (128, 64, 8, 3)}
+DKDV_TILES = {64: (64, 64, 4, 2), 128: (32, 128, 8, 3)}
 # Prefix rules (compressed): the first key tiles are seen by every query, so the dk/dv programs' query
 # ranges are cut into up to MAX_SPLITS pieces, aiming at SPLIT_PROGRAMS_PER_SM programs per SM so the
 # last wave is short; partial sums (fp32, MAX_SPLIT_ELEMENTS at most per buffer) added in a fixed order.

@@ -10,10 +10,11 @@ Kernel layout (docs/KERNELS_SELECTION.md has the numbers behind it):
   of a single kv head: TT consecutive tokens x G heads, TT = BLOCK_M // G (TT = 1 once G >= 16, which
   is the paper's layout). When every row of the tile shares one list (TT = 1, Hs = H) the program
   loops over its n slots. Otherwise it walks the sorted *union* of its rows' lists, precomputed per
-  tile with torch: each step loads one block once for the whole tile and masks the rows that did not
+  tile: each step loads one block once for the whole tile and masks the rows that did not
   pick it. Consecutive tokens pick mostly the same blocks (the forced initial and local ones, and
   correlated top-n), so small G fills the tensor-core tile without loading K/V more often than one
-  token per tile would. Both walks are counted loops, which Triton software-pipelines.
+  token per tile would. The unions come from a small kernel (a membership test per block and a prefix
+  sum, no sort). Both walks are counted loops, which Triton software-pipelines.
 * dK/dV: no atomics. A reverse index (for each kv block, the (token, index head) entries that picked
   it, in token order) is built on device with a stable sort, then one program per work item walks its
   entries and accumulates dK/dV of one block in fp32. Heavy blocks (block 0 is forced for every
@@ -30,8 +31,11 @@ import triton.language as tl
 from nsa.ops.common import ceil_div
 from nsa.ops.utils import LN2_C, LOG2E, LOG2E_C, dot, dot_precision, fitting
 
-# Smallest forward/dQ tile when G < 16: the tensor-core minimum of 16 rows, filled with several tokens.
-MIN_ROWS = 16
+# Rows of a forward/dQ tile when G < 16, filled with 64 // G tokens. A trained model's neighbouring
+# tokens pick mostly the same blocks, so a tile of more tokens loads fewer blocks per token: at the
+# enwik8 model's shape (G = 4) forward and dQ took 0.60-0.67x the time of 16-row tiles on its real
+# picks, and 64 rows beat 16, 32 and 128 for G = 1, 2, 4 and 8 (H200, docs/KERNELS_SELECTION.md).
+MIN_ROWS = 64
 # Query rows per inner step of the dK/dV kernel: 128 measured 1.6x faster than 64 (H100, 64k).
 DKV_ROWS = 128
 # Launch options of the forward and dQ, the first the measured best (4 warps, Triton's default 3
@@ -308,13 +312,14 @@ def _sel_dkv_reduce_kernel(part_dk, part_dv, dk, dv, key_items, key_first_slot, 
 
 
 def _launch_cfg(q, k, indices, sel_block):
-    """Constexprs and grid of the forward and dQ kernels. A tile holds max(MIN_ROWS, G) rows (G rounded
-    up to a power of two): TT = BLOCK_M // G tokens. One token with one shared list walks its n slots
-    (WALK 0); anything else walks the sorted union of its rows' lists (WALK 1)."""
+    """Constexprs and grid of the forward and dQ kernels. When G < 16 a tile holds MIN_ROWS rows,
+    TT = MIN_ROWS // G tokens; otherwise one token's G heads (G rounded up to a power of two). One
+    token with one shared list walks its n slots (WALK 0); anything else walks the sorted union of its
+    rows' lists (WALK 1)."""
     B, T, HQ, D = q.shape
     H = k.shape[2]
     Hs, n = indices.shape[2], indices.shape[3]
-    block_m = max(MIN_ROWS, _pow2(HQ // H))
+    block_m = _pow2(HQ // H) if HQ // H >= 16 else MIN_ROWS
     tt = max(1, block_m // (HQ // H))
     walk = 0 if tt == 1 and Hs == H else 1
     prec, upcast = dot_precision(q.dtype)
@@ -323,26 +328,50 @@ def _launch_cfg(q, k, indices, sel_block):
         (ceil_div(T, tt), B * H)
 
 
+@triton.jit
+def _tile_union_kernel(idx, uni, cnt, T, NB, UL, HS: tl.constexpr, H: tl.constexpr, N_SEL: tl.constexpr,
+                       TT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr):
+    # One tile (TT tokens x the HS / H index heads of kv head i_h): which of the blocks 0..NB-1 any of
+    # its list entries names, written in ascending order by a membership test per chunk of BLOCK_J
+    # blocks and a prefix sum. No sort, and the same result on every run.
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    R: tl.constexpr = HS // H
+    o_l = tl.arange(0, BLOCK_L)
+    o_tok = i_t * TT + o_l // (R * N_SEL)
+    m_l = (o_l < TT * R * N_SEL) & (o_tok < T)
+    o_e = ((i_b * T + o_tok).to(tl.int64) * HS + i_h * R + (o_l // N_SEL) % R) * N_SEL + o_l % N_SEL
+    b_e = tl.load(idx + o_e, mask=m_l, other=-1)
+    o_tile = ((i_b * tl.num_programs(0) + i_t) * H + i_h).to(tl.int64)
+    n = 0
+    for j0 in range(0, NB, BLOCK_J):
+        o_j = j0 + tl.arange(0, BLOCK_J)
+        b_hit = tl.max((b_e[:, None] == o_j[None, :]).to(tl.int32), axis=0) * (o_j < NB)
+        o_pos = n + tl.cumsum(b_hit, axis=0) - b_hit
+        tl.store(uni + o_tile * UL + o_pos, o_j, mask=(b_hit > 0) & (o_pos < UL))
+        n += tl.sum(b_hit, axis=0)
+    for p0 in range(n, UL, BLOCK_J):
+        o_p = p0 + tl.arange(0, BLOCK_J)
+        tl.store(uni + o_tile * UL + o_p, tl.full([BLOCK_J], NB, tl.int32), mask=o_p < UL)
+    tl.store(cnt + o_tile, n)
+
+
 def _tile_union(indices, H, NB, tt):
-    """Sorted union of the block lists of each forward/dQ tile, with torch and no host sync.
+    """Sorted union of the block lists of each forward/dQ tile, on device and with no host sync.
 
     Returns uni [B, ceil(T / tt), H, UL] int32 (a tile's distinct valid blocks ascending, then NB)
     and cnt [B, ceil(T / tt), H] int32 (how many are valid). A tile's lists are those of its tt
-    tokens and of the Hs / H index heads of its kv head.
+    tokens and of the Hs / H index heads of its kv head; -1 and indices >= NB are not blocks.
     """
     B, T, Hs, n = indices.shape
     nt = ceil_div(T, tt)
-    x = torch.where((indices < 0) | (indices >= NB), NB, indices)
-    if nt * tt != T:
-        x = torch.cat([x, x.new_full((B, nt * tt - T, Hs, n), NB)], dim=1)
-    x = x.view(B, nt, tt, H, Hs // H, n).transpose(2, 3).reshape(B, nt, H, tt * (Hs // H) * n)
-    x = x.sort(dim=-1).values
-    dup = torch.zeros_like(x, dtype=torch.bool)
-    dup[..., 1:] = x[..., 1:] == x[..., :-1]
-    x = torch.where(dup, NB, x).sort(dim=-1).values
-    ul = min(x.shape[-1], NB)
-    uni = x[..., :ul].contiguous()
-    return uni, (uni < NB).sum(-1, dtype=torch.int32)
+    entries = tt * (Hs // H) * n
+    ul = min(entries, NB)
+    uni = torch.empty(B, nt, H, ul, dtype=torch.int32, device=indices.device)
+    cnt = torch.empty(B, nt, H, dtype=torch.int32, device=indices.device)
+    _tile_union_kernel[(nt, B * H)](indices, uni, cnt, T, NB, ul, HS=Hs, H=H, N_SEL=n, TT=tt,
+                                    BLOCK_L=_pow2(entries), BLOCK_J=32, num_warps=4)
+    return uni, cnt
 
 
 def _walk_args(cfg, indices, S, sel_block):
