@@ -371,9 +371,9 @@ def _group_pad(G):
 # that fits (`utils.fitting`).
 FWD_TILES = {64: (128, 64, 4, 3), 128: (128, 128, 8, 2)}  # prefix rules (compressed): long key loops
 FWD_TILES_BANDED = {64: (128, 64, 4, 3), 128: (128, 64, 8, 2)}  # window: ~9 key tiles of 64 per query tile
-# D <= 64 backward: 64 x 64 tiles with 4 warps, 0.80x (compressed) and 0.87x (window) the backward time
-# of the former (128, 64, 8, 2) dq and (64, 128, 8, 2) dk/dv tiles at the enwik8 model's shape on an H200
-# (docs/BENCHMARKS.md). D = 128: 8 warps and BLOCK_M 32 for dk/dv, the other choices spill registers
+# D <= 64 backward: 64 x 64 tiles with 4 warps took 0.69x (compressed) and 0.77x (window) the backward
+# time of the former (128, 64, 8, 2) dq and (64, 128, 8, 2) dk/dv tiles at the enwik8 model's shape on
+# an H200 (docs/BENCHMARKS.md). D = 128: 8 warps and BLOCK_M 32 for dk/dv, the other choices spill registers
 # (G <= 16; fp32 and G = 64 at D=128 still spill some, they fit shared memory).
 DQ_TILES = {64: (64, 64, 4, 2), 128: (128, 64, 8, 3)}
 DKDV_TILES = {64: (64, 64, 4, 2), 128: (32, 128, 8, 3)}
