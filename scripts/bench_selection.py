@@ -9,8 +9,8 @@ NSA layer's top-n picks are recorded (`nsa.analysis.selection_picks`); --save-pi
 int8 tensors [layers, B, T, Hs, n] (-1 padding), a few layers a file. The kernels then run on random
 q, k, v at the checkpoint's shape (the timings depend on the picks, not on the values) for random
 picks (forced blocks + uniform top-n) and for each layer's real picks, with the production tile and
-with the tile heights given by --rows (`selection.MIN_ROWS`, the rows a forward/dQ tile holds when G < 16).
-Printed per pick set: the mean union size of a tile's lists (blocks a tile loads), forward, dQ and
+with the tile heights given by --rows (`selection.MIN_ROWS`: the rows of a forward/dQ tile when
+G < 16). --groups times other group sizes on the same picks (HQ = G x H). Printed per pick set: the mean union size of a tile's lists (blocks a tile loads), forward, dQ and
 dK/dV times (dK/dV including its reverse index), and the FLOP floor. Markdown table last; with $OUT
 set, also written there.
 """
