@@ -146,7 +146,7 @@ def test_tiny_model_overfits_one_batch():
     assert losses[-1] < 0.3 * losses[0], losses[::10]
 
 
-@pytest.mark.parametrize("heads,kv_heads,T", [(4, 2, 41), pytest.param(2, 2, 9, marks=pytest.mark.full),
+@pytest.mark.parametrize("heads,kv_heads,T", [(2, 2, 9), pytest.param(4, 2, 41, marks=pytest.mark.full),
                                               pytest.param(16, 1, 30, marks=pytest.mark.full)])
 def test_triton_backend_matches_torch_forward_and_gradients(heads, kv_heads, T):
     """The whole model through the Triton kernels (interpreter on CPU) equals the references."""
