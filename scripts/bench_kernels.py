@@ -226,8 +226,8 @@ def bench_parts(q, k, v, do, idx, sel_block, quick):
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     try:
         selection.selection_fwd(q, k, v, idx, sel_block, scale, o, lse)
-        delta = (do.float() * o.float()).sum(-1)
-        t_dq = do_bench(lambda: selection.selection_dq(do, q, k, v, lse, delta, idx, sel_block, scale, dq),
+        delta = torch.empty_like(lse)
+        t_dq = do_bench(lambda: selection.selection_dq(do, q, k, v, o, lse, idx, sel_block, scale, dq, delta),
                         warmup=10, rep=rep, return_mode="median")
         t_dkv = do_bench(lambda: selection.selection_dkv(do, q, k, v, lse, delta, idx, sel_block, scale, dk, dv),
                          warmup=10, rep=rep, return_mode="median")

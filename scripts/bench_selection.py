@@ -99,8 +99,8 @@ def time_parts(q, k, v, do, idx, sel_block):
     o, dq, dk, dv = torch.empty_like(q), torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     fwd = do_bench(lambda: selection.selection_fwd(q, k, v, idx, sel_block, scale, o, lse), return_mode="median")
-    delta = (do.float() * o.float()).sum(-1)
-    t_dq = do_bench(lambda: selection.selection_dq(do, q, k, v, lse, delta, idx, sel_block, scale, dq),
+    delta = torch.empty_like(lse)
+    t_dq = do_bench(lambda: selection.selection_dq(do, q, k, v, o, lse, idx, sel_block, scale, dq, delta),
                     return_mode="median")
     t_dkv = do_bench(lambda: selection.selection_dkv(do, q, k, v, lse, delta, idx, sel_block, scale, dk, dv),
                      return_mode="median")

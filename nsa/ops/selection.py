@@ -189,11 +189,12 @@ def _sel_fwd_kernel(q, k, v, o, lse, idx, uni, ucnt, T, S, BS, UL, scale_log2,
 
 
 @triton.jit
-def _sel_dq_kernel(q, k, v, do, lse, delta, dq, idx, uni, ucnt, T, S, BS, UL, scale, scale_log2,
+def _sel_dq_kernel(q, k, v, o, do, lse, delta, dq, idx, uni, ucnt, T, S, BS, UL, scale, scale_log2,
                    HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, N_SEL: tl.constexpr,
                    N_P2: tl.constexpr, TT: tl.constexpr, WALK: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # Same tiling and block walk as _sel_fwd_kernel; P is recomputed from the saved log-sum-exp.
+    # Same tiling and block walk as _sel_fwd_kernel; P is recomputed from the saved log-sum-exp. Every
+    # row lies in exactly one tile, so this kernel also writes delta = rowsum(o * do) for dK/dV.
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     NB = tl.cdiv(S, BS)
@@ -205,7 +206,9 @@ def _sel_dq_kernel(q, k, v, do, lse, delta, dq, idx, uni, ucnt, T, S, BS, UL, sc
     # lse = -inf (a row that saw nothing) becomes +inf so that exp2(s - lse) is 0, not NaN.
     b_lse = tl.load(lse + o_row, mask=m_row, other=float("-inf"))
     b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * LOG2E_C)
-    b_delta = tl.load(delta + o_row, mask=m_row, other=0.)
+    b_o = tl.load(o + o_row[:, None] * D + o_d[None, :], mask=m_qd, other=0.)
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1)
+    tl.store(delta + o_row, b_delta, mask=m_row)
     o_kv = i_b.to(tl.int64) * S * H * D + i_h * D
     i_tile, o_tok, b_lists = _walk_setup(idx, o_idx, m_row, i_t, i_b, i_h, T, HS, H, N_SEL, N_P2, WALK)
     o_uni = i_tile.to(tl.int64) * UL
@@ -445,12 +448,12 @@ def selection_fwd(q, k, v, indices, sel_block, scale, o, lse):
     _sel_fwd_kernel[grid](*args, **launch)
 
 
-def selection_dq(do, q, k, v, lse, delta, indices, sel_block, scale, dq):
-    """dQ into preallocated dq; delta = rowsum(dO * O) in fp32 [B, T, HQ]."""
+def selection_dq(do, q, k, v, o, lse, indices, sel_block, scale, dq, delta):
+    """dQ into preallocated dq, and delta = rowsum(dO * O) [B, T, HQ] fp32 (dK/dV's input) into delta."""
     T, S = q.shape[1], k.shape[1]
     cfg, grid = _launch_cfg(q, k, indices, sel_block)
     uni, cnt, ul = _walk_args(cfg, indices, S, sel_block)
-    args = (q, k, v, do, lse, delta, dq, indices, uni, cnt, T, S, sel_block, ul, scale, scale * LOG2E)
+    args = (q, k, v, o, do, lse, delta, dq, indices, uni, cnt, T, S, sel_block, ul, scale, scale * LOG2E)
     launch = fitting(_sel_dq_kernel, args, [dict(cfg, **w) for w in WALK_LAUNCHES], q.device.index or 0,
                      key=(q.dtype, *cfg.values()))
     _sel_dq_kernel[grid](*args, **launch)
@@ -482,8 +485,8 @@ def selection_dkv(do, q, k, v, lse, delta, indices, sel_block, scale, dk, dv):
 
 def selection_bwd(do, q, k, v, o, lse, indices, sel_block, scale, dq, dk, dv):
     """Launch the backward into preallocated dq, dk, dv (contiguous inputs)."""
-    delta = (do.float() * o.float()).sum(-1)
-    selection_dq(do, q, k, v, lse, delta, indices, sel_block, scale, dq)
+    delta = lse.new_empty(lse.shape)
+    selection_dq(do, q, k, v, o, lse, indices, sel_block, scale, dq, delta)
     selection_dkv(do, q, k, v, lse, delta, indices, sel_block, scale, dk, dv)
 
 
