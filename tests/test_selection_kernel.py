@@ -108,10 +108,11 @@ def test_packed_tile_of_many_tokens(monkeypatch):
     _check(B=1, T=70, H=1, G=2, D=32, sel_block=16, n=3)
 
 
-@pytest.mark.parametrize("tt,Hs", [(1, 2), (2, 1), (3, 2)])
-def test_tile_union(tt, Hs):
+@pytest.mark.parametrize("tt,Hs,n", [(1, 2, 3), (2, 1, 3), (3, 2, 3), (4, 1, 1200)])
+def test_tile_union(tt, Hs, n):
     # The union walk's lists: a tile's distinct valid blocks ascending, then NB; count = how many.
-    B, T, H, n, NB = 2, 10, 1, 3, 5
+    # n = 1200: a list longer than the membership tile's usual 1024 entries (fewer blocks per step).
+    B, T, H, NB = 2, 10, 1, 5
     idx = torch.randint(-1, NB + 1, (B, T, Hs, n), dtype=torch.int32)
     uni, cnt = selection._tile_union(idx, H, NB, tt)
     assert uni.shape[:3] == (B, -(-T // tt), H) and uni.dtype == torch.int32

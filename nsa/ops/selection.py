@@ -372,8 +372,11 @@ def _tile_union(indices, H, NB, tt):
     ul = min(entries, NB)
     uni = torch.empty(B, nt, H, ul, dtype=torch.int32, device=indices.device)
     cnt = torch.empty(B, nt, H, dtype=torch.int32, device=indices.device)
-    _tile_union_kernel[(nt, B * H)](indices, uni, cnt, T, NB, ul, HS=Hs, H=H, N_SEL=n, TT=tt,
-                                    BLOCK_L=_pow2(entries), BLOCK_J=32, num_warps=4)
+    # The membership test is a [BLOCK_L, BLOCK_J] tile: 32 blocks a step up to 1024 entries (every
+    # launch of the configs), fewer for very long lists so the tile stays in registers.
+    block_l = _pow2(entries)
+    _tile_union_kernel[(nt, B * H)](indices, uni, cnt, T, NB, ul, HS=Hs, H=H, N_SEL=n, TT=tt, BLOCK_L=block_l,
+                                    BLOCK_J=max(2, min(32, 32768 // block_l)), num_warps=4)
     return uni, cnt
 
 
