@@ -37,9 +37,11 @@ def _kernel_grads(q, k, v, do, idx, sel_block):
     nan = float("nan")
     o, dq = torch.full_like(q, nan), torch.full_like(q, nan)
     dk, dv = torch.full_like(k, nan), torch.full_like(v, nan)
-    lse = torch.full(q.shape[:3], nan, device=q.device)
+    lse, delta = torch.full(q.shape[:3], nan, device=q.device), torch.full(q.shape[:3], nan, device=q.device)
     selection.selection_fwd(q, k, v, idx, sel_block, scale, o, lse)
-    selection.selection_bwd(do, q, k, v, o, lse, idx, sel_block, scale, dq, dk, dv)
+    # selection_bwd's two steps, with the dQ kernel's delta output poisoned too
+    selection.selection_dq(do, q, k, v, o, lse, idx, sel_block, scale, dq, delta)
+    selection.selection_dkv(do, q, k, v, lse, delta, idx, sel_block, scale, dk, dv)
     return o, dq, dk, dv
 
 
