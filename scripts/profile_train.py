@@ -5,6 +5,12 @@ compared against the dense twin's. Needs a CUDA GPU.
 
     python scripts/profile_train.py --config configs/enwik8_nsa.yaml --T 8192 --batch 8 --compile
     python scripts/profile_train.py --config configs/enwik8_dense.yaml --T 8192 --batch 8 --compile
+    python scripts/profile_train.py --checkpoint runs/enwik8_nsa --T 8192 --batch 8 --compile
+
+With --config the model is freshly initialised and the batch is random bytes, so NSA's block picks
+are an untrained model's. With --checkpoint the model is the trained one and the batch is the first
+windows of its training split: a trained model's picks overlap between neighbouring tokens, which
+the selection kernels exploit, so this is the step a training run has.
 """
 
 import argparse
@@ -14,13 +20,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nsa.checkpoint import CheckpointError, model_from_checkpoint  # noqa: E402
 from nsa.config import load_config  # noqa: E402
+from nsa.data import DataError, load_splits  # noqa: E402
 from nsa.model import Transformer  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="a config: fresh weights, random bytes")
+    src.add_argument("--checkpoint", help="a checkpoint or run directory: its weights, its training bytes")
     p.add_argument("--T", type=int, default=8192)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="profiled steps, after 3 warm-up steps")
@@ -30,11 +40,23 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("profile_train.py needs a CUDA GPU")
 
-    model = Transformer(load_config(args.config).model).cuda()
+    if args.checkpoint:
+        try:
+            model, cfg = model_from_checkpoint(args.checkpoint, "cuda")
+            data = load_splits(cfg.data)["train"]
+        except (CheckpointError, DataError) as e:
+            sys.exit(f"error: {e}")
+        if len(data) < args.batch * (args.T + 1):
+            sys.exit(f"error: the training split ({len(data):,} bytes) is shorter than {args.batch} windows of "
+                     f"{args.T + 1} bytes")
+        x = torch.from_numpy(data[:args.batch * (args.T + 1)].astype("int64")).view(args.batch, -1).cuda()
+        model.train()
+    else:
+        model = Transformer(load_config(args.config).model).cuda()
+        x = torch.randint(0, 256, (args.batch, args.T + 1), device="cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     if args.compile:
         model = torch.compile(model)
-    x = torch.randint(0, 256, (args.batch, args.T + 1), device="cuda")
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -51,7 +73,7 @@ def main():
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
-    print(f"{args.config}, T={args.T}, batch={args.batch}, {torch.cuda.get_device_name()}, "
+    print(f"{args.config or args.checkpoint}, T={args.T}, batch={args.batch}, {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}, compile={args.compile}; CUDA time summed over {args.steps} steps")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=70))
 
