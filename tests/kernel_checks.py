@@ -227,8 +227,3 @@ def compile_launches(module, kernels, call, arch=90):
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-4000:]
     return int(r.stdout.split()[-1])
-
-
-def compile_launches_for_sm90(module, kernels, call):
-    """`compile_launches` for an H100 (sm_90)."""
-    return compile_launches(module, kernels, call, 90)

@@ -167,19 +167,11 @@ RANGE_KERNELS = ["_range_fwd_kernel", "_range_dq_kernel", "_range_dkdv_kernel", 
 
 
 @pytest.mark.full
-def test_range_attention_kernels_compile_for_sm90_ahead_of_time():
+@pytest.mark.parametrize("arch", [90, 80, 86])
+def test_range_attention_kernels_compile_ahead_of_time_within_shared_memory(arch):
     # The compressed and window branches' forward and backward launches (GPU tile sizes), bf16 paper
-    # setting and fp32 with G = 1, D = 64.
-    from kernel_checks import compile_launches_for_sm90
-
-    assert compile_launches_for_sm90("nsa.ops.range_attention", RANGE_KERNELS, RANGE_CALL) >= 12
-
-
-@pytest.mark.full
-@pytest.mark.parametrize("arch", [80, 86])
-def test_range_attention_kernels_compile_for_sm80_and_sm86_within_their_shared_memory(arch):
-    # An A100 (163 KiB) and a consumer card (99 KiB): the launches fall back to what fits (on sm_86 the
-    # bf16 D = 128 dq kernel takes 2 stages instead of 3).
+    # setting and fp32 with G = 1, D = 64, for an H100, an A100 (163 KiB) and a consumer card (99 KiB):
+    # the launches fall back to what fits (on sm_86 the bf16 D = 128 dq kernel takes 2 stages, not 3).
     from kernel_checks import compile_launches
 
     assert compile_launches("nsa.ops.range_attention", RANGE_KERNELS, RANGE_CALL, arch) >= 12

@@ -171,7 +171,7 @@ def test_compiled_decode_step_is_one_graph_and_matches_eager():
 @pytest.mark.full  # ahead-of-time compile
 def test_decode_kernels_compile_for_sm90_ahead_of_time():
     # bf16 paper setting (G = 16, D = 128) and fp32 with G = 4, D = 64, per-head selection.
-    from kernel_checks import compile_launches_for_sm90
+    from kernel_checks import compile_launches
 
     call = """
 from nsa.ops.common import NSAParams
@@ -184,8 +184,8 @@ for dtype, HQ, H, D, shared in [(torch.bfloat16, 64, 4, 128, True), (torch.float
                          x(B, S, H, D), x(B, 512, H, D), x(B, 512, H, D), x(B, HQ, 3),
                          torch.full((B,), S - 1), NSAParams(shared_selection=shared))
 """
-    assert compile_launches_for_sm90("nsa.ops.decode", ["_partials_kernel", "_importance_kernel", "_select_kernel",
-                                                        "_combine_kernel"], call) == 8
+    assert compile_launches("nsa.ops.decode", ["_partials_kernel", "_importance_kernel", "_select_kernel",
+                                               "_combine_kernel"], call, 90) == 8
 
 
 @pytest.mark.parametrize("shared", [True, False])

@@ -211,18 +211,11 @@ SELECTION_KERNELS = ["_sel_fwd_kernel", "_sel_dq_kernel", "_sel_dkv_kernel", "_s
 
 
 @pytest.mark.full
-def test_selection_kernels_compile_for_sm90_ahead_of_time():
+@pytest.mark.parametrize("arch", [90, 80, 86])
+def test_selection_kernels_compile_ahead_of_time_within_shared_memory(arch):
     # Forward, dQ, dK/dV and its reduction as launched on GPU: bf16 paper setting (shared G = 16) and
-    # fp32 per-head selection with G = 2, D = 64.
-    from kernel_checks import compile_launches_for_sm90
-
-    assert compile_launches_for_sm90("nsa.ops.selection", SELECTION_KERNELS, SELECTION_CALL) >= 6
-
-
-@pytest.mark.full
-@pytest.mark.parametrize("arch", [80, 86])
-def test_selection_kernels_compile_for_sm80_and_sm86_within_their_shared_memory(arch):
-    # On sm_86 (99 KiB) dK/dV falls back to 64 rows per step and 2 stages.
+    # fp32 per-head selection with G = 2, D = 64. On sm_86 (99 KiB) dK/dV falls back to 64 rows per
+    # step and 2 stages.
     from kernel_checks import compile_launches
 
     assert compile_launches("nsa.ops.selection", SELECTION_KERNELS, SELECTION_CALL, arch) >= 6
