@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_kernels import random_picks  # noqa: E402
+from bench_kernels import bench_parts, random_picks  # noqa: E402
 from nsa.ops import selection  # noqa: E402
 from nsa.ops.common import ceil_div  # noqa: E402
 
@@ -93,18 +93,13 @@ def union_per_token(idx, H, T, sel_block, tt):
 
 
 def time_parts(q, k, v, do, idx, sel_block):
+    """(forward, dQ, dK/dV) ms; the last two from bench_kernels.bench_parts."""
     from triton.testing import do_bench
 
     scale = q.shape[-1] ** -0.5
-    o, dq, dk, dv = torch.empty_like(q), torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    o, lse = torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
     fwd = do_bench(lambda: selection.selection_fwd(q, k, v, idx, sel_block, scale, o, lse), return_mode="median")
-    delta = torch.empty_like(lse)
-    t_dq = do_bench(lambda: selection.selection_dq(do, q, k, v, o, lse, idx, sel_block, scale, dq, delta),
-                    return_mode="median")
-    t_dkv = do_bench(lambda: selection.selection_dkv(do, q, k, v, lse, delta, idx, sel_block, scale, dk, dv),
-                     return_mode="median")
-    return fwd, t_dq, t_dkv
+    return (fwd, *bench_parts(q, k, v, do, idx, sel_block, quick=False))
 
 
 def main():

@@ -39,8 +39,8 @@ MIN_ROWS = 64
 # Query rows per inner step of the dK/dV kernel: 128 measured 1.6x faster than 64 (H100, 64k).
 DKV_ROWS = 128
 # Launch options of the forward and dQ, the first the measured best (4 warps, Triton's default 3
-# stages: 2, 3 or 4 stages and 8 warps measured slower on an H100), then fewer stages for a card with
-# less shared memory (`utils.fitting`).
+# stages: 2, 3 or 4 stages and 8 warps measured slower on an H100 with 16-row tiles; not re-measured
+# for the 64-row tiles), then fewer stages for a card with less shared memory (`utils.fitting`).
 WALK_LAUNCHES = (dict(num_warps=4), dict(num_warps=4, num_stages=2), dict(num_warps=4, num_stages=1))
 # (rows per step, num_stages) of dK/dV, the same way: 8 warps (the 64 x 128 fp32 dK and dV
 # accumulators; 4 measured slower), then fewer stages, then fewer rows.
