@@ -27,6 +27,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_kernels import bench_parts, random_picks  # noqa: E402
+from nsa.checkpoint import CheckpointError  # noqa: E402
+from nsa.config import ConfigError  # noqa: E402
+from nsa.data import DataError  # noqa: E402
 from nsa.ops import selection  # noqa: E402
 from nsa.ops.common import ceil_div  # noqa: E402
 
@@ -62,6 +65,9 @@ def record_picks(args):
     data_cfg = load_config(base=to_dict(cfg), overrides=[f"data.{o}" for o in args.data]).data
     val = load_splits(data_cfg)["val"]
     T = cfg.train.seq_len
+    if len(val) < args.batch * T:
+        raise ValueError(f"the validation split ({len(val):,} bytes) holds fewer than --batch {args.batch} windows "
+                         f"of {T} bytes")
     x = torch.stack([torch.from_numpy(val[i * T:(i + 1) * T].astype("int64")) for i in range(args.batch)]).to(device)
     with autocast:
         picks = torch.stack([selection_picks(model, x, i) for i in nsa_layers(model)]).to(torch.int8)
@@ -112,10 +118,16 @@ def main():
     HQ, H, D, T = args.shape
     sets = {}
     if args.checkpoint:
-        picks, (HQ, H, D, T), sel_block = record_picks(args)
+        try:
+            picks, (HQ, H, D, T), sel_block = record_picks(args)
+        except (CheckpointError, ConfigError, DataError, ValueError) as e:
+            sys.exit(f"error: {e}")
         if args.save_picks:
             save_picks(picks, args.save_picks)
     elif args.picks:
+        missing = [f for f in args.picks if not Path(f).is_file()]
+        if missing:
+            sys.exit(f"error: no picks file {missing[0]} (write them with --checkpoint RUN --save-picks DIR)")
         picks = torch.cat([torch.load(f) for f in args.picks])
         T = picks.shape[2]
     else:
