@@ -94,8 +94,8 @@ def floor_ms(idx, HQ, D, sel_block):
 
 
 def union_per_token(idx, H, T, sel_block, tt):
-    _, cnt = selection._tile_union(idx, H, ceil_div(T, sel_block), tt)
-    return cnt.float().mean().item() / tt
+    _, _, cnt = selection._tile_union(idx, H, T, sel_block, tt)
+    return cnt[..., 1].float().mean().item() / tt
 
 
 def time_parts(q, k, v, do, idx, sel_block):

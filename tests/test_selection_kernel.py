@@ -112,17 +112,25 @@ def test_packed_tile_of_many_tokens(monkeypatch):
 
 @pytest.mark.parametrize("tt,Hs,n", [(1, 2, 3), (2, 1, 3), (3, 2, 3), (4, 1, 1200)])
 def test_tile_union(tt, Hs, n):
-    # The union walk's lists: a tile's distinct valid blocks ascending, then NB; count = how many.
-    # n = 1200: a list longer than the membership tile's usual 1024 entries (fewer blocks per step).
-    B, T, H, NB = 2, 10, 1, 5
+    # The union walk's lists: a tile's distinct valid blocks ascending, then NB; for each, the bit
+    # mask of the tile's lists (token * Hs + head) that name it; the counts of blocks that end before
+    # the tile's first token and of all valid ones. n = 1200: a list longer than the membership
+    # tile's usual 256 entries (fewer blocks per step). Random picks repeat blocks within a list.
+    B, T, H, bs = 2, 10, 1, 2
+    S = 9  # the last block is cut short: it is never whole
+    NB = ceil_div(S, bs)
     idx = torch.randint(-1, NB + 1, (B, T, Hs, n), dtype=torch.int32)
-    uni, cnt = selection._tile_union(idx, H, NB, tt)
-    assert uni.shape[:3] == (B, -(-T // tt), H) and uni.dtype == torch.int32
+    uni, bits, cnt = selection._tile_union(idx, H, S, bs, tt)
+    assert uni.shape[:3] == (B, -(-T // tt), H) and uni.dtype == torch.int32 and bits.dtype == torch.int64
     for b in range(B):
         for i in range(uni.shape[1]):
-            want = sorted({int(x) for x in idx[b, i * tt:(i + 1) * tt].flatten() if 0 <= x < NB})
+            lists = idx[b, i * tt:(i + 1) * tt].flatten(0, 1)
+            want = sorted({int(x) for x in lists.flatten() if 0 <= x < NB})
+            want_bits = [sum(1 << l for l in range(lists.shape[0]) if j in lists[l].tolist()) for j in want]
+            whole = sum(1 for j in want if (j + 1) * bs - 1 <= i * tt and (j + 1) * bs <= S)
             got = uni[b, i, 0].tolist()
-            assert cnt[b, i, 0] == len(want) and got[:len(want)] == want
+            assert cnt[b, i, 0].tolist() == [whole, len(want)] and got[:len(want)] == want
+            assert bits[b, i, 0, :len(want)].tolist() == want_bits
             assert all(x == NB for x in got[len(want):])
 
 

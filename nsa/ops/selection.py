@@ -14,7 +14,10 @@ Kernel layout (docs/KERNELS_SELECTION.md has the numbers behind it):
   pick it. Consecutive tokens pick mostly the same blocks (the forced initial and local ones, and
   correlated top-n), so small G fills the tensor-core tile without loading K/V more often than one
   token per tile would. The unions come from a small kernel (a membership test per block and a prefix
-  sum, no sort). Both walks are counted loops, which Triton software-pipelines.
+  sum, no sort), which also writes, per union block, a bit mask of the tile's lists that picked it
+  and how many union blocks end before the tile's first token: those are walked first with a per-row
+  mask only (no causal comparison), the rest with the full mask. Both walks are counted loops, which
+  Triton software-pipelines.
 * dK/dV: no atomics. A reverse index (for each kv block, the (token, index head) entries that picked
   it, in token order) is built on device with a stable sort, then one program per work item walks its
   entries and accumulates dK/dV of one block in fp32. Heavy blocks (block 0 is forced for every
@@ -39,12 +42,13 @@ MIN_ROWS = 64
 # Query rows per inner step of the dK/dV kernel: 128 measured 1.6x faster than 64 (H100, 64k).
 DKV_ROWS = 128
 # Launch options of the forward and dQ, the first the measured best (4 warps, Triton's default 3
-# stages: 2, 3 or 4 stages and 8 warps measured slower on an H100 with 16-row tiles; not re-measured
-# for the 64-row tiles), then fewer stages for a card with less shared memory (`utils.fitting`).
+# stages: with 64-row tiles on an H200, 2 stages was 5-10% slower, 4 stages within 2%, 8 warps 1.9x
+# slower), then fewer stages for a card with less shared memory (`utils.fitting`).
 WALK_LAUNCHES = (dict(num_warps=4), dict(num_warps=4, num_stages=2), dict(num_warps=4, num_stages=1))
 # (rows per step, num_stages) of dK/dV, the same way: 8 warps (the 64 x 128 fp32 dK and dV
-# accumulators; 4 measured slower), then fewer stages, then fewer rows.
-DKV_LAUNCHES = ((DKV_ROWS, None), (DKV_ROWS, 2), (DKV_ROWS // 2, 2), (DKV_ROWS // 2, 1), (DKV_ROWS // 4, 1))
+# accumulators; 4 measured slower) and 2 stages (3.5% faster than 3 and 4 at the enwik8 model's shape,
+# H200; 256 rows do not fit), then fewer stages, then fewer rows.
+DKV_LAUNCHES = ((DKV_ROWS, 2), (DKV_ROWS, 1), (DKV_ROWS // 2, 2), (DKV_ROWS // 2, 1), (DKV_ROWS // 4, 1))
 
 
 def _pow2(x):
@@ -70,69 +74,74 @@ def _load_kv_block(k, v, o_kv, i_j, BS, S, H, D, BLOCK_S: tl.constexpr, BLOCK_D:
 
 
 @triton.jit
-def _tile_rows(i_t, i_b, i_h, T, HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, N_SEL: tl.constexpr,
-               TT: tl.constexpr, BLOCK_M: tl.constexpr):
+def _tile_rows(i_t, i_b, i_h, T, HQ: tl.constexpr, H: tl.constexpr, TT: tl.constexpr, BLOCK_M: tl.constexpr):
     # Rows of a tile: TT consecutive tokens x the G query heads of kv head i_h, token-major. Returns
-    # each row's token, mask, row of q (token * HQ + head) and first slot in the index tensor.
+    # each row's number in the tile, token, mask and row of q (token * HQ + head).
     G: tl.constexpr = HQ // H
     o_r = tl.arange(0, BLOCK_M)
     o_t = i_t * TT + o_r // G
     m_row = (o_r < TT * G) & (o_t < T)
-    o_hq = i_h * G + o_r % G
-    o_tok = (i_b * T + o_t).to(tl.int64)
-    o_row = o_tok * HQ + o_hq
-    o_idx = (o_tok * HS + o_hq // (HQ // HS)) * N_SEL
-    return o_t, m_row, o_row, o_idx
+    o_row = (i_b * T + o_t).to(tl.int64) * HQ + i_h * G + o_r % G
+    return o_r, o_t, m_row, o_row
 
 
 @triton.jit
-def _walk_setup(idx, o_idx, m_row, i_t, i_b, i_h, T, HS: tl.constexpr, H: tl.constexpr, N_SEL: tl.constexpr,
-                N_P2: tl.constexpr, WALK: tl.constexpr):
-    # (tile id, first index slot of the tile's token for WALK 0, every row's block list for WALK 1:
-    # [BLOCK_M, N_P2], held in registers for the membership test, -1 where there is nothing).
+def _walk_setup(o_r, i_t, i_b, i_h, T, HQ: tl.constexpr, HS: tl.constexpr, H: tl.constexpr,
+                N_SEL: tl.constexpr, WALK: tl.constexpr):
+    # (tile id, first index slot of the tile's token for WALK 0, and for WALK 1 each row's list
+    # number within the tile: token * R + index head, R = HS // H, the bit of the row in `ubits`).
+    G: tl.constexpr = HQ // H
+    R: tl.constexpr = HS // H
     i_tile = (i_b * tl.num_programs(0) + i_t) * H + i_h
     o_tok = ((i_b * T + i_t).to(tl.int64) * HS + i_h) * N_SEL
-    if WALK == 0:
-        b_lists = m_row
-    else:
-        o_n = tl.arange(0, N_P2)
-        b_lists = tl.load(idx + o_idx[:, None] + o_n[None, :], mask=m_row[:, None] & (o_n[None, :] < N_SEL),
-                          other=-1)
-    return i_tile, o_tok, b_lists
+    o_list = ((o_r // G) * R + (o_r % G) // (G // R)).to(tl.int64)
+    return i_tile, o_tok, o_list
 
 
 @triton.jit
-def _walk_len(ucnt, i_tile, N_SEL: tl.constexpr, WALK: tl.constexpr):
-    # Steps of a tile's block walk: the n slots of its one list, or the size of its rows' union.
+def _walk_bounds(ucnt, i_tile, N_SEL: tl.constexpr, WALK: tl.constexpr):
+    # (steps over blocks every row sees whole, all steps). WALK 0: the n slots of the one list, all
+    # masked causally. WALK 1: the tile's union; its first ucnt[.., 0] blocks end before the tile's
+    # first token, so they need no causal mask.
     if WALK == 0:
-        return N_SEL
+        return 0, N_SEL
     else:
-        return tl.load(ucnt + i_tile)
+        return tl.load(ucnt + i_tile * 2), tl.load(ucnt + i_tile * 2 + 1)
 
 
 @triton.jit
-def _walk_step(i, k, v, o_kv, idx, o_tok, uni, o_uni, b_lists, o_t, i_t, m_row, NB, BS, S, H, D,
-               WALK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    # K/V tile of step i of the walk and which (row, key) pairs of it are visible.
+def _walk_step(i, k, v, o_kv, idx, o_tok, uni, ubits, o_uni, o_list, o_t, i_t, m_row, NB, BS, S, H, D,
+               WALK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    # K/V tile of step i of the walk, which rows take part (m_hit) and which of their keys are
+    # visible (m_vis; only a CAUSAL step compares positions).
     # WALK 0: one token and one shared list for the whole tile, slot i of it (padding masked).
-    # WALK 1: block i of the tile's sorted union; a row takes part where the block is in its list.
+    # WALK 1: block i of the tile's sorted union; a row takes part where its bit is set in ubits.
     if WALK == 0:
         i_j = _clean_block(tl.load(idx + o_tok + i), NB)
         b_k, b_v, o_s, m_s = _load_kv_block(k, v, o_kv, i_j, BS, S, H, D, BLOCK_S, BLOCK_D)
-        m_vis = (m_row[:, None] & m_s[None, :] & (o_s[None, :] <= i_t)) & (i_j < NB)
+        m_hit = m_row & (i_j < NB)
+        m_vis = m_hit[:, None] & m_s[None, :] & (o_s[None, :] <= i_t)
     else:
         i_j = tl.load(uni + o_uni + i)
         b_k, b_v, o_s, m_s = _load_kv_block(k, v, o_kv, i_j, BS, S, H, D, BLOCK_S, BLOCK_D)
-        m_hit = tl.max((b_lists == i_j).to(tl.int32), axis=1) > 0
-        m_vis = m_hit[:, None] & m_s[None, :] & (o_s[None, :] <= o_t[:, None])
-    return b_k, b_v, m_vis
+        m_hit = ((tl.load(ubits + o_uni + i) >> o_list) & 1) != 0
+        if CAUSAL:
+            m_vis = m_hit[:, None] & m_s[None, :] & (o_s[None, :] <= o_t[:, None])
+        else:
+            m_vis = m_hit[:, None] & m_s[None, :]
+    return b_k, b_v, m_hit, m_vis
 
 
 @triton.jit
-def _online_softmax_step(b_q, b_k, b_v, m_vis, b_m, b_l, b_acc, scale_log2, PREC: tl.constexpr,
-                         UPCAST: tl.constexpr):
-    b_s = dot(b_q, tl.trans(b_k), PREC, UPCAST) * scale_log2
-    b_s = tl.where(m_vis, b_s, float("-inf"))
+def _online_softmax_step(b_q, b_k, b_v, m_hit, m_vis, b_m, b_l, b_acc, scale_log2, MASK: tl.constexpr,
+                         PREC: tl.constexpr, UPCAST: tl.constexpr):
+    b_s = dot(b_q, tl.trans(b_k), PREC, UPCAST)
+    if MASK:
+        b_s = tl.where(m_vis, b_s * scale_log2, float("-inf"))
+    else:
+        # A whole block: only the rows that did not pick it are hidden, by a -inf bias per row (one
+        # fused multiply-add per score instead of building and applying a [rows, keys] mask).
+        b_s = b_s * scale_log2 + tl.where(m_hit, 0., float("-inf"))[:, None]
     b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
     # Rows with nothing visible yet keep m = -inf; shift them by 0 so no inf - inf appears.
     b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
@@ -144,40 +153,53 @@ def _online_softmax_step(b_q, b_k, b_v, m_vis, b_m, b_l, b_acc, scale_log2, PREC
 
 
 @triton.jit
-def _dq_step(b_q, b_do, b_k, b_v, m_vis, b_lse2, b_delta, b_dq, scale_log2, PREC: tl.constexpr,
-             UPCAST: tl.constexpr):
-    b_s = dot(b_q, tl.trans(b_k), PREC, UPCAST) * scale_log2
-    b_p = tl.where(m_vis, tl.exp2(b_s - b_lse2[:, None]), 0.)
+def _dq_step(b_q, b_do, b_k, b_v, m_hit, m_vis, b_lse2, b_delta, b_dq, scale_log2, MASK: tl.constexpr,
+             PREC: tl.constexpr, UPCAST: tl.constexpr):
+    b_s = dot(b_q, tl.trans(b_k), PREC, UPCAST)
+    if MASK:
+        b_p = tl.where(m_vis, tl.exp2(b_s * scale_log2 - b_lse2[:, None]), 0.)
+    else:
+        # A whole block: rows that did not pick it get lse = +inf, so their p is exp2(-inf) = 0.
+        b_p = tl.exp2(b_s * scale_log2 - tl.where(m_hit, b_lse2, float("inf"))[:, None])
     b_dp = dot(b_do, tl.trans(b_v), PREC, UPCAST)
     b_ds = b_p * (b_dp - b_delta[:, None])
     return b_dq + dot(b_ds.to(b_k.dtype), b_k, PREC, UPCAST)
 
 
 @triton.jit
-def _sel_fwd_kernel(q, k, v, o, lse, idx, uni, ucnt, T, S, BS, UL, scale_log2,
+def _sel_fwd_kernel(q, k, v, o, lse, idx, uni, ubits, ucnt, T, S, BS, UL, scale_log2,
                     HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, N_SEL: tl.constexpr,
-                    N_P2: tl.constexpr, TT: tl.constexpr, WALK: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # WALK 0: one token, one shared list (fixed loop over the n slots); 1: counted loop over the
-    # precomputed union `uni` (UL slots per tile, ucnt valid). BLOCK_S is l' rounded up to a power of two.
+                    TT: tl.constexpr, WALK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+                    MASK_S: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # WALK 0: one token, one shared list (fixed loop over the n slots); 1: counted loops over the
+    # precomputed union `uni` (UL slots per tile): first the blocks that end before the tile's first
+    # token (no causal mask), then the rest. BLOCK_S is l' rounded up to a power of two; MASK_S: it is
+    # larger than l', so even a whole block masks its padding keys.
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     NB = tl.cdiv(S, BS)
-    o_t, m_row, o_row, o_idx = _tile_rows(i_t, i_b, i_h, T, HQ, H, HS, N_SEL, TT, BLOCK_M)
+    o_r, o_t, m_row, o_row = _tile_rows(i_t, i_b, i_h, T, HQ, H, TT, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     m_qd = m_row[:, None] & (o_d[None, :] < D)
     b_q = tl.load(q + o_row[:, None] * D + o_d[None, :], mask=m_qd, other=0.)
     o_kv = i_b.to(tl.int64) * S * H * D + i_h * D
-    i_tile, o_tok, b_lists = _walk_setup(idx, o_idx, m_row, i_t, i_b, i_h, T, HS, H, N_SEL, N_P2, WALK)
+    i_tile, o_tok, o_list = _walk_setup(o_r, i_t, i_b, i_h, T, HQ, HS, H, N_SEL, WALK)
     o_uni = i_tile.to(tl.int64) * UL
+    n_whole, n_all = _walk_bounds(ucnt, i_tile, N_SEL, WALK)
 
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for i in tl.range(0, _walk_len(ucnt, i_tile, N_SEL, WALK)):
-        b_k, b_v, m_vis = _walk_step(i, k, v, o_kv, idx, o_tok, uni, o_uni, b_lists, o_t, i_t, m_row, NB, BS, S,
-                                     H, D, WALK, BLOCK_S, BLOCK_D)
-        b_m, b_l, b_acc = _online_softmax_step(b_q, b_k, b_v, m_vis, b_m, b_l, b_acc, scale_log2, PREC, UPCAST)
+    for i in tl.range(0, n_whole):
+        b_k, b_v, m_hit, m_vis = _walk_step(i, k, v, o_kv, idx, o_tok, uni, ubits, o_uni, o_list, o_t, i_t, m_row,
+                                            NB, BS, S, H, D, WALK, False, BLOCK_S, BLOCK_D)
+        b_m, b_l, b_acc = _online_softmax_step(b_q, b_k, b_v, m_hit, m_vis, b_m, b_l, b_acc, scale_log2, MASK_S,
+                                               PREC, UPCAST)
+    for i in tl.range(n_whole, n_all):
+        b_k, b_v, m_hit, m_vis = _walk_step(i, k, v, o_kv, idx, o_tok, uni, ubits, o_uni, o_list, o_t, i_t, m_row,
+                                            NB, BS, S, H, D, WALK, True, BLOCK_S, BLOCK_D)
+        b_m, b_l, b_acc = _online_softmax_step(b_q, b_k, b_v, m_hit, m_vis, b_m, b_l, b_acc, scale_log2, True,
+                                               PREC, UPCAST)
 
     # A row that saw no key gets o = 0 and lse = -inf, as in the reference.
     m_empty = b_l == 0.
@@ -189,16 +211,16 @@ def _sel_fwd_kernel(q, k, v, o, lse, idx, uni, ucnt, T, S, BS, UL, scale_log2,
 
 
 @triton.jit
-def _sel_dq_kernel(q, k, v, o, do, lse, delta, dq, idx, uni, ucnt, T, S, BS, UL, scale, scale_log2,
+def _sel_dq_kernel(q, k, v, o, do, lse, delta, dq, idx, uni, ubits, ucnt, T, S, BS, UL, scale, scale_log2,
                    HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, N_SEL: tl.constexpr,
-                   N_P2: tl.constexpr, TT: tl.constexpr, WALK: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # Same tiling and block walk as _sel_fwd_kernel; P is recomputed from the saved log-sum-exp. Every
+                   TT: tl.constexpr, WALK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+                   MASK_S: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # Same tiling and block walks as _sel_fwd_kernel; P is recomputed from the saved log-sum-exp. Every
     # row lies in exactly one tile, so this kernel also writes delta = rowsum(o * do) for dK/dV.
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     NB = tl.cdiv(S, BS)
-    o_t, m_row, o_row, o_idx = _tile_rows(i_t, i_b, i_h, T, HQ, H, HS, N_SEL, TT, BLOCK_M)
+    o_r, o_t, m_row, o_row = _tile_rows(i_t, i_b, i_h, T, HQ, H, TT, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     m_qd = m_row[:, None] & (o_d[None, :] < D)
     b_q = tl.load(q + o_row[:, None] * D + o_d[None, :], mask=m_qd, other=0.)
@@ -210,15 +232,21 @@ def _sel_dq_kernel(q, k, v, o, do, lse, delta, dq, idx, uni, ucnt, T, S, BS, UL,
     b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1)
     tl.store(delta + o_row, b_delta, mask=m_row)
     o_kv = i_b.to(tl.int64) * S * H * D + i_h * D
-    i_tile, o_tok, b_lists = _walk_setup(idx, o_idx, m_row, i_t, i_b, i_h, T, HS, H, N_SEL, N_P2, WALK)
+    i_tile, o_tok, o_list = _walk_setup(o_r, i_t, i_b, i_h, T, HQ, HS, H, N_SEL, WALK)
     o_uni = i_tile.to(tl.int64) * UL
+    n_whole, n_all = _walk_bounds(ucnt, i_tile, N_SEL, WALK)
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for i in tl.range(0, _walk_len(ucnt, i_tile, N_SEL, WALK)):
-        b_k, b_v, m_vis = _walk_step(i, k, v, o_kv, idx, o_tok, uni, o_uni, b_lists, o_t, i_t, m_row, NB, BS, S,
-                                     H, D, WALK, BLOCK_S, BLOCK_D)
-        b_dq = _dq_step(b_q, b_do, b_k, b_v, m_vis, b_lse2, b_delta, b_dq, scale_log2, PREC, UPCAST)
+    for i in tl.range(0, n_whole):
+        b_k, b_v, m_hit, m_vis = _walk_step(i, k, v, o_kv, idx, o_tok, uni, ubits, o_uni, o_list, o_t, i_t, m_row,
+                                            NB, BS, S, H, D, WALK, False, BLOCK_S, BLOCK_D)
+        b_dq = _dq_step(b_q, b_do, b_k, b_v, m_hit, m_vis, b_lse2, b_delta, b_dq, scale_log2, MASK_S, PREC, UPCAST)
+    for i in tl.range(n_whole, n_all):
+        b_k, b_v, m_hit, m_vis = _walk_step(i, k, v, o_kv, idx, o_tok, uni, ubits, o_uni, o_list, o_t, i_t, m_row,
+                                            NB, BS, S, H, D, WALK, True, BLOCK_S, BLOCK_D)
+        b_dq = _dq_step(b_q, b_do, b_k, b_v, m_hit, m_vis, b_lse2, b_delta, b_dq, scale_log2, True, PREC, UPCAST)
     tl.store(dq + o_row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_qd)
+
 
 
 @triton.jit
@@ -318,25 +346,35 @@ def _launch_cfg(q, k, indices, sel_block):
     """Constexprs and grid of the forward and dQ kernels. When G < 16 a tile holds MIN_ROWS rows,
     TT = MIN_ROWS // G tokens; otherwise one token's G heads (G rounded up to a power of two). One
     token with one shared list walks its n slots (WALK 0); anything else walks the sorted union of its
-    rows' lists (WALK 1)."""
+    rows' lists (WALK 1), whose row masks are one int64 per block: at most 64 lists a tile."""
     B, T, HQ, D = q.shape
     H = k.shape[2]
     Hs, n = indices.shape[2], indices.shape[3]
     block_m = _pow2(HQ // H) if HQ // H >= 16 else MIN_ROWS
     tt = max(1, block_m // (HQ // H))
     walk = 0 if tt == 1 and Hs == H else 1
+    if walk == 1 and tt * (Hs // H) > 64:
+        raise ValueError(f"a selection tile holds at most 64 block lists; got {tt} tokens x {Hs // H} index heads "
+                         "per kv head")
     prec, upcast = dot_precision(q.dtype)
-    return dict(HQ=HQ, H=H, HS=Hs, D=D, N_SEL=n, N_P2=_pow2(n), TT=tt, WALK=walk, BLOCK_M=block_m,
-                BLOCK_S=max(16, _pow2(sel_block)), BLOCK_D=max(16, _pow2(D)), PREC=prec, UPCAST=upcast), \
+    block_s = max(16, _pow2(sel_block))
+    return dict(HQ=HQ, H=H, HS=Hs, D=D, N_SEL=n, TT=tt, WALK=walk, BLOCK_M=block_m, BLOCK_S=block_s,
+                MASK_S=block_s != sel_block, BLOCK_D=max(16, _pow2(D)), PREC=prec, UPCAST=upcast), \
         (ceil_div(T, tt), B * H)
 
 
 @triton.jit
-def _tile_union_kernel(idx, uni, cnt, T, NB, UL, HS: tl.constexpr, H: tl.constexpr, N_SEL: tl.constexpr,
-                       TT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr):
-    # One tile (TT tokens x the HS / H index heads of kv head i_h): which of the blocks 0..NB-1 any of
-    # its list entries names, written in ascending order by a membership test per chunk of BLOCK_J
-    # blocks and a prefix sum. No sort, and the same result on every run.
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _tile_union_kernel(idx, uni, ubits, cnt, T, S, BS, NB, UL, HS: tl.constexpr, H: tl.constexpr,
+                       N_SEL: tl.constexpr, TT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr):
+    # One tile (TT tokens x the R = HS / H index heads of kv head i_h, list l = token * R + head):
+    # which of the blocks 0..NB-1 any of its lists names, written in ascending order by a membership
+    # test per chunk of BLOCK_J blocks and a prefix sum, with the bit mask of the lists that name each.
+    # No sort, and the same result on every run.
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     R: tl.constexpr = HS // H
@@ -345,47 +383,63 @@ def _tile_union_kernel(idx, uni, cnt, T, NB, UL, HS: tl.constexpr, H: tl.constex
     m_l = (o_l < TT * R * N_SEL) & (o_tok < T)
     o_e = ((i_b * T + o_tok).to(tl.int64) * HS + i_h * R + (o_l // N_SEL) % R) * N_SEL + o_l % N_SEL
     b_e = tl.load(idx + o_e, mask=m_l, other=-1)
+    b_bit = tl.full([BLOCK_L], 1, tl.int64) << (o_l // N_SEL).to(tl.int64)
+    # Blocks below j_whole end at or before the tile's first token (and inside S): every row that
+    # picked one sees all its keys.
+    j_whole = tl.minimum((i_t * TT + 1) // BS, S // BS)
     o_tile = ((i_b * tl.num_programs(0) + i_t) * H + i_h).to(tl.int64)
     n = 0
+    n_whole = 0
     for j0 in range(0, NB, BLOCK_J):
         o_j = j0 + tl.arange(0, BLOCK_J)
-        b_hit = tl.max((b_e[:, None] == o_j[None, :]).to(tl.int32), axis=0) * (o_j < NB)
+        m_eq = b_e[:, None] == o_j[None, :]
+        b_hit = tl.max(m_eq.to(tl.int32), axis=0) * (o_j < NB)
+        b_bits = tl.reduce(tl.where(m_eq, b_bit[:, None], 0), 0, _bit_or)
         o_pos = n + tl.cumsum(b_hit, axis=0) - b_hit
-        tl.store(uni + o_tile * UL + o_pos, o_j, mask=(b_hit > 0) & (o_pos < UL))
+        m_pos = (b_hit > 0) & (o_pos < UL)
+        tl.store(uni + o_tile * UL + o_pos, o_j, mask=m_pos)
+        tl.store(ubits + o_tile * UL + o_pos, b_bits, mask=m_pos)
         n += tl.sum(b_hit, axis=0)
+        n_whole += tl.sum(b_hit * (o_j < j_whole), axis=0)
     for p0 in range(n, UL, BLOCK_J):
         o_p = p0 + tl.arange(0, BLOCK_J)
         tl.store(uni + o_tile * UL + o_p, tl.full([BLOCK_J], NB, tl.int32), mask=o_p < UL)
-    tl.store(cnt + o_tile, n)
+        tl.store(ubits + o_tile * UL + o_p, tl.zeros([BLOCK_J], tl.int64), mask=o_p < UL)
+    tl.store(cnt + o_tile * 2, n_whole)
+    tl.store(cnt + o_tile * 2 + 1, n)
 
 
-def _tile_union(indices, H, NB, tt):
+def _tile_union(indices, H, S, sel_block, tt):
     """Sorted union of the block lists of each forward/dQ tile, on device and with no host sync.
 
-    Returns uni [B, ceil(T / tt), H, UL] int32 (a tile's distinct valid blocks ascending, then NB)
-    and cnt [B, ceil(T / tt), H] int32 (how many are valid). A tile's lists are those of its tt
-    tokens and of the Hs / H index heads of its kv head; -1 and indices >= NB are not blocks.
+    Returns uni [B, ceil(T / tt), H, UL] int32 (a tile's distinct valid blocks ascending, then NB),
+    bits [B, ceil(T / tt), H, UL] int64 (bit l set where the tile's list l names that block; list
+    l = token * R + index head, R = Hs / H) and cnt [B, ceil(T / tt), H, 2] int32 (how many of the
+    blocks end before the tile's first token, how many are valid). A tile's lists are those of its tt
+    tokens and of the R index heads of its kv head; -1 and indices >= NB are not blocks.
     """
     B, T, Hs, n = indices.shape
+    NB = ceil_div(S, sel_block)
     nt = ceil_div(T, tt)
     entries = tt * (Hs // H) * n
     ul = min(entries, NB)
     uni = torch.empty(B, nt, H, ul, dtype=torch.int32, device=indices.device)
-    cnt = torch.empty(B, nt, H, dtype=torch.int32, device=indices.device)
-    # The membership test is a [BLOCK_L, BLOCK_J] tile: 32 blocks a step up to 1024 entries (every
-    # launch of the configs), fewer for very long lists so the tile stays in registers.
+    bits = torch.empty(B, nt, H, ul, dtype=torch.int64, device=indices.device)
+    cnt = torch.empty(B, nt, H, 2, dtype=torch.int32, device=indices.device)
+    # The membership test is a [BLOCK_L, BLOCK_J] tile (and its int64 bits): 32 blocks a step up to 256
+    # entries, fewer for longer lists so the tile stays in registers.
     block_l = _pow2(entries)
-    _tile_union_kernel[(nt, B * H)](indices, uni, cnt, T, NB, ul, HS=Hs, H=H, N_SEL=n, TT=tt, BLOCK_L=block_l,
-                                    BLOCK_J=max(2, min(32, 32768 // block_l)), num_warps=4)
-    return uni, cnt
+    _tile_union_kernel[(nt, B * H)](indices, uni, bits, cnt, T, S, sel_block, NB, ul, HS=Hs, H=H, N_SEL=n, TT=tt,
+                                    BLOCK_L=block_l, BLOCK_J=max(2, min(32, 8192 // block_l)), num_warps=4)
+    return uni, bits, cnt
 
 
 def _walk_args(cfg, indices, S, sel_block):
-    """(uni, cnt, UL) for the union walk; the index tensor itself as a dummy for the one-list walk."""
+    """(uni, bits, cnt, UL) for the union walk; the index tensor itself as a dummy for the one-list walk."""
     if cfg["WALK"] != 1:
-        return indices, indices, 1
-    uni, cnt = _tile_union(indices, cfg["H"], ceil_div(S, sel_block), cfg["TT"])
-    return uni, cnt, uni.shape[-1]
+        return indices, indices, indices, 1
+    uni, bits, cnt = _tile_union(indices, cfg["H"], S, sel_block, cfg["TT"])
+    return uni, bits, cnt, uni.shape[-1]
 
 
 def _dkv_chunk(total, n_keys):
@@ -444,8 +498,8 @@ def selection_fwd(q, k, v, indices, sel_block, scale, o, lse):
     inputs); the tests hand in NaN-filled buffers to catch unwritten elements."""
     T, S = q.shape[1], k.shape[1]
     cfg, grid = _launch_cfg(q, k, indices, sel_block)
-    uni, cnt, ul = _walk_args(cfg, indices, S, sel_block)
-    args = (q, k, v, o, lse, indices, uni, cnt, T, S, sel_block, ul, scale * LOG2E)
+    uni, bits, cnt, ul = _walk_args(cfg, indices, S, sel_block)
+    args = (q, k, v, o, lse, indices, uni, bits, cnt, T, S, sel_block, ul, scale * LOG2E)
     launch = fitting(_sel_fwd_kernel, args, [dict(cfg, **w) for w in WALK_LAUNCHES], q.device.index or 0,
                      key=(q.dtype, *cfg.values()))
     _sel_fwd_kernel[grid](*args, **launch)
@@ -455,8 +509,8 @@ def selection_dq(do, q, k, v, o, lse, indices, sel_block, scale, dq, delta):
     """dQ into preallocated dq, and delta = rowsum(dO * O) [B, T, HQ] fp32 (dK/dV's input) into delta."""
     T, S = q.shape[1], k.shape[1]
     cfg, grid = _launch_cfg(q, k, indices, sel_block)
-    uni, cnt, ul = _walk_args(cfg, indices, S, sel_block)
-    args = (q, k, v, o, do, lse, delta, dq, indices, uni, cnt, T, S, sel_block, ul, scale, scale * LOG2E)
+    uni, bits, cnt, ul = _walk_args(cfg, indices, S, sel_block)
+    args = (q, k, v, o, do, lse, delta, dq, indices, uni, bits, cnt, T, S, sel_block, ul, scale, scale * LOG2E)
     launch = fitting(_sel_dq_kernel, args, [dict(cfg, **w) for w in WALK_LAUNCHES], q.device.index or 0,
                      key=(q.dtype, *cfg.values()))
     _sel_dq_kernel[grid](*args, **launch)
@@ -479,7 +533,7 @@ def selection_dkv(do, q, k, v, lse, delta, indices, sel_block, scale, dk, dv):
     for rows, stages in DKV_LAUNCHES:
         block_e = max(1, rows // (HQ // Hs))
         candidates.append(dict(meta, BLOCK_E=block_e, BLOCK_R=_pow2(block_e * (HQ // Hs)),
-                               **({} if stages is None else dict(num_stages=stages))))
+                               num_stages=stages))
     launch = fitting(_sel_dkv_kernel, args, candidates, q.device.index or 0, key=(q.dtype, *meta.values()))
     _sel_dkv_kernel[(item_key.numel(),)](*args, **launch)
     _sel_dkv_reduce_kernel[(key_items.numel(),)](part_dk, part_dv, dk, dv, key_items, key_first_slot, S, sel_block,
