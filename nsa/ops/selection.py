@@ -250,49 +250,13 @@ def _sel_dq_kernel(q, k, v, o, do, lse, delta, dq, idx, uni, ubits, ucnt, T, S, 
 
 
 @triton.jit
-def _dkv_step(q, do, lse, delta, entries, b_k, b_v, b_dk, b_dv, o_s, m_s, i_e, i_hi, i_b, o_r, m_r, o_d, m_d, T,
-              scale_log2, HQ: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
-              MASK_S: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # Entries i_e, i_e + 1, ... of the block's list, GS rows each: accumulate dK (unscaled) and dV.
-    # Rows past the list load lse = -inf, so their p is 0. Only a CAUSAL step compares positions;
-    # MASK_S: the key tile is wider than l', so its padding keys are masked too.
-    GS: tl.constexpr = HQ // HS
-    o_e = i_e + o_r // GS
-    m_e = m_r & (o_e < i_hi)
-    b_ent = tl.load(entries + o_e, mask=m_e, other=0)
-    o_t = b_ent // HS
-    o_hq = (b_ent % HS) * GS + o_r % GS
-    o_row = (i_b * T + o_t).to(tl.int64) * HQ + o_hq
-    m_rd = m_e[:, None] & m_d[None, :]
-    b_q = tl.load(q + o_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
-    b_do = tl.load(do + o_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
-    b_lse = tl.load(lse + o_row, mask=m_e, other=float("-inf"))
-    b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * LOG2E_C)
-    b_delta = tl.load(delta + o_row, mask=m_e, other=0.)
-
-    b_s = dot(b_q, tl.trans(b_k), PREC, UPCAST) * scale_log2
-    b_p = tl.exp2(b_s - b_lse2[:, None])
-    if CAUSAL:
-        b_p = tl.where(m_s[None, :] & (o_s[None, :] <= o_t[:, None]), b_p, 0.)
-    elif MASK_S:
-        b_p = tl.where(m_s[None, :], b_p, 0.)
-    b_dv += dot(tl.trans(b_p.to(b_do.dtype)), b_do, PREC, UPCAST)
-    b_dp = dot(b_do, tl.trans(b_v), PREC, UPCAST)
-    b_ds = b_p * (b_dp - b_delta[:, None])
-    b_dk += dot(tl.trans(b_ds.to(b_q.dtype)), b_q, PREC, UPCAST)
-    return b_dk, b_dv
-
-
-@triton.jit
 def _sel_dkv_kernel(q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries,
                     item_key, item_lo, item_hi, item_slot, T, S, BS, scale, scale_log2,
                     HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
-                    BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, MASK_S: tl.constexpr,
-                    BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # One work item: a slice [lo, hi) of the entries that picked kv block `key` = (b, h, j), in token
-    # order. An entry t * HS + hs stands for the GS = HQ // HS query heads that share index head hs.
-    # Tokens inside block j see only part of it and come first: steps are masked causally until a
-    # step starts at a token that sees the whole block, then the rest run unmasked.
+                    BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # One work item: a slice [lo, hi) of the entries that picked kv block `key` = (b, h, j).
+    # An entry t * HS + hs stands for the GS = HQ // HS query heads that share index head hs.
     GS: tl.constexpr = HQ // HS
     i_w = tl.program_id(0)
     i_key = tl.load(item_key + i_w)
@@ -309,19 +273,30 @@ def _sel_dkv_kernel(q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries,
         m_d = o_d < D
         o_r = tl.arange(0, BLOCK_R)
         m_r = o_r < BLOCK_E * GS
-        # The first token that sees all of block j; none does when S cuts the block short.
-        t_whole = tl.where((i_j + 1) * BS <= S, (i_j + 1) * BS - 1, T)
 
         b_dk = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
         b_dv = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-        i_e = i_lo
-        while tl.load(entries + i_e, mask=i_e < i_hi, other=T * HS) // HS < t_whole:
-            b_dk, b_dv = _dkv_step(q, do, lse, delta, entries, b_k, b_v, b_dk, b_dv, o_s, m_s, i_e, i_hi, i_b, o_r,
-                                   m_r, o_d, m_d, T, scale_log2, HQ, HS, D, True, MASK_S, PREC, UPCAST)
-            i_e += BLOCK_E
-        for i_step in tl.range(i_e, i_hi, BLOCK_E):
-            b_dk, b_dv = _dkv_step(q, do, lse, delta, entries, b_k, b_v, b_dk, b_dv, o_s, m_s, i_step, i_hi, i_b,
-                                   o_r, m_r, o_d, m_d, T, scale_log2, HQ, HS, D, False, MASK_S, PREC, UPCAST)
+        for i_e in tl.range(i_lo, i_hi, BLOCK_E):
+            o_e = i_e + o_r // GS
+            m_e = m_r & (o_e < i_hi)
+            b_ent = tl.load(entries + o_e, mask=m_e, other=0)
+            o_t = b_ent // HS
+            o_hq = (b_ent % HS) * GS + o_r % GS
+            o_row = (i_b * T + o_t).to(tl.int64) * HQ + o_hq
+            m_rd = m_e[:, None] & m_d[None, :]
+            b_q = tl.load(q + o_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
+            b_do = tl.load(do + o_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
+            b_lse = tl.load(lse + o_row, mask=m_e, other=float("-inf"))
+            b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * LOG2E_C)
+            b_delta = tl.load(delta + o_row, mask=m_e, other=0.)
+
+            b_s = dot(b_q, tl.trans(b_k), PREC, UPCAST) * scale_log2
+            m_vis = m_e[:, None] & m_s[None, :] & (o_s[None, :] <= o_t[:, None])
+            b_p = tl.where(m_vis, tl.exp2(b_s - b_lse2[:, None]), 0.)
+            b_dv += dot(tl.trans(b_p.to(b_do.dtype)), b_do, PREC, UPCAST)
+            b_dp = dot(b_do, tl.trans(b_v), PREC, UPCAST)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dk += dot(tl.trans(b_ds.to(b_q.dtype)), b_q, PREC, UPCAST)
         b_dk *= scale
 
         i_slot = tl.load(item_slot + i_w)
@@ -553,8 +528,7 @@ def selection_dkv(do, q, k, v, lse, delta, indices, sel_block, scale, dk, dv):
     part_dv = torch.empty_like(part_dk)
     args = (q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries, item_key, item_lo, item_hi, item_slot,
             T, S, sel_block, scale, scale * LOG2E)
-    meta = dict(HQ=HQ, H=H, HS=Hs, D=D, BLOCK_S=block_s, MASK_S=block_s != sel_block, BLOCK_D=block_d, PREC=prec,
-                UPCAST=upcast, num_warps=8)
+    meta = dict(HQ=HQ, H=H, HS=Hs, D=D, BLOCK_S=block_s, BLOCK_D=block_d, PREC=prec, UPCAST=upcast, num_warps=8)
     candidates = []
     for rows, stages in DKV_LAUNCHES:
         block_e = max(1, rows // (HQ // Hs))
