@@ -226,3 +226,21 @@ def test_selection_kernels_compile_for_sm80_and_sm86_within_their_shared_memory(
     from kernel_checks import compile_launches
 
     assert compile_launches("nsa.ops.selection", SELECTION_KERNELS, SELECTION_CALL, arch) >= 6
+
+
+@pytest.mark.parametrize("B,T,Hs,H,n,NB", [(2, 37, 2, 2, 3, 5), (1, 70, 4, 2, 5, 9), (1, 33, 8, 2, 3, 3)])
+def test_reverse_index_is_a_stable_sort_by_key(B, T, Hs, H, n, NB):
+    # The counting sort against torch's stable sort of the keys (b * H + h) * NB + j: same offsets,
+    # same entries in the same (t, hs) order within every key.
+    g = torch.Generator().manual_seed(T)
+    idx = torch.stack([torch.randperm(NB + 1, generator=g)[:n] - 1 for _ in range(B * T * Hs)]).view(B, T, Hs, n)
+    idx = idx.to(torch.int32).to(DEVICE)
+    entries, offsets = selection._reverse_index(idx, H, NB)
+    b = torch.arange(B, device=DEVICE).view(B, 1, 1, 1)
+    h = (torch.arange(Hs, device=DEVICE) // (Hs // H)).view(1, 1, Hs, 1)
+    keys = torch.where(idx >= 0, (b * H + h) * NB + idx, B * H * NB).flatten()
+    sorted_keys, order = torch.sort(keys, stable=True)
+    want = torch.searchsorted(sorted_keys, torch.arange(B * H * NB + 1, device=DEVICE))
+    assert torch.equal(offsets, want)
+    m = int(want[-1])
+    assert torch.equal(entries[:m].long(), (order[:m] // n) % (T * Hs))

@@ -393,8 +393,83 @@ def _dkv_chunk(total, n_keys):
     return max(64, ceil_div(2 * total, n_keys))
 
 
+@triton.jit
+def _key_count_kernel(idx, counts, T, NB, HS: tl.constexpr, H: tl.constexpr, N_SEL: tl.constexpr,
+                      ROWS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_J: tl.constexpr):
+    # Chunk i_c of kv head (b, h)'s rows (a row: one token's index head, rows in (t, hs) order): how
+    # many of its picks name each block j, into counts[b, h, i_c, j].
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    R: tl.constexpr = HS // H
+    o_e = tl.arange(0, BLOCK_E)
+    o_r = i_c * ROWS + o_e // N_SEL
+    m_e = (o_e < ROWS * N_SEL) & (o_r < T * R)
+    o_idx = ((i_b * T + o_r // R).to(tl.int64) * HS + i_h * R + o_r % R) * N_SEL + o_e % N_SEL
+    b_p = tl.load(idx + o_idx, mask=m_e, other=-1)
+    o_out = (i_bh.to(tl.int64) * tl.num_programs(0) + i_c) * NB
+    for j0 in range(0, NB, BLOCK_J):
+        o_j = j0 + tl.arange(0, BLOCK_J)
+        b_n = tl.sum((b_p[:, None] == o_j[None, :]).to(tl.int32), axis=0)
+        tl.store(counts + o_out + o_j, b_n, mask=o_j < NB)
+
+
+@triton.jit
+def _key_scatter_kernel(idx, offsets, chunk_base, entries, T, NB, HS: tl.constexpr, H: tl.constexpr,
+                        N_SEL: tl.constexpr, N_P2: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
+    # Each pick of chunk i_c goes to entries[offset of its key + the key's entries in earlier chunks +
+    # those of earlier rows of this chunk]: the order a stable sort by key gives, with no sort.
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    R: tl.constexpr = HS // H
+    o_e = tl.arange(0, BLOCK_E)
+    o_r_all = i_c * ROWS + o_e // N_SEL
+    m_e = (o_e < ROWS * N_SEL) & (o_r_all < T * R)
+    o_idx = ((i_b * T + o_r_all // R).to(tl.int64) * HS + i_h * R + o_r_all % R) * N_SEL + o_e % N_SEL
+    b_all = tl.load(idx + o_idx, mask=m_e, other=-1)
+    o_n = tl.arange(0, N_P2)
+    o_base = (i_bh.to(tl.int64) * tl.num_programs(0) + i_c) * NB
+    for i in range(ROWS):
+        o_r = i_c * ROWS + i
+        if o_r < T * R:
+            i_t, i_hs = o_r // R, i_h * R + o_r % R
+            b_p = tl.load(idx + ((i_b * T + i_t).to(tl.int64) * HS + i_hs) * N_SEL + o_n, mask=o_n < N_SEL,
+                          other=-1)
+            m_p = (b_p >= 0) & (b_p < NB)
+            # A row's picks are distinct, so an earlier row adds at most one to each.
+            b_rank = tl.sum(((b_all[None, :] == b_p[:, None]) & (o_r_all[None, :] < o_r)).to(tl.int32), axis=1)
+            b_j = tl.where(m_p, b_p, 0)
+            o_pos = (tl.load(offsets + i_bh.to(tl.int64) * NB + b_j, mask=m_p, other=0)
+                     + tl.load(chunk_base + o_base + b_j, mask=m_p, other=0) + b_rank)
+            tl.store(entries + o_pos, tl.full([N_P2], 0, tl.int32) + i_t * HS + i_hs, mask=m_p)
+
+
+# Rows per chunk of the reverse index's counting sort: the scatter compares each row's picks with
+# the chunk's ROWS * n, and the per-chunk counts take B * H * T * R / ROWS * NB int32.
+KEY_ROWS = 32
+
+
+def _reverse_index(indices, H, NB):
+    """(entries, offsets) of the picks grouped by kv block key (b, h, j) = (b * H + h) * NB + j, in
+    (t, hs) order within a key: entries[offsets[key]:offsets[key + 1]] = t * Hs + hs of the rows that
+    picked it. A counting sort in two kernels and two cumulative sums: deterministic, no host sync."""
+    B, T, Hs, n = indices.shape
+    rows = T * (Hs // H)
+    nc = ceil_div(rows, KEY_ROWS)
+    block_e = _pow2(KEY_ROWS * n)
+    counts = torch.empty(B * H, nc, NB, dtype=torch.int32, device=indices.device)
+    _key_count_kernel[(nc, B * H)](indices, counts, T, NB, HS=Hs, H=H, N_SEL=n, ROWS=KEY_ROWS, BLOCK_E=block_e,
+                                   BLOCK_J=max(2, min(32, 32768 // block_e)), num_warps=4)
+    chunk_base = (torch.cumsum(counts, 1, dtype=torch.int32) - counts).contiguous()
+    offsets = torch.zeros(B * H * NB + 1, dtype=torch.int64, device=indices.device)
+    offsets[1:] = torch.cumsum(counts.sum(1).flatten(), 0)
+    entries = torch.empty(B * T * Hs * n, dtype=torch.int32, device=indices.device)
+    _key_scatter_kernel[(nc, B * H)](indices, offsets, chunk_base, entries, T, NB, HS=Hs, H=H, N_SEL=n,
+                                     N_P2=_pow2(n), ROWS=KEY_ROWS, BLOCK_E=block_e, num_warps=4)
+    return entries, offsets
+
+
 def _dkv_items(indices, H, S, sel_block):
-    """Reverse index and work items for the dK/dV kernel, with torch ops and no host sync.
+    """Reverse index and work items for the dK/dV kernel, on device and with no host sync.
 
     Returns entries (int32 t * Hs + hs, grouped by kv block key (b, h, j) and in token order within
     a key), per-item (key, lo, hi, slot), per-key (number of items, first partial slot), and the
@@ -406,15 +481,7 @@ def _dkv_items(indices, H, S, sel_block):
     NB = ceil_div(S, sel_block)
     NK = B * H * NB
     total = B * T * Hs * n
-
-    b = torch.arange(B, device=dev, dtype=torch.int32).view(B, 1, 1, 1)
-    h = (torch.arange(Hs, device=dev, dtype=torch.int32) // (Hs // H)).view(1, 1, Hs, 1)
-    ok = (indices >= 0) & (indices < NB)
-    keys = torch.where(ok, (b * H + h) * NB + indices, NK).flatten()
-    # Stable: entries of one key stay in (t, hs) order, so accumulation order is fixed run to run.
-    sorted_keys, order = torch.sort(keys, stable=True)
-    entries = ((order // n) % (T * Hs)).to(torch.int32)
-    offsets = torch.searchsorted(sorted_keys, torch.arange(NK + 1, device=dev, dtype=torch.int32))
+    entries, offsets = _reverse_index(indices, H, NB)
     counts = offsets[1:] - offsets[:-1]
 
     # Items hold at most `chunk` entries, twice the mean per key: no item is much heavier than the
