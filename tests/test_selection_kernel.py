@@ -207,7 +207,7 @@ for dtype, HQ, H, D, Hs in [(torch.bfloat16, 64, 4, 128, 4), (torch.float32, 4, 
     selection_attention(q, k, v, idx, NSAParams()).sum().backward()
 """
 SELECTION_KERNELS = ["_sel_fwd_kernel", "_sel_dq_kernel", "_sel_dkv_kernel", "_sel_dkv_reduce_kernel",
-                     "_tile_union_kernel"]
+                     "_tile_union_kernel", "_key_count_kernel", "_key_scatter_kernel"]
 
 
 @pytest.mark.full
