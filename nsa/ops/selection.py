@@ -250,49 +250,13 @@ def _sel_dq_kernel(q, k, v, o, do, lse, delta, dq, idx, uni, ubits, ucnt, T, S, 
 
 
 @triton.jit
-def _dkv_step(q, do, lse, delta, entries, b_k, b_v, b_dk, b_dv, o_s, m_s, i_e, i_hi, i_b, o_r, m_r, o_d, m_d, T,
-              scale_log2, HQ: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
-              MASK_S: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # Entries i_e, i_e + 1, ... of the block's list, GS rows each: accumulate dK (unscaled) and dV.
-    # Rows past the list load lse = -inf, so their p is 0. Only a CAUSAL step compares positions;
-    # MASK_S: the key tile is wider than l', so its padding keys are masked too.
-    GS: tl.constexpr = HQ // HS
-    o_e = i_e + o_r // GS
-    m_e = m_r & (o_e < i_hi)
-    b_ent = tl.load(entries + o_e, mask=m_e, other=0)
-    o_t = b_ent // HS
-    o_hq = (b_ent % HS) * GS + o_r % GS
-    o_row = (i_b * T + o_t).to(tl.int64) * HQ + o_hq
-    m_rd = m_e[:, None] & m_d[None, :]
-    b_q = tl.load(q + o_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
-    b_do = tl.load(do + o_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
-    b_lse = tl.load(lse + o_row, mask=m_e, other=float("-inf"))
-    b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * LOG2E_C)
-    b_delta = tl.load(delta + o_row, mask=m_e, other=0.)
-
-    b_s = dot(b_q, tl.trans(b_k), PREC, UPCAST) * scale_log2
-    b_p = tl.exp2(b_s - b_lse2[:, None])
-    if CAUSAL:
-        b_p = tl.where(m_s[None, :] & (o_s[None, :] <= o_t[:, None]), b_p, 0.)
-    elif MASK_S:
-        b_p = tl.where(m_s[None, :], b_p, 0.)
-    b_dv += dot(tl.trans(b_p.to(b_do.dtype)), b_do, PREC, UPCAST)
-    b_dp = dot(b_do, tl.trans(b_v), PREC, UPCAST)
-    b_ds = b_p * (b_dp - b_delta[:, None])
-    b_dk += dot(tl.trans(b_ds.to(b_q.dtype)), b_q, PREC, UPCAST)
-    return b_dk, b_dv
-
-
-@triton.jit
 def _sel_dkv_kernel(q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries,
-                    item_key, item_lo, item_mid, item_hi, item_slot, T, S, BS, scale, scale_log2,
+                    item_key, item_lo, item_hi, item_slot, T, S, BS, scale, scale_log2,
                     HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
-                    BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, MASK_S: tl.constexpr,
-                    BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # One work item: a slice [lo, hi) of the entries that picked kv block `key` = (b, h, j), in token
-    # order. An entry t * HS + hs stands for the GS = HQ // HS query heads that share index head hs.
-    # Tokens inside block j see only part of it and come first, so only the first steps need the
-    # causal mask.
+                    BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # One work item: a slice [lo, hi) of the entries that picked kv block `key` = (b, h, j).
+    # An entry t * HS + hs stands for the GS = HQ // HS query heads that share index head hs.
     GS: tl.constexpr = HQ // HS
     i_w = tl.program_id(0)
     i_key = tl.load(item_key + i_w)
@@ -309,17 +273,30 @@ def _sel_dkv_kernel(q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries,
         m_d = o_d < D
         o_r = tl.arange(0, BLOCK_R)
         m_r = o_r < BLOCK_E * GS
+
         b_dk = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
         b_dv = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-        # Entries before item_mid are tokens inside block j (they see part of it): causal steps
-        # until the first step that starts at or past item_mid, then unmasked ones.
-        i_split = i_lo + tl.cdiv(tl.load(item_mid + i_w) - i_lo, BLOCK_E) * BLOCK_E
-        for i_e in tl.range(i_lo, tl.minimum(i_split, i_hi), BLOCK_E):
-            b_dk, b_dv = _dkv_step(q, do, lse, delta, entries, b_k, b_v, b_dk, b_dv, o_s, m_s, i_e, i_hi, i_b, o_r,
-                                   m_r, o_d, m_d, T, scale_log2, HQ, HS, D, True, MASK_S, PREC, UPCAST)
-        for i_e in tl.range(i_split, i_hi, BLOCK_E):
-            b_dk, b_dv = _dkv_step(q, do, lse, delta, entries, b_k, b_v, b_dk, b_dv, o_s, m_s, i_e, i_hi, i_b, o_r,
-                                   m_r, o_d, m_d, T, scale_log2, HQ, HS, D, False, MASK_S, PREC, UPCAST)
+        for i_e in tl.range(i_lo, i_hi, BLOCK_E):
+            o_e = i_e + o_r // GS
+            m_e = m_r & (o_e < i_hi)
+            b_ent = tl.load(entries + o_e, mask=m_e, other=0)
+            o_t = b_ent // HS
+            o_hq = (b_ent % HS) * GS + o_r % GS
+            o_row = (i_b * T + o_t).to(tl.int64) * HQ + o_hq
+            m_rd = m_e[:, None] & m_d[None, :]
+            b_q = tl.load(q + o_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
+            b_do = tl.load(do + o_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
+            b_lse = tl.load(lse + o_row, mask=m_e, other=float("-inf"))
+            b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * LOG2E_C)
+            b_delta = tl.load(delta + o_row, mask=m_e, other=0.)
+
+            b_s = dot(b_q, tl.trans(b_k), PREC, UPCAST) * scale_log2
+            m_vis = m_e[:, None] & m_s[None, :] & (o_s[None, :] <= o_t[:, None])
+            b_p = tl.where(m_vis, tl.exp2(b_s - b_lse2[:, None]), 0.)
+            b_dv += dot(tl.trans(b_p.to(b_do.dtype)), b_do, PREC, UPCAST)
+            b_dp = dot(b_do, tl.trans(b_v), PREC, UPCAST)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dk += dot(tl.trans(b_ds.to(b_q.dtype)), b_q, PREC, UPCAST)
         b_dk *= scale
 
         i_slot = tl.load(item_slot + i_w)
@@ -387,23 +364,26 @@ def _launch_cfg(q, k, indices, sel_block):
 
 
 @triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
 def _tile_union_kernel(idx, uni, ubits, cnt, T, S, BS, NB, UL, HS: tl.constexpr, H: tl.constexpr,
-                       N_SEL: tl.constexpr, TT: tl.constexpr, BLOCK_LS: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_J: tl.constexpr):
-    # One tile: its TT * R lists (list l = token * R + index head, R = HS / H index heads of kv head
-    # i_h) as a [lists, slots] tile. Which of the blocks 0..NB-1 any list names, written in ascending
-    # order by a membership test per chunk of BLOCK_J blocks and a prefix sum, with the bit mask of
-    # the lists that name each (a list's hit is 0 or 1, so summing bits is exact even if it repeats a
-    # block). No sort, and the same result on every run.
+                       N_SEL: tl.constexpr, TT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr):
+    # One tile (TT tokens x the R = HS / H index heads of kv head i_h, list l = token * R + head):
+    # which of the blocks 0..NB-1 any of its lists names, written in ascending order by a membership
+    # test per chunk of BLOCK_J blocks and a prefix sum, with the bit mask of the lists that name each.
+    # No sort, and the same result on every run.
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     R: tl.constexpr = HS // H
-    o_ls = tl.arange(0, BLOCK_LS)
-    o_n = tl.arange(0, BLOCK_N)
-    o_tok = i_t * TT + o_ls // R
-    m_ls = (o_ls < TT * R) & (o_tok < T)
-    o_e = ((i_b * T + o_tok).to(tl.int64) * HS + i_h * R + o_ls % R)[:, None] * N_SEL + o_n[None, :]
-    b_e = tl.load(idx + o_e, mask=m_ls[:, None] & (o_n[None, :] < N_SEL), other=-1)
+    o_l = tl.arange(0, BLOCK_L)
+    o_tok = i_t * TT + o_l // (R * N_SEL)
+    m_l = (o_l < TT * R * N_SEL) & (o_tok < T)
+    o_e = ((i_b * T + o_tok).to(tl.int64) * HS + i_h * R + (o_l // N_SEL) % R) * N_SEL + o_l % N_SEL
+    b_e = tl.load(idx + o_e, mask=m_l, other=-1)
+    b_bit = tl.full([BLOCK_L], 1, tl.int64) << (o_l // N_SEL).to(tl.int64)
     # Blocks below j_whole end at or before the tile's first token (and inside S): every row that
     # picked one sees all its keys.
     j_whole = tl.minimum((i_t * TT + 1) // BS, S // BS)
@@ -412,9 +392,9 @@ def _tile_union_kernel(idx, uni, ubits, cnt, T, S, BS, NB, UL, HS: tl.constexpr,
     n_whole = 0
     for j0 in range(0, NB, BLOCK_J):
         o_j = j0 + tl.arange(0, BLOCK_J)
-        b_list_hit = tl.max((b_e[:, :, None] == o_j[None, None, :]).to(tl.int32), axis=1)  # [lists, blocks]
-        b_hit = tl.max(b_list_hit, axis=0) * (o_j < NB)
-        b_bits = tl.sum(b_list_hit.to(tl.int64) << o_ls.to(tl.int64)[:, None], axis=0)
+        m_eq = b_e[:, None] == o_j[None, :]
+        b_hit = tl.max(m_eq.to(tl.int32), axis=0) * (o_j < NB)
+        b_bits = tl.reduce(tl.where(m_eq, b_bit[:, None], 0), 0, _bit_or)
         o_pos = n + tl.cumsum(b_hit, axis=0) - b_hit
         m_pos = (b_hit > 0) & (o_pos < UL)
         tl.store(uni + o_tile * UL + o_pos, o_j, mask=m_pos)
@@ -441,17 +421,16 @@ def _tile_union(indices, H, S, sel_block, tt):
     B, T, Hs, n = indices.shape
     NB = ceil_div(S, sel_block)
     nt = ceil_div(T, tt)
-    lists = tt * (Hs // H)
-    ul = min(lists * n, NB)
+    entries = tt * (Hs // H) * n
+    ul = min(entries, NB)
     uni = torch.empty(B, nt, H, ul, dtype=torch.int32, device=indices.device)
     bits = torch.empty(B, nt, H, ul, dtype=torch.int64, device=indices.device)
     cnt = torch.empty(B, nt, H, 2, dtype=torch.int32, device=indices.device)
-    # The membership test is a [lists, slots, BLOCK_J] tile: 32 blocks a step up to 256 list entries
-    # (the configs' G = 4), fewer for longer lists so the tile stays in registers.
-    block_ls, block_n = _pow2(lists), _pow2(n)
+    # The membership test is a [BLOCK_L, BLOCK_J] tile (and its int64 bits): 32 blocks a step up to 256
+    # entries, fewer for longer lists so the tile stays in registers.
+    block_l = _pow2(entries)
     _tile_union_kernel[(nt, B * H)](indices, uni, bits, cnt, T, S, sel_block, NB, ul, HS=Hs, H=H, N_SEL=n, TT=tt,
-                                    BLOCK_LS=block_ls, BLOCK_N=block_n,
-                                    BLOCK_J=max(2, min(32, 8192 // (block_ls * block_n))), num_warps=4)
+                                    BLOCK_L=block_l, BLOCK_J=max(2, min(32, 8192 // block_l)), num_warps=4)
     return uni, bits, cnt
 
 
@@ -472,7 +451,7 @@ def _dkv_items(indices, H, S, sel_block):
     """Reverse index and work items for the dK/dV kernel, with torch ops and no host sync.
 
     Returns entries (int32 t * Hs + hs, grouped by kv block key (b, h, j) and in token order within
-    a key), per-item (key, lo, mid, hi, slot; entries before mid are tokens inside the block), per-key (number of items, first partial slot), and the
+    a key), per-item (key, lo, hi, slot), per-key (number of items, first partial slot), and the
     number of partial slots to allocate. Every key gets at least one item, so blocks nobody picked
     still get their (zero) gradient written.
     """
@@ -484,17 +463,12 @@ def _dkv_items(indices, H, S, sel_block):
 
     b = torch.arange(B, device=dev, dtype=torch.int32).view(B, 1, 1, 1)
     h = (torch.arange(Hs, device=dev, dtype=torch.int32) // (Hs // H)).view(1, 1, Hs, 1)
-    t = torch.arange(T, device=dev, dtype=torch.int32).view(1, T, 1, 1)
     ok = (indices >= 0) & (indices < NB)
-    # Sort key 2 * key + whole: whole = 1 where token t sees all of the block (its last key is <= t
-    # and inside S). Within a key that only splits the token order at the block's own tokens.
-    end = (indices + 1) * sel_block
-    keys = torch.where(ok, ((b * H + h) * NB + indices) * 2 + ((end <= t + 1) & (end <= S)), 2 * NK).flatten()
+    keys = torch.where(ok, (b * H + h) * NB + indices, NK).flatten()
     # Stable: entries of one key stay in (t, hs) order, so accumulation order is fixed run to run.
     sorted_keys, order = torch.sort(keys, stable=True)
     entries = ((order // n) % (T * Hs)).to(torch.int32)
-    bounds = torch.searchsorted(sorted_keys, torch.arange(2 * NK + 1, device=dev, dtype=torch.int32))
-    offsets, whole_from = bounds[0::2], bounds[1::2]
+    offsets = torch.searchsorted(sorted_keys, torch.arange(NK + 1, device=dev, dtype=torch.int32))
     counts = offsets[1:] - offsets[:-1]
 
     # Items hold at most `chunk` entries, twice the mean per key: no item is much heavier than the
@@ -510,13 +484,12 @@ def _dkv_items(indices, H, S, sel_block):
     part = w - (ends[kc] - key_items[kc])
     lo = offsets[kc] + part * chunk
     hi = torch.minimum(lo + chunk, offsets[kc + 1])
-    mid = torch.minimum(torch.maximum(whole_from[kc], lo), hi)
     split = active & (key_items[kc] > 1)
     item_slot = torch.where(split, torch.cumsum(split, 0) - 1, -1)
     hot_items = torch.where(key_items > 1, key_items, 0)
     key_first_slot = torch.cumsum(hot_items, 0) - hot_items
     item_key = torch.where(active, item_key, -1)
-    return (entries, item_key, lo, mid, hi, item_slot, key_items, key_first_slot,
+    return (entries, item_key, lo, hi, item_slot, key_items, key_first_slot,
             max(1, 2 * total // chunk))
 
 
@@ -547,16 +520,15 @@ def selection_dkv(do, q, k, v, lse, delta, indices, sel_block, scale, dk, dv):
     """dK, dV into preallocated dk, dv: reverse index, work items, then the two kernels."""
     B, T, HQ, D = q.shape
     S, H, Hs = k.shape[1], k.shape[2], indices.shape[2]
-    (entries, item_key, item_lo, item_mid, item_hi, item_slot, key_items, key_first_slot,
+    (entries, item_key, item_lo, item_hi, item_slot, key_items, key_first_slot,
      n_slots) = _dkv_items(indices, H, S, sel_block)
     block_s, block_d = max(16, _pow2(sel_block)), max(16, _pow2(D))
     prec, upcast = dot_precision(q.dtype)
     part_dk = torch.empty(n_slots, block_s, block_d, dtype=torch.float32, device=q.device)
     part_dv = torch.empty_like(part_dk)
-    args = (q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries, item_key, item_lo, item_mid, item_hi,
-            item_slot, T, S, sel_block, scale, scale * LOG2E)
-    meta = dict(HQ=HQ, H=H, HS=Hs, D=D, BLOCK_S=block_s, MASK_S=block_s != sel_block, BLOCK_D=block_d, PREC=prec,
-                UPCAST=upcast, num_warps=8)
+    args = (q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries, item_key, item_lo, item_hi, item_slot,
+            T, S, sel_block, scale, scale * LOG2E)
+    meta = dict(HQ=HQ, H=H, HS=Hs, D=D, BLOCK_S=block_s, BLOCK_D=block_d, PREC=prec, UPCAST=upcast, num_warps=8)
     candidates = []
     for rows, stages in DKV_LAUNCHES:
         block_e = max(1, rows // (HQ // Hs))
