@@ -6,6 +6,7 @@ One training step = forward + backward + AdamW at bf16 autocast, the same micro-
 
     python scripts/bench_train.py                       # enwik8 configs at T = 512, 2k, 8k, 32k + seed
     python scripts/bench_train.py --T 512 8192 --no-seed
+    python scripts/bench_train.py --compile --compile-mode reduce-overhead --T 8192 --no-seed
 """
 
 import argparse
@@ -32,6 +33,7 @@ def time_steps(model, T, batch, warmup, iters, loss_fn):
     for i in range(warmup + iters):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
+        torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph replays; no-op otherwise
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = loss_fn(model, x)
         loss.backward()
@@ -53,7 +55,7 @@ def measure(name, build, T, batch, args, loss_fn=ours_loss, compile=None):
     try:
         model = build().cuda()
         if args.compile if compile is None else compile:
-            model = torch.compile(model)
+            model = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
         tps = time_steps(model, T, batch, args.warmup, args.iters, loss_fn)
         peak = torch.cuda.max_memory_allocated() / 2**30
         del model
@@ -92,6 +94,9 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode with --compile; reduce-overhead replays the step as CUDA graphs")
     p.add_argument("--no-seed", action="store_true", help="skip the seed-implementation comparison")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -120,7 +125,8 @@ def main():
             print(r, flush=True)
 
     lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-             f"triton {__import__('triton').__version__}, compile={args.compile}",
+             f"triton {__import__('triton').__version__}, compile={args.compile}"
+             f"{f' (mode {args.compile_mode})' if args.compile else ''}",
              "", "| model | T | batch | tokens/s | peak GiB |", "|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:

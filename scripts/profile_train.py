@@ -15,6 +15,7 @@ the selection kernels exploit, so this is the step a training run has.
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -67,7 +68,14 @@ def main():
 
     for _ in range(3):  # torch.compile and Triton compile on the first calls
         step()
+    # Wall time of the same steps unprofiled: against the profile's kernel time it shows how long the
+    # GPU runs no kernel (launch gaps, host work it waits for).
     torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(args.steps):
@@ -75,7 +83,11 @@ def main():
         torch.cuda.synchronize()
     print(f"{args.config or args.checkpoint}, T={args.T}, batch={args.batch}, {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}, compile={args.compile}; CUDA time summed over {args.steps} steps")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    kernel_ms = sum(e.self_device_time_total for e in events) / 1e3 / args.steps
+    print(f"per step: wall {wall_ms:.1f} ms (unprofiled), kernels {kernel_ms:.1f} ms, GPU without a kernel "
+          f"{wall_ms - kernel_ms:.1f} ms")
 
 
 if __name__ == "__main__":
