@@ -212,3 +212,16 @@ def test_compressed_attention_with_no_keys_at_all():
     assert torch.all(o == 0) and torch.all(torch.isneginf(lse))
     o.sum().backward()
     assert torch.all(q.grad == 0)
+
+
+def test_block_importance_gradient_finite_without_memory_keys():
+    # num_mem = 0: the first tokens see no compressed block (lse = -inf). Their importance is 0, and
+    # the gradient through it must be 0 too, not exp(+inf) * 0 = NaN.
+    p = NSAParams(num_mem=0, compress_block=8, compress_stride=4, sel_block=8)
+    q, ck, cv = _rand(1, 20, 4, 2, 8, num_compressed_blocks(20, 8, 4), 0)
+    q, ck = q.requires_grad_(), ck.requires_grad_()
+    _, lse = R.compressed_attention(q, ck, cv, p)
+    assert torch.isinf(lse[0, :7]).all()
+    imp = R.block_importance(q, ck, lse, p)
+    (imp * torch.randn_like(imp)).sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(ck.grad).all()

@@ -100,7 +100,9 @@ def block_importance(q, ck, lse, p):
     vis = compressed_visibility(T, num_cmp, p.compress_block, p.compress_stride, 0, p.causal, q.device)
     s = torch.einsum("bthgd,bshd->bthgs", q.float().view(B, T, H, G, D), ck[:, p.num_mem:].float()) * p.scale_for(D)
     lse_g = lse.view(B, T, H, G, 1)
-    p_cmp = torch.where(vis[None, :, None, None, :], torch.exp(s - lse_g), torch.zeros_like(s))
+    # Mask before exp: a row that sees no compressed block has lse = -inf, and exp(s - lse) = inf in
+    # the discarded branch of a where would still send NaN (0 * inf) back through the gradient.
+    p_cmp = torch.exp(torch.where(vis[None, :, None, None, :], s - lse_g, float("-inf")))
     C = overlap_matrix(num_cmp, ceil_div(T, p.sel_block), p.compress_block, p.compress_stride, p.sel_block,
                        q.device).float()
     p_slc = p_cmp @ C  # [B, T, H, G, N_s]
@@ -246,7 +248,7 @@ def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, p, 
     S = k_slc.shape[1]
     n_sel = ceil_div(S, sel_block)
     s = torch.einsum("bhgd,bshd->bhgs", q.float().view(B, H, G, D), ck[:, num_mem:].float()) * scale
-    p_cmp = torch.where(vis[:, None, None, :], torch.exp(s - lse.view(B, H, G, 1)), torch.zeros_like(s))
+    p_cmp = torch.exp(torch.where(vis[:, None, None, :], s - lse.view(B, H, G, 1), float("-inf")))
     imp = p_cmp @ overlap_matrix(num_cmp, n_sel, block, stride, sel_block, q.device).float()
     imp = imp.sum(dim=2) if p.shared_selection else imp.reshape(B, HQ, n_sel)  # [B, Hs, n_sel]
     # Top-n: valid j <= t // sel_block; forced initial and local blocks; ties to the lower index.
