@@ -45,10 +45,11 @@ DKV_ROWS = 128
 # stages: with 64-row tiles on an H200, 2 stages was 5-10% slower, 4 stages within 2%, 8 warps 1.9x
 # slower), then fewer stages for a card with less shared memory (`utils.fitting`).
 WALK_LAUNCHES = (dict(num_warps=4), dict(num_warps=4, num_stages=2), dict(num_warps=4, num_stages=1))
-# (rows per step, num_stages) of dK/dV, the same way: 8 warps (the 64 x 128 fp32 dK and dV
-# accumulators; 4 measured slower) and 2 stages (3.5% faster than 3 and 4 at the enwik8 model's shape,
-# H200; 256 rows do not fit), then fewer stages, then fewer rows.
-DKV_LAUNCHES = ((DKV_ROWS, 2), (DKV_ROWS, 1), (DKV_ROWS // 2, 2), (DKV_ROWS // 2, 1), (DKV_ROWS // 4, 1))
+# (rows per step, num_warps, num_stages) of dK/dV, the same way: 8 warps (the 64 x 128 fp32 dK and dV
+# accumulators; 4 measured slower on an H100) and 2 stages (3.5% faster than 3 and 4 at the enwik8
+# model's shape, H200; 256 rows do not fit), then fewer stages, then fewer rows.
+DKV_LAUNCHES = ((DKV_ROWS, 8, 2), (DKV_ROWS, 8, 1), (DKV_ROWS // 2, 8, 2), (DKV_ROWS // 2, 8, 1),
+                (DKV_ROWS // 4, 8, 1))
 
 
 def _pow2(x):
@@ -528,11 +529,11 @@ def selection_dkv(do, q, k, v, lse, delta, indices, sel_block, scale, dk, dv):
     part_dv = torch.empty_like(part_dk)
     args = (q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries, item_key, item_lo, item_hi, item_slot,
             T, S, sel_block, scale, scale * LOG2E)
-    meta = dict(HQ=HQ, H=H, HS=Hs, D=D, BLOCK_S=block_s, BLOCK_D=block_d, PREC=prec, UPCAST=upcast, num_warps=8)
+    meta = dict(HQ=HQ, H=H, HS=Hs, D=D, BLOCK_S=block_s, BLOCK_D=block_d, PREC=prec, UPCAST=upcast)
     candidates = []
-    for rows, stages in DKV_LAUNCHES:
+    for rows, warps, stages in DKV_LAUNCHES:
         block_e = max(1, rows // (HQ // Hs))
-        candidates.append(dict(meta, BLOCK_E=block_e, BLOCK_R=_pow2(block_e * (HQ // Hs)),
+        candidates.append(dict(meta, BLOCK_E=block_e, BLOCK_R=_pow2(block_e * (HQ // Hs)), num_warps=warps,
                                num_stages=stages))
     launch = fitting(_sel_dkv_kernel, args, candidates, q.device.index or 0, key=(q.dtype, *meta.values()))
     _sel_dkv_kernel[(item_key.numel(),)](*args, **launch)
