@@ -110,12 +110,13 @@ def test_packed_tile_of_many_tokens(monkeypatch):
     _check(B=1, T=70, H=1, G=2, D=32, sel_block=16, n=3)
 
 
-@pytest.mark.parametrize("tt,Hs,n", [(1, 2, 3), (2, 1, 3), (3, 2, 3), (4, 1, 1200)])
+@pytest.mark.parametrize("tt,Hs,n", [(1, 2, 3), (2, 1, 3), (3, 2, 3), pytest.param(4, 1, 1200, marks=pytest.mark.full)])
 def test_tile_union(tt, Hs, n):
     # The union walk's lists: a tile's distinct valid blocks ascending, then NB; for each, the bit
     # mask of the tile's lists (token * Hs + head) that name it; the counts of blocks that end before
-    # the tile's first token and of all valid ones. n = 1200: a list longer than the membership
-    # tile's usual 256 entries (fewer blocks per step). Random picks repeat blocks within a list.
+    # the tile's first token and of all valid ones. n = 1200 (full tier; ~25 s in the interpreter): a
+    # list longer than the membership tile's usual 256 entries (fewer blocks per step). Random picks
+    # repeat blocks within a list.
     B, T, H, bs = 2, 10, 1, 2
     S = 9  # the last block is cut short: it is never whole
     NB = ceil_div(S, bs)
