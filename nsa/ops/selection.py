@@ -428,10 +428,12 @@ def _tile_union(indices, H, S, sel_block, tt):
     bits = torch.empty(B, nt, H, ul, dtype=torch.int64, device=indices.device)
     cnt = torch.empty(B, nt, H, 2, dtype=torch.int32, device=indices.device)
     # The membership test is a [BLOCK_L, BLOCK_J] tile (and its int64 bits): 32 blocks a step up to 256
-    # entries, fewer for longer lists so the tile stays in registers.
+    # entries, fewer for longer lists so the tile stays in registers, and never more than there are
+    # blocks (short sequences; every launch of the configs has NB >= 32).
     block_l = _pow2(entries)
+    block_j = max(2, min(32, 8192 // block_l, _pow2(NB)))
     _tile_union_kernel[(nt, B * H)](indices, uni, bits, cnt, T, S, sel_block, NB, ul, HS=Hs, H=H, N_SEL=n, TT=tt,
-                                    BLOCK_L=block_l, BLOCK_J=max(2, min(32, 8192 // block_l)), num_warps=4)
+                                    BLOCK_L=block_l, BLOCK_J=block_j, num_warps=4)
     return uni, bits, cnt
 
 
