@@ -193,6 +193,10 @@ def test_input_errors():
     with pytest.raises(ValueError, match="multiple"):
         selection.selection_attention(q[:, :, :1].expand(1, 8, 3, 16), k.expand(1, 8, 2, 16),
                                       v.expand(1, 8, 2, 16), idx.expand(1, 8, 2, 1), P16)
+    # Per-query-head lists with G = 128: 128 lists in a one-token tile, past the 64 its row masks hold.
+    q128 = q[:, :, :1].expand(1, 8, 128, 16)
+    with pytest.raises(ValueError, match="at most 64 block lists"):
+        selection.selection_attention(q128, k, v, idx.expand(1, 8, 128, 1).contiguous(), P16)
 
 
 @pytest.mark.gpu

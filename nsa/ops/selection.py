@@ -249,7 +249,6 @@ def _sel_dq_kernel(q, k, v, o, do, lse, delta, dq, idx, uni, ubits, ucnt, T, S, 
     tl.store(dq + o_row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_qd)
 
 
-
 @triton.jit
 def _sel_dkv_kernel(q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries,
                     item_key, item_lo, item_hi, item_slot, T, S, BS, scale, scale_log2,
