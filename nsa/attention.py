@@ -11,7 +11,7 @@ from torch import nn
 
 from nsa.compress import Compressor
 from nsa.ops import get_ops
-from nsa.ops.common import NSAParams
+from nsa.ops.common import NSAParams, completes_block
 from nsa.ops.reference import select_blocks
 
 
@@ -112,9 +112,10 @@ class SparseAttention(nn.Module):
 
     # --- Decoding (nsa/cache.py, nsa/generation.py) ------------------------------------------------
 
-    def decode(self, x, cache, pos):
+    def decode(self, x, cache, pos, compress=True):
         """One token per sequence: x [B, 1, dim] at positions pos [B] (int64, on x's device) ->
-        [B, 1, dim]. Appends the token to `cache` first; no host synchronisation."""
+        [B, 1, dim]. Appends the token to `cache` first; no host synchronisation. compress=False skips
+        the compression of a finished block: only for a step where no sequence's token finishes one."""
         c = self.cfg
         if not c.causal:
             raise ValueError("decoding needs a causal model (nsa.causal = true)")
@@ -122,7 +123,8 @@ class SparseAttention(nn.Module):
         q, ((k_c, v_c), (k_s, v_s), (k_w, v_w)) = self.project(x)
         q_r, k_sr, k_wr = self.rotate_qk(q, k_s, k_w, pos[:, None])
         cache.append(pos, k_c, v_c, k_sr, v_s, k_wr, v_w)
-        self.append_compressed(cache, pos)
+        if compress:
+            self.append_compressed(cache, pos)
         gates = torch.sigmoid(self.to_gates(x)).view(B, self.heads, 3)
         o = get_ops(c.backend, x.device).decode_attention(q[:, 0], q_r[:, 0], *cache.tensors(), gates, pos,
                                                           self.params)
@@ -140,7 +142,7 @@ class SparseAttention(nn.Module):
         k, v = cache.compression_ring(slots)  # [B, l, H, D]
         ck = self.k_compress.compress_windows(k.transpose(1, 2)[:, None])[:, 0]  # [B, H, D]
         cv = self.v_compress.compress_windows(v.transpose(1, 2)[:, None])[:, 0]
-        done = (pos + 1 >= l) & ((pos + 1 - l) % d == 0)
+        done = completes_block(pos, l, d)
         rows = self.cfg.num_mem + ((pos + 1 - l) // d).clamp(0, cache.num_blocks - 1)
         cache.write_compressed(rows, ck, cv, done)
 
@@ -189,9 +191,9 @@ class DenseAttention(nn.Module):
 
     # --- Decoding (nsa/cache.py, nsa/generation.py) ------------------------------------------------
 
-    def decode(self, x, cache, pos):
+    def decode(self, x, cache, pos, compress=True):
         """One token per sequence x [B, 1, dim] at positions pos [B]: SDPA over the whole static cache
-        with a length mask (static shapes, no host synchronisation)."""
+        with a length mask (static shapes, no host synchronisation). compress: unused (no compression)."""
         B = x.shape[0]
         p = pos[:, None]
         q = rotate(self.rotary, self.to_q(x).view(B, 1, self.heads, self.dim_head), p)

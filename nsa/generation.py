@@ -4,6 +4,8 @@
 fills a preallocated `nsa.cache.ModelCache`), then one `Transformer.decode_step` per new token. The
 step has static shapes and never synchronises with the host, so on CUDA it can be captured once in a
 CUDA graph (`cuda_graph=True`; `compile=True` torch.compiles it first) and replayed for every token.
+The sequences of a batch advance together, so the host knows which steps finish a compressed block
+(one in compress_stride): only those run the compression network (a second graph), the others skip it.
 `use_cache=False` instead reruns the full forward on the whole sequence each step: slow, for
 comparison and tests.
 """
@@ -12,7 +14,9 @@ import time
 
 import torch
 
+from nsa.cache import SparseCache
 from nsa.checkpoint import model_from_checkpoint
+from nsa.ops.common import completes_block
 
 
 def load_model(path, device="cpu", dtype=None):
@@ -111,6 +115,7 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=N
     stats["prefill_ms"] = (t1 - t0) * 1e3
 
     step = None
+    l, d = model.cfg.nsa.compress_block, model.cfg.nsa.compress_stride
     if use_cache and max_new_tokens > 1:
         step = make_step(model, cache, compile=compile, cuda_graph=(cuda_graph or compile) and device.type == "cuda")
     _sync(device)
@@ -123,7 +128,7 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=N
         if i == max_new_tokens - 1:
             break
         if use_cache:
-            logits = step(tok)
+            logits = step(tok, completes_block(T + i, l, d))  # this token is at position T + i
         else:
             logits = model(out[:, : T + i + 1])[0][:, -1]
     _sync(device)
@@ -136,11 +141,13 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=N
 
 
 def make_step(model, cache, compile=False, cuda_graph=False):
-    """A function tok [B] -> logits [B, V] that runs one decode step and advances the cache.
+    """A function step(tok [B], compress=True) -> logits [B, V] that runs one decode step and advances
+    the cache; compress=False (`Transformer.decode_step`) only where no token finishes a block.
 
-    cuda_graph: capture the step once in a CUDA graph and replay it (inputs copied into a static
-    buffer). compile: torch.compile the step first, which fuses its many small ops (rotary, cache
-    writes, the compression of a finished block); `generate` graphs a compiled step on GPU too. Our own
+    cuda_graph: capture the step in a CUDA graph and replay it (inputs copied into a static buffer);
+    with NSA layers that compress, one graph with the compression and one without, sharing a memory
+    pool. compile: torch.compile the step first, which fuses its many small ops (rotary, cache writes,
+    the compression of a finished block); `generate` graphs a compiled step on GPU too. Our own
     capture, not mode="reduce-overhead": the step mutates the caches, which that mode's graph trees
     handle by re-recording. The returned logits of a graphed step are a static buffer, overwritten by
     the next call."""
@@ -148,7 +155,7 @@ def make_step(model, cache, compile=False, cuda_graph=False):
     if compile:
         fn = torch.compile(fn, fullgraph=False)
     if not cuda_graph:
-        return lambda tok: fn(tok, cache)
+        return lambda tok, compress=True: fn(tok, cache, compress)
     return _graphed_step(fn, cache)
 
 
@@ -157,24 +164,29 @@ def _graphed_step(fn, cache):
     device = cache.lengths.device
     static_tok = torch.zeros(B, dtype=torch.long, device=device)
     saved = cache.lengths.clone()
-    # Warm up on a side stream (Triton autotuning / lazy init), then capture; the cache writes this
-    # does are at the current positions and are overwritten by the real steps, and lengths is restored.
-    s = torch.cuda.Stream(device)
-    s.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn(static_tok, cache)
-            cache.lengths.copy_(saved)
-    torch.cuda.current_stream(device).wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_logits = fn(static_tok, cache)
-    cache.lengths.copy_(saved)
+    compresses = any(isinstance(c, SparseCache) and c.num_blocks > 0 for c in cache.layers)
+    pool = torch.cuda.graph_pool_handle()
+    graphs = {}
+    for compress in (True, False) if compresses else (True,):
+        # Warm up on a side stream (Triton autotuning / lazy init), then capture; the cache writes this
+        # does are at the current positions and are overwritten by the real steps, and lengths is restored.
+        s = torch.cuda.Stream(device)
+        s.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fn(static_tok, cache, compress)
+                cache.lengths.copy_(saved)
+        torch.cuda.current_stream(device).wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            logits = fn(static_tok, cache, compress)
+        cache.lengths.copy_(saved)
+        graphs[compress] = graph, logits
 
-    def step(tok):
+    def step(tok, compress=True):
+        graph, logits = graphs[compress or not compresses]
         static_tok.copy_(tok)
         graph.replay()
-        return static_logits
+        return logits
 
-    step.graph = graph
     return step

@@ -35,8 +35,8 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), pos, cache)
         return x + self.ff(self.norm2(x))
 
-    def decode(self, x, cache, pos):
-        x = x + self.attn.decode(self.norm1(x), cache, pos)
+    def decode(self, x, cache, pos, compress=True):
+        x = x + self.attn.decode(self.norm1(x), cache, pos, compress)
         return x + self.ff(self.norm2(x))
 
 
@@ -84,13 +84,15 @@ class Transformer(nn.Module):
         cache.lengths.fill_(idx.shape[1])
         return self.head(self.norm(x))
 
-    def decode_step(self, idx, cache):
+    def decode_step(self, idx, cache, compress=True):
         """One new token per sequence idx [B] at positions cache.lengths -> logits [B, vocab]; advances
-        cache.lengths in place. Static shapes and no host synchronisation: CUDA-graph capturable."""
+        cache.lengths in place. Static shapes and no host synchronisation: CUDA-graph capturable.
+        compress=False skips the NSA layers' compression of a finished block, which only a step where
+        no sequence's token finishes one may do (`nsa.generation` knows the positions on the host)."""
         pos = cache.lengths
         x = self.embed(idx[:, None])
         for block, layer in zip(self.blocks, cache.layers):
-            x = block.decode(x, layer, pos)
+            x = block.decode(x, layer, pos, compress)
         logits = self.head(self.norm(x))[:, 0]
         cache.lengths.add_(1)
         return logits

@@ -2,7 +2,8 @@
 
 Batch 1, the enwik8 configs' models with random weights in bf16, a cache of --context tokens filled to
 its last --steps positions, the step torch.compile'd (as `generate.py --compile` runs it) or eager.
-Profiles --steps steps launched eagerly, so the GPU times per kernel are those of a graphed step but
+As in generation, only the steps whose token finishes a compressed block run the compression (one
+in compress_stride: --steps 16 holds one). Profiles --steps steps launched eagerly, so the GPU times per kernel are those of a graphed step but
 the gaps between kernels (what a CUDA graph removes) are not counted. Needs a CUDA GPU.
 
     python scripts/profile_decode.py                    # compiled, 8k context
@@ -22,6 +23,7 @@ from nsa.cache import ModelCache  # noqa: E402
 from nsa.config import load_config  # noqa: E402
 from nsa.generation import cast_model  # noqa: E402
 from nsa.model import Transformer  # noqa: E402
+from nsa.ops.common import completes_block  # noqa: E402
 
 
 def profile_step(name, args):
@@ -33,16 +35,18 @@ def profile_step(name, args):
     prompt = torch.randint(0, 256, (1, args.context - args.steps - 4), device="cuda")
     fn = model.decode_step if args.eager else torch.compile(model.decode_step)
     tok = torch.zeros(1, dtype=torch.long, device="cuda")
+    finishes = [completes_block(prompt.shape[1] + i, cfg.nsa.compress_block, cfg.nsa.compress_stride)
+                for i in range(args.steps)]
     with torch.no_grad():
         model.prefill(prompt, cache)
         saved = cache.lengths.clone()
-        for _ in range(3):  # compile and warm up, then rewind the cache
-            fn(tok, cache)
-        cache.lengths.copy_(saved)
+        for compress in (True, False, True, False):  # compile both variants and warm up, then rewind the cache
+            fn(tok, cache, compress)
+            cache.lengths.copy_(saved)
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(args.steps):
-                fn(tok, cache)
+            for compress in finishes:
+                fn(tok, cache, compress)
             torch.cuda.synchronize()
     us, count = defaultdict(float), defaultdict(int)
     for e in prof.events():

@@ -14,6 +14,7 @@ from nsa.config import Config, ModelConfig, NSAConfig, to_dict
 from nsa.checkpoint import CheckpointError
 from nsa.generation import generate, load_model, sample
 from nsa.model import Transformer
+from nsa.ops.common import completes_block
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,6 +92,30 @@ def test_cached_logits_equal_full_forward(backend, case):
             finally:
                 nsa.backend = "torch"
             assert cache.lengths.tolist() == [T + N] * B
+
+
+@pytest.mark.parametrize("case", [dict(), dict(separate_kv=True, num_mem=0)], ids=_case_id)
+def test_skipping_compression_where_no_block_finishes_changes_nothing(case):
+    # generate's rule: compress only on steps whose token finishes a compressed block. Same logits and
+    # same compressed caches as compressing (masked) on every step, across many block boundaries.
+    model = build(tiny(**case))
+    l, d = model.cfg.nsa.compress_block, model.cfg.nsa.compress_stride
+    B, T, N = 2, 9, 30
+    idx = torch.randint(0, 256, (B, T + N))
+    with torch.no_grad():
+        always, skipping = ModelCache(model, B, T + N), ModelCache(model, B, T + N)
+        model.prefill(idx[:, :T], always)
+        model.prefill(idx[:, :T], skipping)
+        skipped = 0
+        for s in range(N):
+            finishes = completes_block(T + s, l, d)
+            skipped += not finishes
+            want = model.decode_step(idx[:, T + s], always)
+            got = model.decode_step(idx[:, T + s], skipping, compress=finishes)
+            assert torch.equal(got, want), f"step {s}"
+    assert 0 < skipped < N
+    for a, b in zip(always.layers, skipping.layers):
+        assert torch.equal(a.ck, b.ck) and torch.equal(a.cv, b.cv)
 
 
 def test_greedy_text_same_with_and_without_cache():

@@ -12,6 +12,12 @@ def num_compressed_blocks(T, block, stride):
     return max(0, (T - block) // stride + 1)
 
 
+def completes_block(pos, block, stride):
+    """Whether the token at position pos (an int, or an int64 tensor elementwise) is the last of a
+    compressed block: pos + 1 >= block and (pos + 1 - block) % stride == 0."""
+    return (pos + 1 >= block) & ((pos + 1 - block) % stride == 0)
+
+
 @dataclass(frozen=True)
 class NSAParams:
     """The NSA hyperparameters an op reads (docs/SPEC.md section 1), as one frozen, hashable value.
