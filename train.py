@@ -342,6 +342,7 @@ def train_step(model, optimizer, data, t, step, run, device, autocast):
         group["lr"] = lr
     loss_sum = torch.zeros((), device=device)
     for micro in range(t.grad_accum):
+        torch.compiler.cudagraph_mark_step_begin()  # a new CUDA-graph replay (compile_mode); a no-op otherwise
         x, y = get_batch(data, t.batch_size, t.seq_len, seed=t.seed, step=step, rank=run.rank, micro=micro,
                          device=device)
         sync = (not run.ddp) or micro == t.grad_accum - 1  # DDP syncs gradients on the last micro-batch
@@ -396,7 +397,12 @@ def main(argv=None):
     wandb = import_wandb(cfg) if run.master else None
 
     compiled = t.compile is True or (t.compile == "auto" and use_cuda)
-    model = torch.compile(raw_model) if compiled else raw_model
+    graphed = compiled and use_cuda and t.compile_mode == "reduce-overhead"
+    if graphed and run.ddp:
+        _cleanup(run.ddp, None)
+        raise SystemExit("error: train.compile_mode=reduce-overhead runs in one process only (DDP's gradient "
+                         "hooks are not graphed): use train.compile_mode=default with torchrun")
+    model = torch.compile(raw_model, mode="reduce-overhead" if graphed else None) if compiled else raw_model
     if run.ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.local_rank] if use_cuda else None)
 

@@ -135,7 +135,8 @@ class SparseAttention(nn.Module):
         and (pos + 1 - l) % d == 0, docs/SPEC.md section 1), compress the compression ring's last l
         keys and values into that block's row of cache.ck, cache.cv. Every sequence computes a block on
         every step and the cache writes it only where one completed: static shapes, no host sync."""
-        if cache.num_blocks == 0:
+        num_blocks = cache.ck.shape[1] - self.cfg.num_mem  # a shape, not an int: dynamic under torch.compile
+        if num_blocks == 0:
             return
         l, d = self.cfg.compress_block, self.cfg.compress_stride
         slots = (pos[:, None] - l + 1 + torch.arange(l, device=pos.device)) % l  # positions pos - l + 1 .. pos
@@ -143,7 +144,7 @@ class SparseAttention(nn.Module):
         ck = self.k_compress.compress_windows(k.transpose(1, 2)[:, None])[:, 0]  # [B, H, D]
         cv = self.v_compress.compress_windows(v.transpose(1, 2)[:, None])[:, 0]
         done = completes_block(pos, l, d)
-        rows = self.cfg.num_mem + ((pos + 1 - l) // d).clamp(0, cache.num_blocks - 1)
+        rows = self.cfg.num_mem + ((pos + 1 - l) // d).clamp(0, num_blocks - 1)
         cache.write_compressed(rows, ck, cv, done)
 
 
@@ -199,7 +200,7 @@ class DenseAttention(nn.Module):
         q = rotate(self.rotary, self.to_q(x).view(B, 1, self.heads, self.dim_head), p)
         k, v = self.to_kv(x).view(B, 1, 2, self.kv_heads, self.dim_head).unbind(2)
         cache.append(pos, rotate(self.rotary, k, p), v)
-        mask = (torch.arange(cache.max_len, device=x.device)[None, :] <= p)[:, None, None, :]
+        mask = (torch.arange(cache.k.shape[1], device=x.device)[None, :] <= p)[:, None, None, :]
         o = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k.transpose(1, 2), cache.v.transpose(1, 2),
                                            attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
         return self.to_out(o.transpose(1, 2).reshape(B, 1, -1))

@@ -129,6 +129,10 @@ class TrainConfig:
     # torch.compile the training model. auto: on CUDA (where it pays for its warm-up), eager on CPU;
     # true also compiles on CPU (works, but the warm-up dwarfs a small run).
     compile: Literal["auto", True, False] = "auto"
+    # torch.compile's mode for a compiled CUDA step. reduce-overhead replays the forward and backward as
+    # CUDA graphs: no gaps between kernel launches, which pays at short contexts (docs/BENCHMARKS.md);
+    # one process and grad_accum 1 only (the graphs' outputs are reused by the next replay).
+    compile_mode: Literal["default", "reduce-overhead"] = "default"
     out_dir: str = "runs/default"
 
     def validate(self):
@@ -140,6 +144,9 @@ class TrainConfig:
         _require(self.lr > 0 and 0 <= self.min_lr <= self.lr, "train.lr must be positive and train.min_lr in [0, lr]")
         _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
         _require(self.grad_clip >= 0 and self.weight_decay >= 0, "train.grad_clip and train.weight_decay must be >= 0")
+        _require(self.compile_mode == "default" or self.grad_accum == 1,
+                 f"train.compile_mode={self.compile_mode} needs train.grad_accum=1 (got {self.grad_accum}): a "
+                 "CUDA-graph replay would overwrite the previous micro-batch's gradients")
 
 
 @dataclass

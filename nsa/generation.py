@@ -153,10 +153,21 @@ def make_step(model, cache, compile=False, cuda_graph=False):
     the next call."""
     fn = model.decode_step
     if compile:
+        _capacity_dynamic(cache)
         fn = torch.compile(fn, fullgraph=False)
     if not cuda_graph:
         return lambda tok, compress=True: fn(tok, cache, compress)
     return _graphed_step(fn, cache)
+
+
+def _capacity_dynamic(cache):
+    """Compile the step for any cache capacity (the caches' dim 1) from the first call, so that a
+    generation of another length recompiles nothing (a compiled step is reused across `generate` calls:
+    torch.compile caches by code)."""
+    for layer in cache.layers:
+        for x in vars(layer).values():
+            if isinstance(x, torch.Tensor):
+                torch._dynamo.maybe_mark_dynamic(x, 1)
 
 
 def _graphed_step(fn, cache):

@@ -115,6 +115,15 @@ def test_compile_default_auto_and_bools():
     assert load_config(None, ["train.compile=false"]).train.compile is False
 
 
+def test_compile_mode_values_and_grad_accum():
+    assert load_config(None, []).train.compile_mode == "default"
+    assert load_config(None, ["train.compile_mode=reduce-overhead"]).train.compile_mode == "reduce-overhead"
+    with pytest.raises(ConfigError, match=r"train\.compile_mode: 'max-autotune' is not one of"):
+        load_config(None, ["train.compile_mode=max-autotune"])
+    with pytest.raises(ConfigError, match="needs train.grad_accum=1"):
+        load_config(None, ["train.compile_mode=reduce-overhead", "train.grad_accum=2"])
+
+
 @pytest.mark.parametrize("overrides, cuda, message", [
     (["model.nsa.diff_topk=true", "model.nsa.backend=triton"], False, "backend=torch"),
     (["model.nsa.diff_topk=true"], True, "model.nsa.backend=auto resolves to triton"),

@@ -361,6 +361,58 @@ def test_generate_compiled_equals_eager_greedy():
     assert torch.equal(compiled, eager)
 
 
+# Prompt + new-token lengths of two generations: a multiple of 16 and not (Triton specialises integer
+# arguments on that), different cache capacities; the same capacity bucket of the decode kernels (and,
+# below 32 selection blocks, the same power of two of the prompt's blocks for the tile-union kernel).
+LENGTHS = [(192, 16), (250, 37)]
+
+
+def test_compiled_step_does_not_recompile_for_a_new_length(monkeypatch):
+    # generate's compiled decode step is compiled for any cache capacity: a second generation of
+    # another prompt and cache length reuses it (dynamo's tracing only: no backend compile on CPU).
+    import functools
+
+    import torch._dynamo
+
+    model = build(tiny())
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    (T1, N1), (T2, N2) = LENGTHS
+    generate(model, torch.randint(0, 256, (2, T1)), N1, greedy=True, compile=True)
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    out, _ = generate(model, torch.randint(0, 256, (2, T2)), N2, greedy=True, compile=True)
+    assert out.shape == (2, T2 + N2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True], ids=["graphed", "compiled"])
+def test_gpu_generate_compiles_no_kernel_for_a_new_length(compile):
+    # Counts Triton compilations (ours: prefill's kernels and the four decode kernels) across two
+    # generations of different prompt and cache lengths: the second compiles none.
+    import triton
+
+    hooks = triton.knobs.runtime
+    cfg = ModelConfig(dim=128, depth=2, heads=8, kv_heads=2, dim_head=64,
+                      nsa=NSAConfig(compress_block=32, compress_stride=16, sel_block=64, num_selected=4, window=64,
+                                    backend="triton"))
+    from nsa.generation import cast_model
+
+    model = cast_model(build(cfg).cuda(), torch.bfloat16)
+    compiled = []
+    old = hooks.jit_post_compile_hook
+    hooks.jit_post_compile_hook = lambda *a, **k: compiled.append(k.get("fn", a[0] if a else None))
+    try:
+        counts = []
+        for T, N in LENGTHS:
+            before = len(compiled)
+            generate(model, torch.randint(0, 256, (1, T), device="cuda"), N, greedy=True, compile=compile,
+                     cuda_graph=True)
+            counts.append(len(compiled) - before)
+    finally:
+        hooks.jit_post_compile_hook = old
+    assert counts[0] > 0 and counts[1] == 0, counts
+
+
 def test_decode_appends_each_compressed_block_when_it_completes():
     # Token by token, the attention layer writes compressed block i exactly when its last token
     # i * d + l - 1 arrives, equal to the parallel compressor's block i; the cache itself only stores.

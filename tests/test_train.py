@@ -402,11 +402,13 @@ def test_clocks_count_training_steps_only_and_resume(corpus, tmp_path, fake_cloc
 
 def test_compile_auto_is_eager_on_cpu_and_warmup_is_not_training_time(corpus, tmp_path, fake_clock, monkeypatch):
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or m)  # a no-op stand-in
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(kw.get("mode")) or m)  # a no-op stand-in
     train.main(args(corpus, tmp_path / "auto", "train.max_steps=1", "train.eval_every=0"))
     assert compiled == [] and load_config(tmp_path / "auto" / "config.yaml").train.compile == "auto"
-    train.main(args(corpus, tmp_path / "on", "train.max_steps=5", "train.eval_every=0", "train.compile=true"))
-    assert len(compiled) == 1
+    # compile_mode=reduce-overhead (CUDA graphs) applies on CUDA only: a CPU step compiles in the default mode.
+    train.main(args(corpus, tmp_path / "on", "train.max_steps=5", "train.eval_every=0", "train.compile=true",
+                    "train.compile_mode=reduce-overhead"))
+    assert compiled == [None]
     recs = [r for r in records(tmp_path / "on") if "loss" in r]
     warm = train.COMPILE_WARMUP_STEPS
     assert [r["train_s"] for r in recs] == [0.0] * warm + [float(i) for i in range(1, 6 - warm)]

@@ -122,7 +122,9 @@ def _fwd_tiles(b_acc, b_l, b_m, b_q, k, v, o_kv, o_lo, o_hi, qk_scale, first, la
     return b_acc, b_l, b_m
 
 
-@triton.jit
+# The forward kernels (prefill's) do not specialise on lengths (Triton would compile a variant for a
+# multiple of 16, or for 1): a new prompt length compiles nothing.
+@triton.jit(do_not_specialize=["T", "S"])
 def _range_fwd_kernel(q, k, v, o, lse, qk_scale, T, S, H, G, HI_BASE, BLOCK, STRIDE, LO_BACK,
                       D: tl.constexpr, BLOCK_D: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):

@@ -167,7 +167,8 @@ def _dq_step(b_q, b_do, b_k, b_v, m_hit, m_vis, b_lse2, b_delta, b_dq, scale_log
     return b_dq + dot(b_ds.to(b_k.dtype), b_k, PREC, UPCAST)
 
 
-@triton.jit
+# Lengths unspecialised, as the range forward: a new prompt length compiles nothing.
+@triton.jit(do_not_specialize=["T", "S", "UL"])
 def _sel_fwd_kernel(q, k, v, o, lse, idx, uni, ubits, ucnt, T, S, BS, UL, scale_log2,
                     HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, N_SEL: tl.constexpr,
                     TT: tl.constexpr, WALK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -368,7 +369,8 @@ def _bit_or(a, b):
     return a | b
 
 
-@triton.jit
+# Lengths unspecialised (as _sel_fwd_kernel).
+@triton.jit(do_not_specialize=["T", "S", "NB", "UL"])
 def _tile_union_kernel(idx, uni, ubits, cnt, T, S, BS, NB, UL, HS: tl.constexpr, H: tl.constexpr,
                        N_SEL: tl.constexpr, TT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr):
     # One tile (TT tokens x the R = HS / H index heads of kv head i_h, list l = token * R + head):

@@ -86,7 +86,8 @@ def _bitonic(b_x, R: tl.constexpr, W: tl.constexpr, FIRST: tl.constexpr, LOG_W: 
     return b_x
 
 
-@triton.jit
+# Lengths unspecialised, as the range forward: a new prompt length compiles nothing.
+@triton.jit(do_not_specialize=["T", "NUM_CMP"])
 def _topn_kernel(q, ck, lse, out, qk_scale, T, H, G, NUM_CMP, NUM_MEM, BLOCK, STRIDE, SEL_BLOCK,
                  NUM_INITIAL, NUM_LOCAL,
                  D: tl.constexpr, BLOCK_D: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
