@@ -385,32 +385,36 @@ def test_compiled_step_does_not_recompile_for_a_new_length(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compile", [False, True], ids=["graphed", "compiled"])
-def test_gpu_generate_compiles_no_kernel_for_a_new_length(compile):
-    # Counts Triton compilations (ours: prefill's kernels and the four decode kernels) across two
-    # generations of different prompt and cache lengths: the second compiles none.
+def test_gpu_generate_compiles_nothing_for_a_new_length():
+    # Counts Triton compilations (ours: the prefill's kernels and the four decode kernels; Triton's
+    # compile hook) and the graphs dynamo compiles (the compiled step, whose kernels are Inductor's)
+    # across generations of two lengths, graphed then compiled: the second length compiles nothing.
     import triton
+    from torch._dynamo.utils import counters
+
+    from nsa.generation import cast_model
 
     hooks = triton.knobs.runtime
     cfg = ModelConfig(dim=128, depth=2, heads=8, kv_heads=2, dim_head=64,
                       nsa=NSAConfig(compress_block=32, compress_stride=16, sel_block=64, num_selected=4, window=64,
                                     backend="triton"))
-    from nsa.generation import cast_model
-
     model = cast_model(build(cfg).cuda(), torch.bfloat16)
     compiled = []
     old = hooks.jit_post_compile_hook
-    hooks.jit_post_compile_hook = lambda *a, **k: compiled.append(k.get("fn", a[0] if a else None))
+    hooks.jit_post_compile_hook = lambda *a, **k: compiled.append(getattr(k.get("fn"), "name", "?"))
     try:
-        counts = []
-        for T, N in LENGTHS:
-            before = len(compiled)
-            generate(model, torch.randint(0, 256, (1, T), device="cuda"), N, greedy=True, compile=compile,
-                     cuda_graph=True)
-            counts.append(len(compiled) - before)
+        kernels, graphs = [], []
+        for compile in (False, True):
+            for T, N in LENGTHS:
+                before, graphs_before = len(compiled), counters["stats"]["unique_graphs"]
+                generate(model, torch.randint(0, 256, (1, T), device="cuda"), N, greedy=True, compile=compile,
+                         cuda_graph=True)
+                kernels.append(compiled[before:])
+                graphs.append(counters["stats"]["unique_graphs"] - graphs_before)
     finally:
         hooks.jit_post_compile_hook = old
-    assert counts[0] > 0 and counts[1] == 0, counts
+    assert kernels[0] and not any(kernels[1:]), kernels  # the compiled step's first length: ours compiled already
+    assert graphs[2] > 0 and graphs[3] == 0, graphs
 
 
 def test_decode_appends_each_compressed_block_when_it_completes():
