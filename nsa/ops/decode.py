@@ -345,7 +345,6 @@ def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block
     s_b = ns_pad * sel_block
     sc_row = max(num_compressed_blocks(s_b, block, stride), 1)  # compressed blocks that fit in S_b
     q, q_rot, gates = q.contiguous(), q_rot.contiguous(), gates.contiguous()
-    t = t.to(torch.int32) if t.dtype != torch.int32 else t
     BLOCK_G = max(16, triton.next_power_of_2(GS))
     BLOCK_D = max(16, triton.next_power_of_2(D))
     block_n = 64 if BLOCK_G * BLOCK_D <= 64 * 128 else 32
