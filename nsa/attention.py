@@ -125,9 +125,9 @@ class SparseAttention(nn.Module):
         cache.append(pos, k_c, v_c, k_sr, v_s, k_wr, v_w)
         if compress:
             self.append_compressed(cache, pos)
-        gates = torch.sigmoid(self.to_gates(x)).view(B, self.heads, 3)
-        o = get_ops(c.backend, x.device).decode_attention(q[:, 0], q_r[:, 0], *cache.tensors(), gates, pos,
-                                                          self.params)
+        # The gate projection goes to the decode op, whose last kernel computes the gates (one kernel less).
+        o = get_ops(c.backend, x.device).decode_attention(q[:, 0], q_r[:, 0], *cache.tensors(), x[:, 0],
+                                                          self.to_gates.weight, self.to_gates.bias, pos, self.params)
         return self.to_out(o.reshape(B, 1, -1).to(x.dtype))
 
     def append_compressed(self, cache, pos):

@@ -59,15 +59,16 @@ def bench_ms(fn, reps=100, graph=True):
     return do_bench(fn, warmup=25, rep=reps, return_mode="median")
 
 
-def nsa_bytes(B, H, T, D, c, elt=2):
+def nsa_bytes(B, H, T, D, c, gate_weights=0, elt=2):
     """Bytes the decode step must read for token t = T - 1: compressed keys + values (once), the selected
-    blocks' and the window's keys + values (the split-K partials, a few % more, are not counted)."""
+    blocks' and the window's keys + values, the gate projection's gate_weights weights (the split-K
+    partials, a few % more, are not counted)."""
     t = T - 1
     n_vis = (t + 1 - c["block"]) // c["stride"] + 1 if t + 1 >= c["block"] else 0
     rows = c["num_mem"] + n_vis
     sel = min(c["num_selected"], t // c["sel_block"] + 1) * c["sel_block"]
     win = min(c["window"], t + 1)
-    return B * H * D * elt * (2 * rows + 2 * sel + 2 * win)
+    return B * H * D * elt * (2 * rows + 2 * sel + 2 * win) + gate_weights * elt
 
 
 def kernel_bench(args, rows):
@@ -93,17 +94,20 @@ def kernel_bench(args, rows):
             cv = torch.randn_like(ck)
             k = torch.randn(B, T, H, D, device=dev, dtype=dt, generator=g)
             v = torch.randn_like(k)
-            gates = torch.rand(B, HQ, 3, device=dev, dtype=dt, generator=g)
+            # The gates' projection from a layer input of HQ * D features (the decode op computes the gates)
+            x = torch.randn(B, HQ * D, device=dev, dtype=dt, generator=g)
+            w_gate = torch.randn(3 * HQ, HQ * D, device=dev, dtype=dt, generator=g) * (HQ * D) ** -0.5
+            b_gate = torch.zeros(3 * HQ, device=dev, dtype=dt)
             t = torch.full((B,), T - 1, device=dev, dtype=torch.int32)
             p = NSAParams(compress_block=c["block"], compress_stride=c["stride"], sel_block=c["sel_block"],
                           num_mem=c["num_mem"], num_selected=c["num_selected"], window=c["window"])
 
             def nsa():
-                return decode_attention(q, q_rot, ck, cv, k, v, k, v, gates, t, p)
+                return decode_attention(q, q_rot, ck, cv, k, v, k, v, x, w_gate, b_gate, t, p)
 
             # Correctness spot check against the reference (batch row 0 only: the reference is slow).
-            o, idx = decode_attention(q, q_rot, ck, cv, k, v, k, v, gates, t, p, return_indices=True)
-            o_ref, idx_ref = reference.decode_attention(*(x[:1] for x in (q, q_rot, ck, cv, k, v, k, v, gates, t)), p,
+            o, idx = decode_attention(q, q_rot, ck, cv, k, v, k, v, x, w_gate, b_gate, t, p, return_indices=True)
+            o_ref, idx_ref = reference.decode_attention(*(a[:1] for a in (q, q_rot, ck, cv, k, v, k, v, x)), w_gate, b_gate, t[:1], p,
                                                         return_indices=True)
             err = (o[:1].float() - o_ref.float()).abs().max().item()
             big = torch.iinfo(torch.int32).max  # the kernel's picks are in pick order: sort, -1 last
@@ -124,7 +128,7 @@ def kernel_bench(args, rows):
                 return F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True)
 
             ms_dense, ms_dense_eager = bench_ms(dense), bench_ms(dense, graph=False)
-            b_nsa = nsa_bytes(B, H, T, D, c)
+            b_nsa = nsa_bytes(B, H, T, D, c, w_gate.numel())
             b_dense = B * H * T * D * 2 * 2
             rows.append(dict(part="attention", batch=B, context=T, nsa_ms=ms_nsa, dense_ms=ms_dense,
                              nsa_eager_ms=ms_nsa_eager, dense_eager_ms=ms_dense_eager,

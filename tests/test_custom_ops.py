@@ -98,9 +98,9 @@ def test_decode(monkeypatch, layout, full):
     k_slc, v_slc = (torch.randn(B, S, H, D) for _ in range(2))
     if layout == "strided":  # caches as the model keeps them: the filled part of a longer buffer
         k_slc, v_slc = (torch.randn(B, S + 5, H, D)[:, :S] for _ in range(2))
-    gates = torch.rand(B, H * G, 3)
+    x, w_gate, b_gate = torch.randn(B, 24), torch.randn(3 * H * G, 24), torch.randn(3 * H * G)
     recorded = []
     real = decode._decode_op
     monkeypatch.setattr(decode, "_decode_op", lambda *a: recorded.append(a) or real(*a))
-    decode.decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_slc, v_slc, gates, torch.tensor(S - 1), P)
+    decode.decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_slc, v_slc, x, w_gate, b_gate, torch.tensor(S - 1), P)
     _check(real, recorded[0], full)

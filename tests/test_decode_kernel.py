@@ -24,7 +24,7 @@ def _poison(monkeypatch):
     monkeypatch.setattr(decode, "_empty", empty)
 
 
-def _inputs(B, H, G, D, S, num_mem, block, stride, window_slots, t, dtype, seed=0):
+def _inputs(B, H, G, D, S, num_mem, block, stride, window_slots, t, dtype, seed=0, dim=40):
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
@@ -39,9 +39,10 @@ def _inputs(B, H, G, D, S, num_mem, block, stride, window_slots, t, dtype, seed=
         k_win, v_win = k_slc, v_slc
     else:
         k_win, v_win = rnd(B, window_slots, H, D), rnd(B, window_slots, H, D)
-    gates = torch.rand(B, HQ, 3, generator=gen).to(DEVICE, dtype)
+    # The layer input and its gate projection (dim not a power of two: a masked chunk)
+    x, w_gate, b_gate = rnd(B, dim), rnd(3 * HQ, dim, scale=dim**-0.5), rnd(3 * HQ)
     t = torch.tensor(t, device=DEVICE)
-    return q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t
+    return q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, x, w_gate, b_gate, t
 
 
 def _sorted_idx(idx):
@@ -181,7 +182,7 @@ for dtype, HQ, H, D, shared in [(torch.bfloat16, 64, 4, 128, True), (torch.float
     nc = (S - 32) // 16 + 1
     x = lambda *shape: torch.zeros(*shape, dtype=dtype)
     mod.decode_attention(x(B, HQ, D), x(B, HQ, D), x(B, 1 + nc, H, D), x(B, 1 + nc, H, D), x(B, S, H, D),
-                         x(B, S, H, D), x(B, 512, H, D), x(B, 512, H, D), x(B, HQ, 3),
+                         x(B, S, H, D), x(B, 512, H, D), x(B, 512, H, D), x(B, 1024), x(3 * HQ, 1024), x(3 * HQ),
                          torch.full((B,), S - 1), NSAParams(shared_selection=shared))
 """
     assert compile_launches("nsa.ops.decode", ["_partials_kernel", "_importance_kernel", "_select_kernel",
@@ -191,8 +192,9 @@ for dtype, HQ, H, D, shared in [(torch.bfloat16, 64, 4, 128, True), (torch.float
 @pytest.mark.parametrize("shared", [True, False])
 def test_decode_kernel_long_cache_matches_reference(shared):
     # 1100 positions of 8-token selection blocks: 138 blocks, so the importance runs in several chunks
-    # of 128 blocks and the top-n walks a 256-key vector; t in the first chunk, across, at the end.
-    args = _inputs(3, 1, 4, 16, 1100, 1, 8, 4, None, [100, 1030, 1099], torch.float32, seed=3)
+    # of 128 blocks and the top-n walks a 256-key vector; t in the first chunk, across, at the end. A
+    # layer input of 1100 features: the gates' dot products run over two chunks of 1024.
+    args = _inputs(3, 1, 4, 16, 1100, 1, 8, 4, None, [100, 1030, 1099], torch.float32, seed=3, dim=1100)
     p = NSAParams(compress_block=8, compress_stride=4, sel_block=8, num_mem=1, num_selected=8, window=32,
                   shared_selection=shared)
     o_ref, idx_ref = reference.decode_attention(*args, p, return_indices=True)

@@ -20,8 +20,9 @@ query heads are one tile; with per-head selection hs is a query head (a tile of 
    the top-n by n arg-max passes over int64 keys (ties to the lower index), then attends to its share
    of the picked blocks (tokens <= t) in tiles whose loads do not wait on the arg-max, and writes a
    partial.
-4. `_combine_kernel`, grid (B * HQ,): per query head, merges each branch's partials (one load of all
-   of them) and writes g_cmp * o_cmp + g_slc * o_slc + g_win * o_win.
+4. `_combine_kernel`, grid (B * HQ,): per query head, computes its three gates from the layer's input
+   (sigmoid(w_gate x + b_gate), fp32: no separate projection kernel), merges each branch's partials
+   (one load of all of them) and writes g_cmp * o_cmp + g_slc * o_slc + g_win * o_win.
 
 The softmax runs in base 2 (scores times log2(e), exp2), the partials and scores too; only the output
 leaves the step. Grid sizes and chunk lengths depend only on static shapes (batch, heads, cache
@@ -278,15 +279,28 @@ def _branch(b_mc, b_lc, b_accc, m_branch):
 
 @triton.jit(do_not_specialize=["nc_used", "w_used"])
 def _combine_kernel(
-    GATES, O, PM, PL, PACC, sg_b, sg_h, so_b, so_h, nc_used, w_used,
-    HQ: tl.constexpr, HS: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, NC_SPLIT: tl.constexpr,
-    W_SPLIT: tl.constexpr, NPART: tl.constexpr, NPART_PAD: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    X, WG, BG, O, PM, PL, PACC, sx_b, swg, so_b, so_h, nc_used, w_used,
+    HQ: tl.constexpr, HS: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, DIM: tl.constexpr,
+    NC_SPLIT: tl.constexpr, W_SPLIT: tl.constexpr, NPART: tl.constexpr, NPART_PAD: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One query head: merge each branch's partials (one load of all the slots in use) and gate them."""
+    """One query head: its gates from the layer input, then merge each branch's partials (one load of
+    all the slots in use) and gate them."""
     i_bh = tl.program_id(0)
     b = (i_bh // HQ).to(tl.int64)
     hq = i_bh % HQ
+    # Gates: rows 3 * hq + (cmp, slc, win) of the projection, dot x in fp32, plus bias, sigmoid.
+    o_r = tl.arange(0, 4)
+    m_r = o_r < 3
+    o_k = tl.arange(0, BLOCK_K)
+    p_w = WG + (hq * 3 + o_r)[:, None].to(tl.int64) * swg
+    b_z = tl.load(BG + hq * 3 + o_r, mask=m_r, other=0.0).to(tl.float32)
+    for k0 in range(0, DIM, BLOCK_K):
+        m_k = k0 + o_k < DIM
+        b_x = tl.load(X + b * sx_b + k0 + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_w = tl.load(p_w + (k0 + o_k)[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        b_z += tl.sum(b_w * b_x[None, :], axis=1)
+    b_g = tl.sigmoid(b_z)
     pair = b * HS + hq // GS
     o_c = tl.arange(0, NPART_PAD)
     o_d = tl.arange(0, BLOCK_D)
@@ -298,10 +312,9 @@ def _combine_kernel(
     b_mc = tl.load(PM + o_row, mask=m_c, other=_NO_KEY)
     b_lc = tl.load(PL + o_row, mask=m_c, other=0.0)
     b_accc = tl.load(PACC + o_row[:, None] * BLOCK_D + o_d[None, :], mask=m_c[:, None], other=0.0)
-    p_g = GATES + b * sg_b + hq.to(tl.int64) * sg_h
-    b_o = tl.load(p_g).to(tl.float32) * _branch(b_mc, b_lc, b_accc, m_cmp)
-    b_o += tl.load(p_g + 1).to(tl.float32) * _branch(b_mc, b_lc, b_accc, m_slc)
-    b_o += tl.load(p_g + 2).to(tl.float32) * _branch(b_mc, b_lc, b_accc, m_win)
+    b_o = tl.sum(tl.where(o_r == 0, b_g, 0.0), axis=0) * _branch(b_mc, b_lc, b_accc, m_cmp)
+    b_o += tl.sum(tl.where(o_r == 1, b_g, 0.0), axis=0) * _branch(b_mc, b_lc, b_accc, m_slc)
+    b_o += tl.sum(tl.where(o_r == 2, b_g, 0.0), axis=0) * _branch(b_mc, b_lc, b_accc, m_win)
     tl.store(O + b * so_b + hq.to(tl.int64) * so_h + o_d, b_o.to(O.dtype.element_ty), mask=o_d < D)
 
 
@@ -323,8 +336,8 @@ def _chunk(length, chunks, granule):
     return ceil_div(ceil_div(max(length, 1), chunks), granule) * granule
 
 
-def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block, stride, sel_block, num_mem,
-                   num_selected, num_initial, num_local, window, shared, scale):
+def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, x, w_gate, b_gate, t, block, stride, sel_block,
+                   num_mem, num_selected, num_initial, num_local, window, shared, scale):
     # No recompilation for every new cache length: what the kernels take as compile-time constants
     # depends on the heads, head dim, NSA hyperparameters, the device and a capacity bucket S_b (the
     # cache's capacity rounded up to a power of two times l', at least 16 selection blocks), never on
@@ -344,7 +357,7 @@ def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block
     ns_pad = max(16, triton.next_power_of_2(ceil_div(S, sel_block)))
     s_b = ns_pad * sel_block
     sc_row = max(num_compressed_blocks(s_b, block, stride), 1)  # compressed blocks that fit in S_b
-    q, q_rot, gates = q.contiguous(), q_rot.contiguous(), gates.contiguous()
+    q, q_rot, x, w_gate = q.contiguous(), q_rot.contiguous(), x.contiguous(), w_gate.contiguous()
     BLOCK_G = max(16, triton.next_power_of_2(GS))
     BLOCK_D = max(16, triton.next_power_of_2(D))
     block_n = 64 if BLOCK_G * BLOCK_D <= 64 * 128 else 32
@@ -388,42 +401,46 @@ def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block
         SEL=sel_block, NSEL=num_selected, NSEL_PAD=triton.next_power_of_2(num_selected), NUM_INIT=num_initial,
         NUM_LOCAL=num_local, NS_PAD=ns_pad, R_OVL=triton.next_power_of_2(per_sel + per_cmp - 1), S_SPLIT=s_split,
         SLOT0=nc_split + w_split, **common, **attn, **cmp)
+    dim = x.shape[1]
     _combine_kernel[(B * HQ,)](
-        gates, o, pm, pl, pacc, gates.stride(0), gates.stride(1), o.stride(0), o.stride(1), nc_used, w_used,
-        HQ=HQ, D=D, NC_SPLIT=nc_split, W_SPLIT=w_split, NPART_PAD=triton.next_power_of_2(npart),
-        BLOCK_D=BLOCK_D, **common, num_warps=4)
+        x, w_gate, b_gate, o, pm, pl, pacc, x.stride(0), w_gate.stride(0), o.stride(0), o.stride(1), nc_used,
+        w_used, HQ=HQ, D=D, DIM=dim, NC_SPLIT=nc_split, W_SPLIT=w_split, NPART_PAD=triton.next_power_of_2(npart),
+        BLOCK_D=BLOCK_D, BLOCK_K=min(1024, triton.next_power_of_2(dim)), **common, num_warps=4)
     return o, idx
 
 
 @torch.library.custom_op("nsa::decode_attention", mutates_args=())
 def _decode_op(q: torch.Tensor, q_rot: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, k_slc: torch.Tensor,
-               v_slc: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, gates: torch.Tensor, t: torch.Tensor,
-               block: int, stride: int, sel_block: int, num_mem: int, num_selected: int, num_initial: int,
+               v_slc: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor,
+               b_gate: torch.Tensor, t: torch.Tensor, block: int, stride: int, sel_block: int, num_mem: int, num_selected: int, num_initial: int,
                num_local: int, window: int, shared: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     # A custom op, so torch.compile calls it as one opaque step instead of tracing the launches (which
     # would copy the scratch buffers the kernels write into). Its schema takes NSAParams' fields.
-    return _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block, stride, sel_block, num_mem,
-                          num_selected, num_initial, num_local, window, shared, scale)
+    return _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, x, w_gate, b_gate, t, block, stride,
+                          sel_block, num_mem, num_selected, num_initial, num_local, window, shared, scale)
 
 
 @_decode_op.register_fake
-def _(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, block, stride, sel_block, num_mem, num_selected,
-      num_initial, num_local, window, shared, scale):
+def _(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, x, w_gate, b_gate, t, block, stride, sel_block, num_mem,
+      num_selected, num_initial, num_local, window, shared, scale):
     Hs = ck.shape[2] if shared else q.shape[1]
     return q.new_empty(q.shape), q.new_empty((q.shape[0], Hs, num_selected), dtype=torch.int32)
 
 
-def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, p, return_indices=False):
+def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, x, w_gate, b_gate, t, p, return_indices=False):
     """Triton twin of `nsa.ops.reference.decode_attention` (see there for shapes; p: `NSAParams`). The
     selected block indices it returns (return_indices) are in the order picked, not sorted."""
-    for x in (ck, cv, k_slc, v_slc, k_win, v_win):
-        if x.stride(-1) != 1:
+    for c in (ck, cv, k_slc, v_slc, k_win, v_win):
+        if c.stride(-1) != 1:
             raise ValueError("decode caches must have a contiguous last dimension")
     if k_slc.stride() != v_slc.stride() or k_win.stride() != v_win.stride() or ck.stride() != cv.stride():
         raise ValueError("decode caches: keys and values must share strides")
     if q.shape[1] % ck.shape[2]:
         raise ValueError(f"query heads {q.shape[1]} must be a multiple of kv heads {ck.shape[2]}")
-    o, idx = _decode_op(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, p.compress_block, p.compress_stride,
-                        p.sel_block, p.num_mem, p.num_selected, p.num_initial, p.num_local, p.window,
+    if w_gate.shape != (3 * q.shape[1], x.shape[1]) or b_gate.shape != (3 * q.shape[1],):
+        raise ValueError(f"gate projection {tuple(w_gate.shape)} / {tuple(b_gate.shape)} does not map x "
+                         f"{tuple(x.shape)} to 3 gates for each of {q.shape[1]} query heads")
+    o, idx = _decode_op(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, x, w_gate, b_gate, t, p.compress_block,
+                        p.compress_stride, p.sel_block, p.num_mem, p.num_selected, p.num_initial, p.num_local, p.window,
                         p.shared_selection, float(p.scale_for(q.shape[-1])))
     return (o, idx) if return_indices else o

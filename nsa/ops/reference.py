@@ -219,7 +219,7 @@ def ring_positions(t, slots):
     return t - torch.remainder(t - s, slots)
 
 
-def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, p, return_indices=False):
+def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, x, w_gate, b_gate, t, p, return_indices=False):
     """One NSA decode step: the query of token t [B] (its keys already in the caches).
 
     q, q_rot [B, HQ, D]: the query without / with rotary (compressed branch / the other two).
@@ -227,7 +227,8 @@ def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, p, 
     (rows of blocks not yet complete are ignored). k_slc, v_slc [B, S, H, D]: rotated keys and values of
     positions 0..S-1 for selection. k_win, v_win [B, W, H, D]: the window branch's rotated keys and
     values in a ring, position p in slot p % W (W >= min(window, t + 1); W = S when it is the full cache).
-    gates [B, HQ, 3] (cmp, slc, win), already through the sigmoid.
+    x [B, dim]: the layer's (normed) input; w_gate [3 * HQ, dim], b_gate [3 * HQ]: the gate projection,
+    row 3 * h + branch (cmp, slc, win) for query head h: the gates are sigmoid(w_gate x + b_gate), in fp32.
     Returns o [B, HQ, D] in q's dtype (and the selected blocks [B, Hs, n] int32, ascending, -1 padded,
     with return_indices). Equals the parallel ops at row t, which is what the tests check.
     """
@@ -271,7 +272,7 @@ def decode_attention(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, gates, t, p, 
     held = ring_positions(t, k_win.shape[1])
     win = (held >= 0) & (t[:, None] - held < window)
     o_win = attend(q_rot[:, None], k_win, v_win, win[:, None, None, None, :], scale)[0]
-    g = gates.float()
+    g = torch.sigmoid(torch.nn.functional.linear(x.float(), w_gate.float(), b_gate.float())).view(B, HQ, 3)
     o = g[..., 0:1] * o_cmp[:, 0].float() + g[..., 1:2] * o_slc[:, 0].float() + g[..., 2:3] * o_win[:, 0].float()
     o = o.to(q.dtype)
     return (o, idx) if return_indices else o
