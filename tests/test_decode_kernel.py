@@ -255,3 +255,27 @@ def test_new_prompt_and_cache_lengths_compile_nothing_new(monkeypatch):
         seen.append(set(keys))
     assert len(seen[0]) == 4
     assert seen[1] == seen[0], f"new compile keys: {seen[1] - seen[0]}"
+
+
+def test_new_prompt_length_compiles_no_new_prefill_kernel(monkeypatch):
+    # The prefill's Triton forward kernels (compressed and window range attention, top-n, tile unions,
+    # selection) launched for prompts of 48 and 57 tokens (a multiple of 16 and not; 3 and 4 selection
+    # blocks, one power of two for the tile-union width) get the same compile keys: the lengths are
+    # not specialised.
+    from nsa.config import ModelConfig, NSAConfig
+    from nsa.model import Transformer
+    from nsa.ops import range_attention, selection, topn
+
+    keys = set()
+    for mod, name in ((range_attention, "_range_fwd_kernel"), (topn, "_topn_kernel"),
+                      (selection, "_sel_fwd_kernel"), (selection, "_tile_union_kernel")):
+        monkeypatch.setattr(mod, name, _KeyRecorder(getattr(mod, name), keys))
+    nsa = NSAConfig(compress_block=8, compress_stride=4, sel_block=16, num_selected=4, window=64, backend="triton")
+    model = Transformer(ModelConfig(dim=32, depth=1, heads=4, kv_heads=2, dim_head=16, nsa=nsa)).to(DEVICE).eval()
+    seen = []
+    with torch.no_grad():
+        for T in (48, 57):
+            model(torch.randint(0, 256, (1, T), device=DEVICE))
+            seen.append(set(keys))
+    assert len(seen[0]) == 5  # range attention twice: compressed and window
+    assert seen[1] == seen[0], f"new compile keys: {seen[1] - seen[0]}"
