@@ -6,6 +6,10 @@ compared against the dense twin's. Needs a CUDA GPU.
     python scripts/profile_train.py --config configs/enwik8_nsa.yaml --T 8192 --batch 8 --compile
     python scripts/profile_train.py --config configs/enwik8_dense.yaml --T 8192 --batch 8 --compile
     python scripts/profile_train.py --checkpoint runs/enwik8_nsa --T 8192 --batch 8 --compile
+    python scripts/profile_train.py --config configs/enwik8_nsa.yaml --compile --gaps 20
+
+--gaps N also prints where the GPU idles inside the profiled steps: the N largest totals of the time
+between one kernel's end and the next one's start, by the pair of kernels around the gap.
 
 With --config the model is freshly initialised and the batch is random bytes, so NSA's block picks
 are an untrained model's. With --checkpoint the model is the trained one and the batch is the first
@@ -16,6 +20,7 @@ the selection kernels exploit, so this is the step a training run has.
 import argparse
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -25,6 +30,27 @@ from nsa.checkpoint import CheckpointError, model_from_checkpoint  # noqa: E402
 from nsa.config import load_config  # noqa: E402
 from nsa.data import DataError, load_splits  # noqa: E402
 from nsa.model import Transformer  # noqa: E402
+
+
+def idle_gaps(kernels):
+    """kernels: (name, start, end) of the GPU's kernels in time order -> {(before, after): [total idle
+    time, count]} over the gaps between one kernel's end and the next one's start."""
+    gaps = defaultdict(lambda: [0.0, 0])
+    for (a, _, end), (b, start, _) in zip(kernels, kernels[1:]):
+        if start > end:
+            gaps[(a, b)][0] += start - end
+            gaps[(a, b)][1] += 1
+    return dict(gaps)
+
+
+def print_gaps(prof, steps, rows):
+    kernels = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                      if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda k: k[1])
+    gaps = idle_gaps(kernels)
+    total = sum(g for g, _ in gaps.values())
+    print(f"idle GPU time between kernels: {total / 1e3 / steps:.1f} ms a step, largest by the kernels around it:")
+    for (a, b), (g, n) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:rows]:
+        print(f"  {g / 1e3 / steps:7.3f} ms  {n / steps:6.1f}x  {a[:45]} -> {b[:45]}")
 
 
 def main():
@@ -37,6 +63,7 @@ def main():
     p.add_argument("--steps", type=int, default=3, help="profiled steps, after 3 warm-up steps")
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--compile", action="store_true", help="torch.compile the model, as train.py does on CUDA")
+    p.add_argument("--gaps", type=int, default=0, help="also print the N largest idle gaps between kernels")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_train.py needs a CUDA GPU")
@@ -88,6 +115,8 @@ def main():
     kernel_ms = sum(e.self_device_time_total for e in events) / 1e3 / args.steps
     print(f"per step: wall {wall_ms:.1f} ms (unprofiled), kernels {kernel_ms:.1f} ms, GPU without a kernel "
           f"{wall_ms - kernel_ms:.1f} ms")
+    if args.gaps:
+        print_gaps(prof, args.steps, args.gaps)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,14 @@
+"""scripts/profile_train.py's CPU part: idle gaps between kernels."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import profile_train  # noqa: E402
+
+
+def test_idle_gaps_by_the_kernels_around_them():
+    # a 0-10, b 12-20 (gap 2 after a), a 20-25 (none), b 30-31 (gap 5 after a): a -> b twice, 7 in all.
+    kernels = [("a", 0, 10), ("b", 12, 20), ("a", 20, 25), ("b", 30, 31)]
+    assert profile_train.idle_gaps(kernels) == {("a", "b"): [7.0, 2]}
