@@ -6,7 +6,7 @@ One training step = forward + backward + AdamW at bf16 autocast, the same micro-
 
     python scripts/bench_train.py                       # enwik8 configs at T = 512, 2k, 8k, 32k + seed
     python scripts/bench_train.py --T 512 8192 --no-seed
-    python scripts/bench_train.py --compile --compile-mode reduce-overhead --T 8192 --no-seed
+    python scripts/bench_train.py --compile --compile-mode default reduce-overhead --T 8192 --no-seed
 """
 
 import argparse
@@ -49,19 +49,21 @@ def ours_loss(model, x):
     return model(x[:, :-1], x[:, 1:])[1]
 
 
-def measure(name, build, T, batch, args, loss_fn=ours_loss, compile=None):
+def measure(name, build, T, batch, args, mode, loss_fn=ours_loss):
+    """One row: tokens/s and peak memory of `build()`'s training step, eager or torch.compile'd in `mode`."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    row = {"name": name, "T": T, "batch": batch, "mode": mode}
     try:
         model = build().cuda()
-        if args.compile if compile is None else compile:
-            model = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
+        if mode != "eager":
+            model = torch.compile(model, mode=None if mode == "default" else mode)
         tps = time_steps(model, T, batch, args.warmup, args.iters, loss_fn)
         peak = torch.cuda.max_memory_allocated() / 2**30
         del model
-        return {"name": name, "T": T, "batch": batch, "tokens_per_s": tps, "peak_gib": peak}
+        return {**row, "tokens_per_s": tps, "peak_gib": peak}
     except Exception as e:  # a failed row (e.g. out of memory) is reported, the rest still run
-        return {"name": name, "T": T, "batch": batch, "error": f"{type(e).__name__}: {str(e)[:120]}"}
+        return {**row, "error": f"{type(e).__name__}: {str(e)[:120]}"}
 
 
 def seed_model_cfg(attention):
@@ -94,9 +96,10 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--compile-mode", default="default",
+    p.add_argument("--compile-mode", nargs="+", default=["default"],
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-                   help="torch.compile mode with --compile; reduce-overhead replays the step as CUDA graphs")
+                   help="torch.compile modes with --compile, each timed in turn; reduce-overhead replays the "
+                        "step as CUDA graphs")
     p.add_argument("--no-seed", action="store_true", help="skip the seed-implementation comparison")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -105,39 +108,42 @@ def main():
     rows = []
     nsa_cfg = load_config(args.nsa_config).model
     dense_cfg = load_config(args.dense_config).model
+    modes = args.compile_mode if args.compile else ["eager"]
     for T in args.T:
         batch = max(1, args.tokens // T)
-        for name, cfg in (("nsa", nsa_cfg), ("dense", dense_cfg)):
-            rows.append(measure(name, lambda c=cfg: Transformer(c), T, batch, args))
-            print(rows[-1], flush=True)
+        for mode in modes:
+            for name, cfg in (("nsa", nsa_cfg), ("dense", dense_cfg)):
+                rows.append(measure(name, lambda c=cfg: Transformer(c), T, batch, args, mode))
+                print(rows[-1], flush=True)
     if not args.no_seed:
         batch = max(1, args.tokens // 512)
-        rows.append(measure("seed-model nsa (ours)", lambda: Transformer(seed_model_cfg("nsa")), 512, batch, args))
-        rows.append(measure("seed-model dense (ours)", lambda: Transformer(seed_model_cfg("dense")), 512, batch, args))
+        mode = modes[0]
+        rows.append(measure("seed-model nsa (ours)", lambda: Transformer(seed_model_cfg("nsa")), 512, batch, args, mode))
+        rows.append(measure("seed-model dense (ours)", lambda: Transformer(seed_model_cfg("dense")), 512, batch, args,
+                            mode))
         peer = "seed-model nsa (native-sparse-attention-pytorch)"
-        rows.append(measure(peer, build_seed_peer, 512, batch, args, seed_loss))
-        if args.compile and "error" in rows[-1]:
+        rows.append(measure(peer, build_seed_peer, 512, batch, args, mode, seed_loss))
+        if mode != "eager" and "error" in rows[-1]:
             # Its Triton kernel does not build under torch.compile: compare against its eager run.
             print(f"{peer} under torch.compile: {rows[-1]['error']}; timing it eager", flush=True)
             rows[-1] = measure(peer + " (eager: fails under torch.compile)", build_seed_peer, 512, batch, args,
-                               seed_loss, compile=False)
+                               "eager", seed_loss)
         for r in rows[-3:]:
             print(r, flush=True)
 
     lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-             f"triton {__import__('triton').__version__}, compile={args.compile}"
-             f"{f' (mode {args.compile_mode})' if args.compile else ''}",
-             "", "| model | T | batch | tokens/s | peak GiB |", "|---|---|---|---|---|"]
+             f"triton {__import__('triton').__version__}, compile={args.compile}",
+             "", "| model | T | batch | mode | tokens/s | peak GiB |", "|---|---|---|---|---|---|"]
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['name']} | {r['T']} | {r['batch']} | {r['error']} | |")
-        else:
-            lines.append(f"| {r['name']} | {r['T']} | {r['batch']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} |")
-    by = {(r["name"], r["T"]): r.get("tokens_per_s") for r in rows}
-    lines += ["", "| T | NSA / dense |", "|---|---|"]
+        head = f"| {r['name']} | {r['T']} | {r['batch']} | {r['mode']} |"
+        lines.append(f"{head} {r['error']} | |" if "error" in r else
+                     f"{head} {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} |")
+    by = {(r["name"], r["T"], r["mode"]): r.get("tokens_per_s") for r in rows}
+    lines += ["", "| T | mode | NSA / dense |", "|---|---|---|"]
     for T in args.T:
-        n, d = by.get(("nsa", T)), by.get(("dense", T))
-        lines.append(f"| {T} | {n / d:.2f}x |" if n and d else f"| {T} | n/a |")
+        for mode in modes:
+            n, d = by.get(("nsa", T, mode)), by.get(("dense", T, mode))
+            lines.append(f"| {T} | {mode} | {n / d:.2f}x |" if n and d else f"| {T} | {mode} | n/a |")
     table = "\n".join(lines)
     print(table)
     if os.environ.get("OUT"):
