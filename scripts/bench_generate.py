@@ -107,8 +107,8 @@ def kernel_bench(args, rows):
 
             # Correctness spot check against the reference (batch row 0 only: the reference is slow).
             o, idx = decode_attention(q, q_rot, ck, cv, k, v, k, v, x, w_gate, b_gate, t, p, return_indices=True)
-            o_ref, idx_ref = reference.decode_attention(*(a[:1] for a in (q, q_rot, ck, cv, k, v, k, v, x)), w_gate, b_gate, t[:1], p,
-                                                        return_indices=True)
+            o_ref, idx_ref = reference.decode_attention(*(a[:1] for a in (q, q_rot, ck, cv, k, v, k, v, x)), w_gate,
+                                                        b_gate, t[:1], p, return_indices=True)
             err = (o[:1].float() - o_ref.float()).abs().max().item()
             big = torch.iinfo(torch.int32).max  # the kernel's picks are in pick order: sort, -1 last
             idx_s = torch.where(idx[:1] < 0, big, idx[:1]).sort(-1).values

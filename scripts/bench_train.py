@@ -118,7 +118,8 @@ def main():
     if not args.no_seed:
         batch = max(1, args.tokens // 512)
         mode = modes[0]
-        rows.append(measure("seed-model nsa (ours)", lambda: Transformer(seed_model_cfg("nsa")), 512, batch, args, mode))
+        rows.append(measure("seed-model nsa (ours)", lambda: Transformer(seed_model_cfg("nsa")), 512, batch, args,
+                            mode))
         rows.append(measure("seed-model dense (ours)", lambda: Transformer(seed_model_cfg("dense")), 512, batch, args,
                             mode))
         peer = "seed-model nsa (native-sparse-attention-pytorch)"

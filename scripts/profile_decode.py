@@ -3,8 +3,9 @@
 Batch 1, the enwik8 configs' models with random weights in bf16, a cache of --context tokens filled to
 its last --steps positions, the step torch.compile'd (as `generate.py --compile` runs it) or eager.
 As in generation, only the steps whose token finishes a compressed block run the compression (one
-in compress_stride: --steps 16 holds one). Profiles --steps steps launched eagerly, so the GPU times per kernel are those of a graphed step but
-the gaps between kernels (what a CUDA graph removes) are not counted. Needs a CUDA GPU.
+in compress_stride: --steps 16 holds one). Profiles --steps steps launched eagerly, so the GPU times
+per kernel are those of a graphed step but the gaps between kernels (what a CUDA graph removes) are
+not counted. Needs a CUDA GPU.
 
     python scripts/profile_decode.py                    # compiled, 8k context
     python scripts/profile_decode.py --eager --rows 40

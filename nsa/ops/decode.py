@@ -412,8 +412,9 @@ def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, x, w_gate, b_ga
 @torch.library.custom_op("nsa::decode_attention", mutates_args=())
 def _decode_op(q: torch.Tensor, q_rot: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, k_slc: torch.Tensor,
                v_slc: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor,
-               b_gate: torch.Tensor, t: torch.Tensor, block: int, stride: int, sel_block: int, num_mem: int, num_selected: int, num_initial: int,
-               num_local: int, window: int, shared: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+               b_gate: torch.Tensor, t: torch.Tensor, block: int, stride: int, sel_block: int, num_mem: int,
+               num_selected: int, num_initial: int, num_local: int, window: int, shared: bool,
+               scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     # A custom op, so torch.compile calls it as one opaque step instead of tracing the launches (which
     # would copy the scratch buffers the kernels write into). Its schema takes NSAParams' fields.
     return _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, x, w_gate, b_gate, t, block, stride,
