@@ -106,6 +106,14 @@ def test_decode_kernel_matches_reference(case, dtype, splits, monkeypatch):
     torch.testing.assert_close(o.float().cpu(), o_ref.float().cpu(), **tol)
 
 
+def test_decode_rejects_a_gate_projection_of_the_wrong_shape():
+    args = list(_inputs(1, 1, 4, 16, 32, 1, 8, 4, None, [20], torch.float32))
+    p = NSAParams(compress_block=8, compress_stride=4, sel_block=8, num_selected=4, window=16)
+    args[9] = args[9][:-1]  # w_gate: 3 * HQ - 1 rows
+    with pytest.raises(ValueError, match="gate projection"):
+        decode.decode_attention(*args, p)
+
+
 def test_decode_kernel_empty_compressed_set_is_finite():
     # num_mem = 0 and t < l - 1: no compressed key at all, o_cmp must be 0, not NaN.
     args = _inputs(1, 1, 4, 16, 32, 0, 8, 4, None, [2], torch.float32)
