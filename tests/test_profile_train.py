@@ -2,6 +2,9 @@
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
@@ -12,3 +15,13 @@ def test_idle_gaps_by_the_kernels_around_them():
     # a 0-10, b 12-20 (gap 2 after a), a 20-25 (none), b 30-31 (gap 5 after a): a -> b twice, 7 in all.
     kernels = [("a", 0, 10), ("b", 12, 20), ("a", 20, 25), ("b", 30, 31)]
     assert profile_train.idle_gaps(kernels) == {("a", "b"): [7.0, 2]}
+
+
+def test_kernel_time_counts_each_device_event_once():
+    # A CPU launch event (device time charged to it too, in key_averages) and two kernels out of order.
+    def event(name, start, end, device):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device)
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    prof = SimpleNamespace(events=lambda: [event("b", 12, 20, cuda), event("launch a", 0, 1, cpu),
+                                           event("a", 0, 10, cuda)])
+    assert profile_train.device_kernels(prof) == [("a", 0, 10), ("b", 12, 20)]
