@@ -162,8 +162,7 @@ def _pair_probabilities(PM, PL, SC, p_pc, i_pair, t, nc_used, o_g, m_g, SC_ROW: 
                         STRIDE: tl.constexpr, NC_PAD: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr,
                         BLOCK_P: tl.constexpr):
     """p[i] = sum over the pair's query heads g of 2^(s[g, i] - lse[g]) for the compressed blocks visible
-    at t, into p_pc (base-2 scores and lse; lse from the compressed partials). Returns how many are
-    visible."""
+    at t, into p_pc (base-2 scores and lse; lse from the compressed partials)."""
     o_c = tl.arange(0, NC_PAD)
     o_row = (i_pair.to(tl.int64) * BLOCK_G + o_g)[:, None] * NPART + o_c[None, :]
     m_c = (o_c < nc_used)[None, :]
@@ -182,7 +181,6 @@ def _pair_probabilities(PM, PL, SC, p_pc, i_pair, t, nc_used, o_g, m_g, SC_ROW: 
         m_s = m_has[:, None] & m_i[None, :]
         b_s = tl.load(p_sc + o_g[:, None] * SC_ROW + o_i[None, :], mask=m_s, other=0.0)
         tl.store(p_pc + o_i, tl.sum(tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0), axis=0), mask=m_i)
-    return n_vis
 
 
 @triton.jit
@@ -201,13 +199,6 @@ def _gate_logits(X, WG, b, hq0, o_g, m_g, sx_b, swg, k_first, k_step, DIM: tl.co
         b_w = tl.load(p_w + (k0 + o_k)[None, None, :], mask=m_gr[:, :, None] & m_k[None, None, :], other=0.0)
         b_z += tl.sum(b_w.to(tl.float32) * b_x[None, None, :], axis=2)
     return b_z
-
-
-@triton.jit
-def _gate_slice(i_pair, i_s, o_g, S_SPLIT: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Offsets of selection program i_s's [BLOCK_G, 4] slice of the pair's gate logits in the scratch
-    [pairs, S_SPLIT, BLOCK_G, 4]."""
-    return ((i_pair.to(tl.int64) * S_SPLIT + i_s) * BLOCK_G + o_g[:, None]) * 4 + tl.arange(0, 4)[None, :]
 
 
 @triton.jit
@@ -233,9 +224,10 @@ def _combine_pair(O, BG, PM, PL, PACC, ZP, i_pair, hq0, o_q, o_g, m_g, o_d, m_d,
     """The pair's output rows: gates from the S_SPLIT slices of the gate logits, then each branch's partials
     merged (their weights, gate included, first; then one pass over the slots in use) and summed."""
     o_r = tl.arange(0, 4)
+    o_z = (i_pair.to(tl.int64) * S_SPLIT * BLOCK_G + o_g[:, None]) * 4 + o_r[None, :]
     b_z = tl.zeros([BLOCK_G, 4], tl.float32)
     for i_s in range(S_SPLIT):
-        b_z += tl.load(ZP + _gate_slice(i_pair, i_s, o_g, S_SPLIT, BLOCK_G))
+        b_z += tl.load(ZP + o_z + i_s * BLOCK_G * 4)
     m_gr = m_g[:, None] & (o_r < 3)[None, :]
     b_gate = tl.sigmoid(b_z + tl.load(BG + (hq0 + o_g)[:, None] * 3 + o_r[None, :], mask=m_gr, other=0.0))
     o_c = tl.arange(0, NPART_PAD)
@@ -284,9 +276,10 @@ def _select_kernel(
     # p goes through a scratch row of this program's own (the overlap sum gathers it by index); the
     # barrier makes the row's stores visible to all of the program's threads.
     p_pc = PC + (i_pair.to(tl.int64) * S_SPLIT + i_s) * SC_ROW
-    n_vis = _pair_probabilities(PM, PL, SC, p_pc, i_pair, t, nc_used, o_g, m_g, SC_ROW, L_CMP, STRIDE, NC_PAD,
-                                NPART, BLOCK_G, BLOCK_P)
+    _pair_probabilities(PM, PL, SC, p_pc, i_pair, t, nc_used, o_g, m_g, SC_ROW, L_CMP, STRIDE, NC_PAD, NPART,
+                        BLOCK_G, BLOCK_P)
     tl.debug_barrier()
+    n_vis = num_visible_blocks(t, L_CMP, STRIDE)
     PER_CMP: tl.constexpr = L_CMP // STRIDE  # chunks per compressed block
     PER_SEL: tl.constexpr = SEL // STRIDE  # chunks per selection block
     o_j = tl.arange(0, NS_PAD)
@@ -346,7 +339,8 @@ def _select_kernel(
     # ---- this program's slice of the gate logits; the last to arrive combines --------------------------
     hq0 = (i_pair % HS) * GS
     b_z = _gate_logits(X, WG, b, hq0, o_g, m_g, sx_b, swg, i_s * BLOCK_K, S_SPLIT * BLOCK_K, DIM, BLOCK_G, BLOCK_K)
-    tl.store(ZP + _gate_slice(i_pair, i_s, o_g, S_SPLIT, BLOCK_G), b_z)
+    o_r4 = tl.arange(0, 4)
+    tl.store(ZP + ((i_pair.to(tl.int64) * S_SPLIT + i_s) * BLOCK_G + o_g[:, None]) * 4 + o_r4[None, :], b_z)
     # All of this program's stores before its arrival (the barrier), released by the counter's atomic and
     # acquired by the last program's (acq_rel), so that one reads every partial of the pair.
     tl.debug_barrier()
