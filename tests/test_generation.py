@@ -386,7 +386,7 @@ def test_compiled_step_does_not_recompile_for_a_new_length(monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_generate_compiles_nothing_for_a_new_length():
-    # Counts Triton compilations (ours: the prefill's kernels and the two decode kernels; Triton's
+    # Counts Triton compilations (ours: the prefill's kernels and the four decode kernels; Triton's
     # compile hook) and the graphs dynamo compiles (the compiled step, whose kernels are Inductor's)
     # across generations of two lengths, graphed then compiled: the second length compiles nothing.
     import triton

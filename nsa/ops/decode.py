@@ -1,6 +1,6 @@
 """Triton decode step: one query per sequence against the preallocated caches of `nsa.cache`.
 
-`decode_attention` has the signature of `nsa.ops.reference.decode_attention`. A step is two
+`decode_attention` has the signature of `nsa.ops.reference.decode_attention`. A step is four
 kernels, split flash-decoding style so that batch 1 fills the GPU as well as batch 16 does. A "pair" is
 one (sequence b, selection head hs): with GQA-shared selection (the default) hs is a kv head and its G
 query heads are one tile; with per-head selection hs is a query head (a tile of one).
@@ -11,18 +11,18 @@ query heads are one tile; with per-head selection hs is a query head (a tile of 
    (m, l, acc) in fp32 that they write as a partial, and write the raw scores of their compressed
    blocks (fp32, per query head) to a scratch row. The others each attend one chunk of the window
    (t - w, t] (the window cache may be a ring: position p in slot p % W) and write a partial the same
-   way. The compressed keys are read once. Program 0 of a pair also zeroes the pair's arrival counter
-   for kernel 2.
-2. `_select_kernel`, grid (pairs, S_SPLIT). Every program of a pair merges the compressed (m, l)
-   partials into the log-sum-exp, turns the scores into probabilities summed over the pair's query
-   heads (into a scratch row of its own), maps those onto selection blocks by overlap (Eq. 9,
-   0-based), forces the initial and local blocks (+inf), drops invalid ones (j > t // l'), and takes
-   the top-n by n arg-max passes over int64 keys (ties to the lower index). Program i_s then attends to
-   the picks of rank i_s, i_s + S_SPLIT, ... in tiles whose loads do not wait on the arg-max, writes a
-   partial, and adds up its slice of the layer input times the gate projection. The last program of
-   the pair to arrive (an atomic counter) computes the gates (sigmoid(w_gate x + b_gate), fp32),
-   merges each branch's partials and writes g_cmp * o_cmp + g_slc * o_slc + g_win * o_win: no
-   separate importance, gate or combine kernel, whose launches cost more than their work at batch 1.
+   way. The compressed keys are read once.
+2. `_importance_kernel`, grid (pairs, chunks): merges the compressed (m, l) partials into the
+   log-sum-exp and turns a chunk of the scores into probabilities summed over the pair's query heads
+   (one fp32 per compressed block).
+3. `_select_kernel`, grid (pairs, S_SPLIT): maps those onto selection blocks by overlap (Eq. 9,
+   0-based), forces the initial and local blocks (+inf) and drops invalid ones (j > t // l'), takes
+   the top-n by n arg-max passes over int64 keys (ties to the lower index), then attends to its share
+   of the picked blocks (tokens <= t) in tiles whose loads do not wait on the arg-max, and writes a
+   partial.
+4. `_combine_kernel`, grid (B * HQ,): per query head, computes its three gates from the layer's input
+   (sigmoid(w_gate x + b_gate), fp32: no separate projection kernel), merges each branch's partials
+   (one load of all of them) and writes g_cmp * o_cmp + g_slc * o_slc + g_win * o_win.
 
 The softmax runs in base 2 (scores times log2(e), exp2), the partials and scores too; only the output
 leaves the step. Grid sizes and chunk lengths depend only on static shapes (batch, heads, cache
@@ -119,7 +119,7 @@ def _store_partial(p_pm, p_pl, p_pacc, i_pair, slot, b_m, b_l, b_acc, o_g, o_d, 
 # compiles nothing (Triton would specialise a value of 1 or a multiple of 16).
 @triton.jit(do_not_specialize=["w_slots", "nc_used"])
 def _partials_kernel(
-    Q, QR, CK, CV, KW, VW, TPOS, PM, PL, PACC, SC, CTR,
+    Q, QR, CK, CV, KW, VW, TPOS, PM, PL, PACC, SC,
     sq_b, sq_h, sck_b, sck_r, sck_h, skw_b, skw_s, skw_h, qk_scale, w_slots, nc_chunk, w_chunk, nc_used,
     HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SC_ROW: tl.constexpr,
     NUM_MEM: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
@@ -134,8 +134,6 @@ def _partials_kernel(
     b_l = tl.zeros([BLOCK_G], tl.float32)
     b_acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     p_sc = SC + i_pair.to(tl.int64) * (BLOCK_G * SC_ROW)
-    if i_c == 0:
-        tl.store(CTR + i_pair, 0)  # the select kernel's arrival counter, zero before it runs
     slot = i_c
     if i_c < nc_used:
         # Compressed rows [i_c * nc_chunk, ...) of the memory rows + the blocks complete at t.
@@ -157,128 +155,62 @@ def _partials_kernel(
     _store_partial(PM, PL, PACC, i_pair, slot, b_m, b_l, b_acc, o_g, o_d, NPART, BLOCK_G, BLOCK_D)
 
 
-@triton.jit
-def _pair_probabilities(PM, PL, SC, p_pc, i_pair, t, nc_used, o_g, m_g, SC_ROW: tl.constexpr, L_CMP: tl.constexpr,
-                        STRIDE: tl.constexpr, NC_PAD: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr,
-                        BLOCK_P: tl.constexpr):
-    """p[i] = sum over the pair's query heads g of 2^(s[g, i] - lse[g]) for the compressed blocks visible
-    at t, into p_pc (base-2 scores and lse; lse from the compressed partials)."""
+@triton.jit(do_not_specialize=["nc_used"])
+def _importance_kernel(
+    TPOS, PM, PL, SC, PC, nc_used,
+    HS: tl.constexpr, GS: tl.constexpr, SC_ROW: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
+    P_CHUNK: tl.constexpr,
+    NC_PAD: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """p[i] = sum over the pair's query heads g of 2^(s[g, i] - lse[g]) (base-2 scores and lse), compressed
+    blocks [i_c * P_CHUNK, (i_c + 1) * P_CHUNK) of program i_c; lse from the compressed partials."""
+    i_pair = tl.program_id(0)
+    i_c = tl.program_id(1)
+    t = tl.load(TPOS + i_pair // HS).to(tl.int32)
+    o_g = tl.arange(0, BLOCK_G)
     o_c = tl.arange(0, NC_PAD)
+    m_g = o_g < GS
     o_row = (i_pair.to(tl.int64) * BLOCK_G + o_g)[:, None] * NPART + o_c[None, :]
     m_c = (o_c < nc_used)[None, :]
     b_mc = tl.load(PM + o_row, mask=m_c, other=_NO_KEY)
     b_lc = tl.load(PL + o_row, mask=m_c, other=0.0)
     b_m = tl.max(b_mc, axis=1)
     b_l = tl.sum(b_lc * tl.exp2(b_mc - b_m[:, None]), axis=1)
-    m_has = m_g & (b_l > 0)
+    m_has = b_l > 0
     b_lse = b_m + tl.log2(tl.where(m_has, b_l, 1.0))
     n_vis = num_visible_blocks(t, L_CMP, STRIDE)
     p_sc = SC + i_pair.to(tl.int64) * (BLOCK_G * SC_ROW)
+    p_pc = PC + i_pair.to(tl.int64) * SC_ROW
     o_p = tl.arange(0, BLOCK_P)
-    for i_p in range(0, n_vis, BLOCK_P):
+    lo = i_c * P_CHUNK
+    hi = tl.minimum(lo + P_CHUNK, n_vis)
+    for i_p in range(lo, hi, BLOCK_P):
         o_i = i_p + o_p
-        m_i = o_i < n_vis
-        m_s = m_has[:, None] & m_i[None, :]
+        m_i = o_i < hi
+        m_s = m_g[:, None] & m_i[None, :] & m_has[:, None]
         b_s = tl.load(p_sc + o_g[:, None] * SC_ROW + o_i[None, :], mask=m_s, other=0.0)
         tl.store(p_pc + o_i, tl.sum(tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0), axis=0), mask=m_i)
 
 
 @triton.jit
-def _gate_logits(X, WG, b, hq0, o_g, m_g, sx_b, swg, k_first, k_step, DIM: tl.constexpr, BLOCK_G: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    """[BLOCK_G, 4]: w_gate x over the input features k_first + k_step * u + [0, BLOCK_K) of rows
-    3 * (hq0 + g) + r (r < 3: cmp, slc, win) of the gate projection, in fp32; column 3 is 0."""
-    o_r = tl.arange(0, 4)
-    o_k = tl.arange(0, BLOCK_K)
-    m_gr = m_g[:, None] & (o_r < 3)[None, :]
-    p_w = WG + ((hq0 + o_g)[:, None] * 3 + o_r[None, :]).to(tl.int64)[:, :, None] * swg
-    b_z = tl.zeros([BLOCK_G, 4], tl.float32)
-    for k0 in range(k_first, DIM, k_step):
-        m_k = k0 + o_k < DIM
-        b_x = tl.load(X + b * sx_b + k0 + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_w = tl.load(p_w + (k0 + o_k)[None, None, :], mask=m_gr[:, :, None] & m_k[None, None, :], other=0.0)
-        b_z += tl.sum(b_w.to(tl.float32) * b_x[None, None, :], axis=2)
-    return b_z
-
-
-@triton.jit
-def _column(b_x, o_c, c):
-    """Column c of b_x [rows, cols] (o_c: the column numbers)."""
-    return tl.sum(tl.where(o_c[None, :] == c, b_x, 0.0), axis=1)
-
-
-@triton.jit
-def _branch_weights(b_mc, b_lc, m_branch, b_gate):
-    """Weights [rows, slots] that merge the partials where m_branch into the branch's normalised output,
-    times the rows' gate: a(slot) / sum_slots(a * l), a = 2^(m - max m)."""
-    b_mb = tl.where(m_branch[None, :], b_mc, _NO_KEY)
-    b_a = tl.where(m_branch[None, :], tl.exp2(b_mb - tl.max(b_mb, axis=1)[:, None]), 0.0)
-    b_l = tl.sum(b_a * b_lc, axis=1)
-    return b_a * (b_gate / tl.where(b_l > 0, b_l, 1.0))[:, None]
-
-
-@triton.jit
-def _combine_pair(O, BG, PM, PL, PACC, ZP, i_pair, hq0, o_q, o_g, m_g, o_d, m_d, nc_used, w_used,
-                  S_SPLIT: tl.constexpr, NC_SPLIT: tl.constexpr, W_SPLIT: tl.constexpr, NPART: tl.constexpr,
-                  NPART_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The pair's output rows: gates from the S_SPLIT slices of the gate logits, then each branch's partials
-    merged (their weights, gate included, first; then one pass over the slots in use) and summed."""
-    o_r = tl.arange(0, 4)
-    o_z = (i_pair.to(tl.int64) * S_SPLIT * BLOCK_G + o_g[:, None]) * 4 + o_r[None, :]
-    b_z = tl.zeros([BLOCK_G, 4], tl.float32)
-    for i_s in range(S_SPLIT):
-        b_z += tl.load(ZP + o_z + i_s * BLOCK_G * 4)
-    m_gr = m_g[:, None] & (o_r < 3)[None, :]
-    b_gate = tl.sigmoid(b_z + tl.load(BG + (hq0 + o_g)[:, None] * 3 + o_r[None, :], mask=m_gr, other=0.0))
-    o_c = tl.arange(0, NPART_PAD)
-    m_cmp = o_c < nc_used
-    m_win = (o_c >= NC_SPLIT) & (o_c < NC_SPLIT + w_used)
-    m_slc = (o_c >= NC_SPLIT + W_SPLIT) & (o_c < NPART)
-    o_first = (i_pair.to(tl.int64) * BLOCK_G + o_g) * NPART  # slot 0 of each row
-    o_row = o_first[:, None] + o_c[None, :]
-    m_c = m_g[:, None] & (m_cmp | m_win | m_slc)[None, :]  # slots not in use were never written
-    b_mc = tl.load(PM + o_row, mask=m_c, other=_NO_KEY)
-    b_lc = tl.load(PL + o_row, mask=m_c, other=0.0)
-    b_w = _branch_weights(b_mc, b_lc, m_cmp, _column(b_gate, o_r, 0))
-    b_w += _branch_weights(b_mc, b_lc, m_slc, _column(b_gate, o_r, 1))
-    b_w += _branch_weights(b_mc, b_lc, m_win, _column(b_gate, o_r, 2))
-    b_o = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for c in range(NPART):
-        m_use = _column(m_c.to(tl.float32), o_c, c) > 0  # per row (a scalar mask would do, not in the interpreter)
-        o_acc = (o_first + c)[:, None] * BLOCK_D + o_d[None, :]
-        b_acc = tl.load(PACC + o_acc, mask=m_use[:, None], other=0.0)
-        b_o += _column(b_w, o_c, c)[:, None] * b_acc
-    tl.store(O + o_q, b_o.to(O.dtype.element_ty), mask=m_g[:, None] & m_d[None, :])
-
-
-# The chunks in use follow the cache's length: unspecialised, as in _partials_kernel.
-@triton.jit(do_not_specialize=["nc_used", "w_used"])
 def _select_kernel(
-    QR, KS, VS, TPOS, IDX, PM, PL, PACC, SC, PC, X, WG, BG, ZP, CTR, O,
-    sq_b, sq_h, sks_b, sks_s, sks_h, sx_b, swg, qk_scale, nc_used, w_used,
-    HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DIM: tl.constexpr, SC_ROW: tl.constexpr,
+    QR, KS, VS, TPOS, IDX, PM, PL, PACC, PC,
+    sq_b, sq_h, sks_b, sks_s, sks_h, qk_scale,
+    HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SC_ROW: tl.constexpr,
     L_CMP: tl.constexpr, STRIDE: tl.constexpr,
     SEL: tl.constexpr, NSEL: tl.constexpr, NSEL_PAD: tl.constexpr, NUM_INIT: tl.constexpr,
     NUM_LOCAL: tl.constexpr, NS_PAD: tl.constexpr, R_OVL: tl.constexpr, S_SPLIT: tl.constexpr,
-    NC_SPLIT: tl.constexpr, W_SPLIT: tl.constexpr, NC_PAD: tl.constexpr, NPART: tl.constexpr,
-    NPART_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    SLOT0: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Top-n of the pair (every program of the pair computes it; program 0 writes the indices), then
-    program i_s attends to the picks of rank i_s, i_s + S_SPLIT, ... and writes partial
-    NC_SPLIT + W_SPLIT + i_s; the pair's last program to finish merges all partials into the output."""
+    program i_s attends to the picks of rank i_s, i_s + S_SPLIT, ... and writes partial SLOT0 + i_s."""
     i_pair = tl.program_id(0)
     i_s = tl.program_id(1)
     b, h, t, o_g, m_g, o_d, m_d, o_q = _pair_heads(i_pair, TPOS, sq_b, sq_h, HS, GS, G, D, BLOCK_G, BLOCK_D)
     o_n = tl.arange(0, BLOCK_N)
 
     # ---- importance of selection block j: sum_i c(i, j) * p[i] over the blocks i overlapping it -----
-    # p goes through a scratch row of this program's own (the overlap sum gathers it by index); the
-    # barrier makes the row's stores visible to all of the program's threads.
-    p_pc = PC + (i_pair.to(tl.int64) * S_SPLIT + i_s) * SC_ROW
-    _pair_probabilities(PM, PL, SC, p_pc, i_pair, t, nc_used, o_g, m_g, SC_ROW, L_CMP, STRIDE, NC_PAD, NPART,
-                        BLOCK_G, BLOCK_P)
-    tl.debug_barrier()
     n_vis = num_visible_blocks(t, L_CMP, STRIDE)
     PER_CMP: tl.constexpr = L_CMP // STRIDE  # chunks per compressed block
     PER_SEL: tl.constexpr = SEL // STRIDE  # chunks per selection block
@@ -289,7 +221,7 @@ def _select_kernel(
     o_hi = tl.minimum(o_i + PER_CMP, (o_j[:, None] + 1) * PER_SEL)
     b_w = tl.maximum(o_hi - o_lo, 0).to(tl.float32)
     m_i = (o_i >= 0) & (o_i < n_vis) & (o_r[None, :] < PER_SEL + PER_CMP - 1)
-    b_pc = tl.load(p_pc + o_i, mask=m_i, other=0.0)
+    b_pc = tl.load(PC + i_pair.to(tl.int64) * SC_ROW + o_i, mask=m_i, other=0.0)
     b_imp = tl.sum(b_w * b_pc, axis=1)
     cur = t // SEL
     m_valid = o_j <= cur
@@ -333,21 +265,57 @@ def _select_kernel(
         b_v = tl.load(p_v + o_kv, mask=m_kv, other=0.0)
         b_s = tl.where(m_tok[None, :], dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale, float("-inf"))
         b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC, UPCAST)
-    _store_partial(PM, PL, PACC, i_pair, NC_SPLIT + W_SPLIT + i_s, b_m, b_l, b_acc, o_g, o_d, NPART, BLOCK_G,
-                   BLOCK_D)
+    _store_partial(PM, PL, PACC, i_pair, SLOT0 + i_s, b_m, b_l, b_acc, o_g, o_d, NPART, BLOCK_G, BLOCK_D)
 
-    # ---- this program's slice of the gate logits; the last to arrive combines --------------------------
-    hq0 = (i_pair % HS) * GS
-    b_z = _gate_logits(X, WG, b, hq0, o_g, m_g, sx_b, swg, i_s * BLOCK_K, S_SPLIT * BLOCK_K, DIM, BLOCK_G, BLOCK_K)
-    o_r4 = tl.arange(0, 4)
-    tl.store(ZP + ((i_pair.to(tl.int64) * S_SPLIT + i_s) * BLOCK_G + o_g[:, None]) * 4 + o_r4[None, :], b_z)
-    # All of this program's stores before its arrival (the barrier), released by the counter's atomic and
-    # acquired by the last program's (acq_rel), so that one reads every partial of the pair.
-    tl.debug_barrier()
-    arrived = tl.atomic_add(CTR + i_pair, 1, sem="acq_rel")
-    if arrived == S_SPLIT - 1:
-        _combine_pair(O, BG, PM, PL, PACC, ZP, i_pair, hq0, o_q, o_g, m_g, o_d, m_d, nc_used, w_used, S_SPLIT,
-                      NC_SPLIT, W_SPLIT, NPART, NPART_PAD, BLOCK_G, BLOCK_D)
+
+@triton.jit
+def _branch(b_mc, b_lc, b_accc, m_branch):
+    """Merge the partials (rows of b_mc, b_lc, b_accc) where m_branch into the normalised branch output."""
+    b_mc = tl.where(m_branch, b_mc, _NO_KEY)
+    b_a = tl.where(m_branch, tl.exp2(b_mc - tl.max(b_mc, axis=0)), 0.0)
+    b_l = tl.sum(b_a * b_lc, axis=0)
+    return tl.sum(b_a[:, None] * b_accc, axis=0) / tl.where(b_l > 0, b_l, 1.0)
+
+
+@triton.jit(do_not_specialize=["nc_used", "w_used"])
+def _combine_kernel(
+    X, WG, BG, O, PM, PL, PACC, sx_b, swg, so_b, so_h, nc_used, w_used,
+    HQ: tl.constexpr, HS: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, DIM: tl.constexpr,
+    NC_SPLIT: tl.constexpr, W_SPLIT: tl.constexpr, NPART: tl.constexpr, NPART_PAD: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One query head: its gates from the layer input, then merge each branch's partials (one load of
+    all the slots in use) and gate them."""
+    i_bh = tl.program_id(0)
+    b = (i_bh // HQ).to(tl.int64)
+    hq = i_bh % HQ
+    # Gates: rows 3 * hq + (cmp, slc, win) of the projection, dot x in fp32, plus bias, sigmoid.
+    o_r = tl.arange(0, 4)
+    m_r = o_r < 3
+    o_k = tl.arange(0, BLOCK_K)
+    p_w = WG + (hq * 3 + o_r)[:, None].to(tl.int64) * swg
+    b_z = tl.load(BG + hq * 3 + o_r, mask=m_r, other=0.0).to(tl.float32)
+    for k0 in range(0, DIM, BLOCK_K):
+        m_k = k0 + o_k < DIM
+        b_x = tl.load(X + b * sx_b + k0 + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_w = tl.load(p_w + (k0 + o_k)[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        b_z += tl.sum(b_w * b_x[None, :], axis=1)
+    b_g = tl.sigmoid(b_z)
+    pair = b * HS + hq // GS
+    o_c = tl.arange(0, NPART_PAD)
+    o_d = tl.arange(0, BLOCK_D)
+    m_cmp = o_c < nc_used
+    m_win = (o_c >= NC_SPLIT) & (o_c < NC_SPLIT + w_used)
+    m_slc = (o_c >= NC_SPLIT + W_SPLIT) & (o_c < NPART)
+    m_c = m_cmp | m_win | m_slc  # slots not in use were never written
+    o_row = (pair * BLOCK_G + hq % GS) * NPART + o_c
+    b_mc = tl.load(PM + o_row, mask=m_c, other=_NO_KEY)
+    b_lc = tl.load(PL + o_row, mask=m_c, other=0.0)
+    b_accc = tl.load(PACC + o_row[:, None] * BLOCK_D + o_d[None, :], mask=m_c[:, None], other=0.0)
+    b_o = tl.sum(tl.where(o_r == 0, b_g, 0.0), axis=0) * _branch(b_mc, b_lc, b_accc, m_cmp)
+    b_o += tl.sum(tl.where(o_r == 1, b_g, 0.0), axis=0) * _branch(b_mc, b_lc, b_accc, m_slc)
+    b_o += tl.sum(tl.where(o_r == 2, b_g, 0.0), axis=0) * _branch(b_mc, b_lc, b_accc, m_win)
+    tl.store(O + b * so_b + hq.to(tl.int64) * so_h + o_d, b_o.to(O.dtype.element_ty), mask=o_d < D)
 
 
 def _plan(pairs, nc_rows, w_len, num_selected, block_n, sms):
@@ -404,18 +372,13 @@ def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, x, w_gate, b_ga
     nc_chunk, w_chunk = _chunk(nc_rows, nc_split, block_n), _chunk(w_len, w_split, block_n)
     nc_used, w_used = ceil_div(max(nc_rows, 1), nc_chunk), ceil_div(max(w_len, 1), w_chunk)
     block_p = max(16, min(128, triton.next_power_of_2(sc_row)))
-    dim = x.shape[1]
-    # Each selection program adds up dim / S_SPLIT input features of the gate logits, in chunks of a
-    # [BLOCK_G, 4, BLOCK_K] tile of the projection.
-    block_k = max(16, min(triton.next_power_of_2(ceil_div(dim, s_split)), 8192 // (4 * BLOCK_G)))
+    p_chunk = _chunk(sc_row, nc_split, block_p)
     f32 = dict(dtype=torch.float32, device=q.device)
     pm = _empty(pairs * BLOCK_G * npart, **f32)
     pl = _empty(pairs * BLOCK_G * npart, **f32)
     pacc = _empty(pairs * BLOCK_G * npart * BLOCK_D, **f32)
     sc = _empty(pairs * BLOCK_G * sc_row, **f32)  # base-2 compressed scores per query head
-    pc = _empty(pairs * s_split * sc_row, **f32)  # their probabilities summed over the pair's heads, per program
-    zp = _empty(pairs * s_split * BLOCK_G * 4, **f32)  # slices of the gate logits
-    ctr = _empty(pairs, dtype=torch.int32, device=q.device)  # arrivals; zeroed by the partials kernel
+    pc = _empty(pairs * sc_row, **f32)  # their probabilities summed over the pair's heads
     o = _empty(q.shape, dtype=q.dtype, device=q.device)
     idx = _empty((B, Hs, num_selected), dtype=torch.int32, device=q.device)
     prec, upcast = dot_precision(q.dtype)
@@ -424,19 +387,25 @@ def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, x, w_gate, b_ga
     attn = dict(G=G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n, PREC=prec, UPCAST=upcast, num_warps=num_warps)
     cmp = dict(SC_ROW=sc_row, L_CMP=block, STRIDE=stride)
     _partials_kernel[(pairs, nc_used + w_used)](
-        q, q_rot, ck, cv, k_win, v_win, t, pm, pl, pacc, sc, ctr,
+        q, q_rot, ck, cv, k_win, v_win, t, pm, pl, pacc, sc,
         q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ck.stride(2),
         k_win.stride(0), k_win.stride(1), k_win.stride(2), qk_scale, W, nc_chunk, w_chunk, nc_used,
         NUM_MEM=num_mem, WINDOW=window, NC_SPLIT=nc_split, **common, **attn, **cmp)
+    _importance_kernel[(pairs, ceil_div(max(nc_rows - num_mem, 1), p_chunk))](
+        t, pm, pl, sc, pc, nc_used, NC_PAD=triton.next_power_of_2(nc_split), P_CHUNK=p_chunk, BLOCK_P=block_p,
+        **common, **cmp, num_warps=4)
     per_cmp, per_sel = block // stride, sel_block // stride
     _select_kernel[(pairs, s_split)](
-        q_rot, k_slc, v_slc, t, idx, pm, pl, pacc, sc, pc, x, w_gate, b_gate, zp, ctr, o,
-        q.stride(0), q.stride(1), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2), x.stride(0), w_gate.stride(0),
-        qk_scale, nc_used, w_used,
-        DIM=dim, SEL=sel_block, NSEL=num_selected, NSEL_PAD=triton.next_power_of_2(num_selected),
-        NUM_INIT=num_initial, NUM_LOCAL=num_local, NS_PAD=ns_pad, R_OVL=triton.next_power_of_2(per_sel + per_cmp - 1),
-        S_SPLIT=s_split, NC_SPLIT=nc_split, W_SPLIT=w_split, NC_PAD=triton.next_power_of_2(nc_split),
-        NPART_PAD=triton.next_power_of_2(npart), BLOCK_P=block_p, BLOCK_K=block_k, **common, **attn, **cmp)
+        q_rot, k_slc, v_slc, t, idx, pm, pl, pacc, pc,
+        q.stride(0), q.stride(1), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2), qk_scale,
+        SEL=sel_block, NSEL=num_selected, NSEL_PAD=triton.next_power_of_2(num_selected), NUM_INIT=num_initial,
+        NUM_LOCAL=num_local, NS_PAD=ns_pad, R_OVL=triton.next_power_of_2(per_sel + per_cmp - 1), S_SPLIT=s_split,
+        SLOT0=nc_split + w_split, **common, **attn, **cmp)
+    dim = x.shape[1]
+    _combine_kernel[(B * HQ,)](
+        x, w_gate, b_gate, o, pm, pl, pacc, x.stride(0), w_gate.stride(0), o.stride(0), o.stride(1), nc_used,
+        w_used, HQ=HQ, D=D, DIM=dim, NC_SPLIT=nc_split, W_SPLIT=w_split, NPART_PAD=triton.next_power_of_2(npart),
+        BLOCK_D=BLOCK_D, BLOCK_K=min(1024, triton.next_power_of_2(dim)), **common, num_warps=4)
     return o, idx
 
 
