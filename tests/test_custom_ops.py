@@ -69,10 +69,10 @@ def test_selection(layout, full):
     k, v = (_randn(1, T, H, D, layout=layout, grad=True) for _ in range(2))
     idx = _layout(_indices(T, H, 2), layout)
     _check(selection._fwd_op, (q, k, v, idx, P.sel_block, 0.25), full)
-    o, lse = selection._fwd_op(q, k, v, idx, P.sel_block, 0.25)
+    o, lse, *walk = selection._fwd_op(q, k, v, idx, P.sel_block, 0.25)
     do = _layout(torch.randn_like(o), layout)
-    _check(selection._bwd_op, (do, q.detach(), k.detach(), v.detach(), o.detach(), lse, idx, P.sel_block, 0.25),
-           full)
+    _check(selection._bwd_op, (do, q.detach(), k.detach(), v.detach(), o.detach(), lse, idx, *walk, P.sel_block,
+                               0.25), full)
 
 
 @pytest.mark.parametrize("full", TIERS)

@@ -160,10 +160,26 @@ def test_lse_is_not_differentiable():
     # The op's lse is the backward's statistic: it carries no gradient, and a loss on it alone fails.
     q, k, v, _ = _inputs(1, 9, 1, 2, 16, torch.float32)
     idx = _indices(1, 9, 1, 16, 1)
-    o, lse = selection._fwd_op(q.requires_grad_(), k, v, idx, 16, 0.25)
+    o, lse, *_ = selection._fwd_op(q.requires_grad_(), k, v, idx, 16, 0.25)
     assert o.requires_grad and not lse.requires_grad
     with pytest.raises(RuntimeError, match="does not require grad"):
         lse.sum().backward()
+
+
+def test_backward_reuses_the_forwards_tile_unions(monkeypatch):
+    # The dQ tiles are the forward's: one union build per forward + backward, and the same gradients
+    # as a backward that builds its own.
+    q, k, v, do = _inputs(1, 21, 1, 4, 16, torch.float32)
+    idx = _indices(1, 21, 1, 16, 2)
+    builds = []
+    build = selection._tile_union
+    monkeypatch.setattr(selection, "_tile_union", lambda *a: builds.append(1) or build(*a))
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    selection.selection_attention(qs, ks, vs, idx, P16).backward(do)
+    assert len(builds) == 1
+    _, dq, dk, dv = _kernel_grads(q, k, v, do, idx, 16)
+    for got, want in ((qs.grad, dq), (ks.grad, dk), (vs.grad, dv)):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.full

@@ -438,11 +438,32 @@ def _tile_union(indices, H, S, sel_block, tt):
     return uni, bits, cnt
 
 
-def _walk_args(cfg, indices, S, sel_block):
-    """(uni, bits, cnt, UL) for the union walk; the index tensor itself as a dummy for the one-list walk."""
+def tile_walk(q, k, indices, sel_block):
+    """(uni, bits, cnt) of the forward's and dQ's union walk (`_tile_union`), or three empty int32
+    tensors when the tiles walk their one shared list. The forward builds it and the backward reuses
+    it: the same tiles walk the same unions."""
+    cfg, _ = _launch_cfg(q, k, indices, sel_block)
     if cfg["WALK"] != 1:
+        return tuple(indices.new_empty(0) for _ in range(3))
+    return _tile_union(indices, cfg["H"], k.shape[1], sel_block, cfg["TT"])
+
+
+def _walk_shapes(q, k, indices, sel_block):
+    """Shapes and dtypes of `tile_walk`'s tensors, from the input shapes alone (the fake kernel's)."""
+    cfg, (nt, _) = _launch_cfg(q, k, indices, sel_block)
+    if cfg["WALK"] != 1:
+        return ((0,), torch.int32), ((0,), torch.int32), ((0,), torch.int32)
+    B, H = q.shape[0], k.shape[2]
+    ul = min(cfg["TT"] * (cfg["HS"] // H) * cfg["N_SEL"], ceil_div(k.shape[1], sel_block))
+    return ((B, nt, H, ul), torch.int32), ((B, nt, H, ul), torch.int64), ((B, nt, H, 2), torch.int32)
+
+
+def _walk_args(walk, indices):
+    """Kernel arguments (uni, bits, cnt, UL) of a `tile_walk`; the index tensor as a dummy for the
+    one-list walk, which reads none of them."""
+    uni, bits, cnt = walk
+    if uni.numel() == 0:
         return indices, indices, indices, 1
-    uni, bits, cnt = _tile_union(indices, cfg["H"], S, sel_block, cfg["TT"])
     return uni, bits, cnt, uni.shape[-1]
 
 
@@ -497,23 +518,25 @@ def _dkv_items(indices, H, S, sel_block):
             max(1, 2 * total // chunk))
 
 
-def selection_fwd(q, k, v, indices, sel_block, scale, o, lse):
+def selection_fwd(q, k, v, indices, sel_block, scale, o, lse, walk=None):
     """Launch the forward into preallocated o [B, T, HQ, D] and lse [B, T, HQ] fp32 (contiguous
-    inputs); the tests hand in NaN-filled buffers to catch unwritten elements."""
+    inputs); the tests hand in NaN-filled buffers to catch unwritten elements. `walk`: a `tile_walk`
+    of these inputs, built here when not given."""
     T, S = q.shape[1], k.shape[1]
     cfg, grid = _launch_cfg(q, k, indices, sel_block)
-    uni, bits, cnt, ul = _walk_args(cfg, indices, S, sel_block)
+    uni, bits, cnt, ul = _walk_args(walk if walk is not None else tile_walk(q, k, indices, sel_block), indices)
     args = (q, k, v, o, lse, indices, uni, bits, cnt, T, S, sel_block, ul, scale * LOG2E)
     launch = fitting(_sel_fwd_kernel, args, [dict(cfg, **w) for w in WALK_LAUNCHES], q.device.index or 0,
                      key=(q.dtype, *cfg.values()))
     _sel_fwd_kernel[grid](*args, **launch)
 
 
-def selection_dq(do, q, k, v, o, lse, indices, sel_block, scale, dq, delta):
-    """dQ into preallocated dq, and delta = rowsum(dO * O) [B, T, HQ] fp32 (dK/dV's input) into delta."""
+def selection_dq(do, q, k, v, o, lse, indices, sel_block, scale, dq, delta, walk=None):
+    """dQ into preallocated dq, and delta = rowsum(dO * O) [B, T, HQ] fp32 (dK/dV's input) into delta;
+    `walk` as for `selection_fwd`."""
     T, S = q.shape[1], k.shape[1]
     cfg, grid = _launch_cfg(q, k, indices, sel_block)
-    uni, bits, cnt, ul = _walk_args(cfg, indices, S, sel_block)
+    uni, bits, cnt, ul = _walk_args(walk if walk is not None else tile_walk(q, k, indices, sel_block), indices)
     args = (q, k, v, o, do, lse, delta, dq, indices, uni, bits, cnt, T, S, sel_block, ul, scale, scale * LOG2E)
     launch = fitting(_sel_dq_kernel, args, [dict(cfg, **w) for w in WALK_LAUNCHES], q.device.index or 0,
                      key=(q.dtype, *cfg.values()))
@@ -544,57 +567,62 @@ def selection_dkv(do, q, k, v, lse, delta, indices, sel_block, scale, dk, dv):
                                                  H=H, D=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
 
 
-def selection_bwd(do, q, k, v, o, lse, indices, sel_block, scale, dq, dk, dv):
-    """Launch the backward into preallocated dq, dk, dv (contiguous inputs)."""
+def selection_bwd(do, q, k, v, o, lse, indices, sel_block, scale, dq, dk, dv, walk=None):
+    """Launch the backward into preallocated dq, dk, dv (contiguous inputs); `walk` as for `selection_fwd`."""
     delta = lse.new_empty(lse.shape)
-    selection_dq(do, q, k, v, o, lse, indices, sel_block, scale, dq, delta)
+    selection_dq(do, q, k, v, o, lse, indices, sel_block, scale, dq, delta, walk)
     selection_dkv(do, q, k, v, lse, delta, indices, sel_block, scale, dk, dv)
 
 
 @torch.library.custom_op("nsa::selection_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, sel_block: int,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """o, lse and the tile walk (uni, bits, cnt: `tile_walk`), which the backward reuses."""
     q, k, v, indices = (x.contiguous() for x in (q, k, v, indices))
     o = torch.empty_like(q)
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
-    selection_fwd(q, k, v, indices, sel_block, scale, o, lse)
-    return o, lse
+    walk = tile_walk(q, k, indices, sel_block)
+    selection_fwd(q, k, v, indices, sel_block, scale, o, lse, walk)
+    return o, lse, *walk
 
 
 @_fwd_op.register_fake
 def _(q, k, v, indices, sel_block, scale):
     # Contiguous, like the real op's outputs (it makes its inputs contiguous first).
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    walk = (q.new_empty(shape, dtype=dtype) for shape, dtype in _walk_shapes(q, k, indices, sel_block))
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32), *walk
 
 
 @torch.library.custom_op("nsa::selection_attention_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-            lse: torch.Tensor, indices: torch.Tensor, sel_block: int,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    do, q, k, v, o, lse, indices = (x.contiguous() for x in (do, q, k, v, o, lse, indices))
+            lse: torch.Tensor, indices: torch.Tensor, uni: torch.Tensor, bits: torch.Tensor, cnt: torch.Tensor,
+            sel_block: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    do, q, k, v, o, lse, indices, uni, bits, cnt = (x.contiguous() for x in (do, q, k, v, o, lse, indices, uni,
+                                                                             bits, cnt))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    selection_bwd(do, q, k, v, o, lse, indices, sel_block, scale, dq, dk, dv)
+    selection_bwd(do, q, k, v, o, lse, indices, sel_block, scale, dq, dk, dv, (uni, bits, cnt))
     return dq, dk, dv
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, o, lse, indices, sel_block, scale):
+def _(do, q, k, v, o, lse, indices, uni, bits, cnt, sel_block, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, indices, sel_block, scale = inputs
-    o, lse = output
+    o, lse, uni, bits, cnt = output
     # lse is the backward's statistic, not a result (`selection_attention` drops it): no gradient flows
-    # through it, and a loss that uses it alone fails loudly instead of getting a silent zero.
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, indices, o, lse)
+    # through it, and a loss that uses it alone fails loudly instead of getting a silent zero. The walk
+    # is integer bookkeeping.
+    ctx.mark_non_differentiable(lse, uni, bits, cnt)
+    ctx.save_for_backward(q, k, v, indices, o, lse, uni, bits, cnt)
     ctx.sel_block, ctx.scale = sel_block, scale
 
 
-def _backward(ctx, do, dlse):
-    q, k, v, indices, o, lse = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, indices, ctx.sel_block, ctx.scale)
+def _backward(ctx, do, *_):
+    q, k, v, indices, o, lse, uni, bits, cnt = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, indices, uni, bits, cnt, ctx.sel_block, ctx.scale)
     return dq, dk, dv, None, None, None
 
 
