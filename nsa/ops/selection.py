@@ -18,6 +18,7 @@ Kernel layout (docs/KERNELS_SELECTION.md has the numbers behind it):
   and how many union blocks end before the tile's first token: those are walked first with a per-row
   mask only (no causal comparison), the rest with the full mask. Both walks are counted loops, which
   Triton software-pipelines.
+  The forward builds the unions once and returns them; the backward's dQ walks the same ones.
 * dK/dV: no atomics. A reverse index (for each kv block, the (token, index head) entries that picked
   it, in token order) is built on device with a stable sort, then one program per work item walks its
   entries and accumulates dK/dV of one block in fp32. Heavy blocks (block 0 is forced for every
