@@ -164,12 +164,10 @@ def kernel_breakdown(fn, reps=20):
 
 
 def model_cfg(name):
-    from nsa.config import ModelConfig, load_config
+    """The model of configs/enwik8_{name}.yaml, the pair the training benchmarks use."""
+    from nsa.config import load_config
 
-    path = os.path.join(ROOT, "configs", f"enwik8_{name}.yaml")
-    if os.path.exists(path):
-        return load_config(path).model
-    return ModelConfig(dim=512, depth=8, heads=8, kv_heads=2, dim_head=64, attention=name)
+    return load_config(os.path.join(ROOT, "configs", f"enwik8_{name}.yaml")).model
 
 
 def model_bench(args, rows):
