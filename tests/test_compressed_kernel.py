@@ -14,17 +14,11 @@ import torch
 
 from kernel_checks import assert_close, reference_runs
 
-from nsa.ops import range_attention, reference
+from nsa.ops import reference
 from nsa.ops.common import NSAParams, num_compressed_blocks
 from nsa.ops.compressed import compressed_attention
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    """Kernel outputs start as NaN, so an element a kernel forgets to write fails the comparison."""
-    def empty(shape, dtype, device):
-        return torch.full(shape, math.nan, dtype=dtype, device=device)
-
-    monkeypatch.setattr(range_attention, "_empty", empty)
+pytestmark = pytest.mark.usefixtures("poison_range_outputs")
 
 
 def device():

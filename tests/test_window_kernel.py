@@ -6,24 +6,16 @@ tiles inside the band (T = 70, window 33). Errors are measured against the fp64 
 flash-attention's rule (`kernel_checks.assert_close`).
 """
 
-import math
-
 import pytest
 import torch
 
 from kernel_checks import assert_close, reference_runs
 
-from nsa.ops import range_attention, reference
+from nsa.ops import reference
 from nsa.ops.common import NSAParams
 from nsa.ops.window import sliding_window_attention
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    """Kernel outputs start as NaN, so an element a kernel forgets to write fails the comparison."""
-    def empty(shape, dtype, device):
-        return torch.full(shape, math.nan, dtype=dtype, device=device)
-
-    monkeypatch.setattr(range_attention, "_empty", empty)
+pytestmark = pytest.mark.usefixtures("poison_range_outputs")
 
 
 def check(B, T, H, G, D, window, dtype, dev=None):
