@@ -412,6 +412,14 @@ def _tile_union_kernel(idx, uni, ubits, cnt, T, S, BS, NB, UL, HS: tl.constexpr,
     tl.store(cnt + o_tile * 2 + 1, n)
 
 
+def _union_shapes(index_shape, H, S, sel_block, tt):
+    """(shape, dtype) of `_tile_union`'s uni, bits and cnt for indices of `index_shape` [B, T, Hs, n]:
+    one row per tile, UL = min(a tile's entries, NB) slots."""
+    B, T, Hs, n = index_shape
+    nt, ul = ceil_div(T, tt), min(tt * (Hs // H) * n, ceil_div(S, sel_block))
+    return ((B, nt, H, ul), torch.int32), ((B, nt, H, ul), torch.int64), ((B, nt, H, 2), torch.int32)
+
+
 def _tile_union(indices, H, S, sel_block, tt):
     """Sorted union of the block lists of each forward/dQ tile, on device and with no host sync.
 
@@ -423,12 +431,10 @@ def _tile_union(indices, H, S, sel_block, tt):
     """
     B, T, Hs, n = indices.shape
     NB = ceil_div(S, sel_block)
-    nt = ceil_div(T, tt)
     entries = tt * (Hs // H) * n
-    ul = min(entries, NB)
-    uni = torch.empty(B, nt, H, ul, dtype=torch.int32, device=indices.device)
-    bits = torch.empty(B, nt, H, ul, dtype=torch.int64, device=indices.device)
-    cnt = torch.empty(B, nt, H, 2, dtype=torch.int32, device=indices.device)
+    uni, bits, cnt = (torch.empty(shape, dtype=dtype, device=indices.device)
+                      for shape, dtype in _union_shapes(indices.shape, H, S, sel_block, tt))
+    nt, ul = uni.shape[1], uni.shape[3]
     # The membership test is a [BLOCK_L, BLOCK_J] tile (and its int64 bits): 32 blocks a step up to 256
     # entries, fewer for longer lists so the tile stays in registers, and never more than there are
     # blocks (short sequences; every launch of the configs has NB >= 32).
@@ -451,20 +457,18 @@ def tile_walk(q, k, indices, sel_block):
 
 def _walk_shapes(q, k, indices, sel_block):
     """Shapes and dtypes of `tile_walk`'s tensors, from the input shapes alone (the fake kernel's)."""
-    cfg, (nt, _) = _launch_cfg(q, k, indices, sel_block)
+    cfg, _ = _launch_cfg(q, k, indices, sel_block)
     if cfg["WALK"] != 1:
         return ((0,), torch.int32), ((0,), torch.int32), ((0,), torch.int32)
-    B, H = q.shape[0], k.shape[2]
-    ul = min(cfg["TT"] * (cfg["HS"] // H) * cfg["N_SEL"], ceil_div(k.shape[1], sel_block))
-    return ((B, nt, H, ul), torch.int32), ((B, nt, H, ul), torch.int64), ((B, nt, H, 2), torch.int32)
+    return _union_shapes(indices.shape, cfg["H"], k.shape[1], sel_block, cfg["TT"])
 
 
-def _walk_args(walk, indices):
-    """Kernel arguments (uni, bits, cnt, UL) of a `tile_walk`; the index tensor as a dummy for the
-    one-list walk, which reads none of them."""
-    uni, bits, cnt = walk
-    if uni.numel() == 0:
+def _walk_args(cfg, walk, indices):
+    """Kernel arguments (uni, bits, cnt, UL) of a `tile_walk` for the launch `cfg`; the index tensor as
+    a dummy for the one-list walk, which reads none of them."""
+    if cfg["WALK"] != 1:
         return indices, indices, indices, 1
+    uni, bits, cnt = walk
     return uni, bits, cnt, uni.shape[-1]
 
 
@@ -525,7 +529,8 @@ def selection_fwd(q, k, v, indices, sel_block, scale, o, lse, walk=None):
     of these inputs, built here when not given."""
     T, S = q.shape[1], k.shape[1]
     cfg, grid = _launch_cfg(q, k, indices, sel_block)
-    uni, bits, cnt, ul = _walk_args(walk if walk is not None else tile_walk(q, k, indices, sel_block), indices)
+    uni, bits, cnt, ul = _walk_args(cfg, walk if walk is not None else tile_walk(q, k, indices, sel_block),
+                                    indices)
     args = (q, k, v, o, lse, indices, uni, bits, cnt, T, S, sel_block, ul, scale * LOG2E)
     launch = fitting(_sel_fwd_kernel, args, [dict(cfg, **w) for w in WALK_LAUNCHES], q.device.index or 0,
                      key=(q.dtype, *cfg.values()))
@@ -537,7 +542,8 @@ def selection_dq(do, q, k, v, o, lse, indices, sel_block, scale, dq, delta, walk
     `walk` as for `selection_fwd`."""
     T, S = q.shape[1], k.shape[1]
     cfg, grid = _launch_cfg(q, k, indices, sel_block)
-    uni, bits, cnt, ul = _walk_args(walk if walk is not None else tile_walk(q, k, indices, sel_block), indices)
+    uni, bits, cnt, ul = _walk_args(cfg, walk if walk is not None else tile_walk(q, k, indices, sel_block),
+                                    indices)
     args = (q, k, v, o, do, lse, delta, dq, indices, uni, bits, cnt, T, S, sel_block, ul, scale, scale * LOG2E)
     launch = fitting(_sel_dq_kernel, args, [dict(cfg, **w) for w in WALK_LAUNCHES], q.device.index or 0,
                      key=(q.dtype, *cfg.values()))
