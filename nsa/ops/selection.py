@@ -46,11 +46,11 @@ DKV_ROWS = 128
 # stages: with 64-row tiles on an H200, 2 stages was 5-10% slower, 4 stages within 2%, 8 warps 1.9x
 # slower), then fewer stages for a card with less shared memory (`utils.fitting`).
 WALK_LAUNCHES = (dict(num_warps=4), dict(num_warps=4, num_stages=2), dict(num_warps=4, num_stages=1))
-# (rows per step, num_warps, num_stages) of dK/dV, the same way: 8 warps (the 64 x 128 fp32 dK and dV
-# accumulators; 4 measured slower on an H100) and 2 stages (3.5% faster than 3 and 4 at the enwik8
-# model's shape, H200; 256 rows do not fit), then fewer stages, then fewer rows.
-DKV_LAUNCHES = ((DKV_ROWS, 8, 2), (DKV_ROWS, 8, 1), (DKV_ROWS // 2, 8, 2), (DKV_ROWS // 2, 8, 1),
-                (DKV_ROWS // 4, 8, 1))
+# (rows per step, num_warps, num_stages) of dK/dV, the same way: 4 warps and 2 stages with the
+# keys-major dots (H200, enwik8 model's shape, real picks: 0.84-0.86x the time of the rows-major step's
+# 8 warps at G = 4 and 0.90-0.95x at G = 8; keys-major with 8 warps spills), then fewer stages, then fewer rows.
+DKV_LAUNCHES = ((DKV_ROWS, 4, 2), (DKV_ROWS, 4, 1), (DKV_ROWS // 2, 4, 2), (DKV_ROWS // 2, 4, 1),
+                (DKV_ROWS // 4, 4, 1))
 
 
 def _pow2(x):
@@ -292,13 +292,15 @@ def _sel_dkv_kernel(q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries,
             b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * LOG2E_C)
             b_delta = tl.load(delta + o_row, mask=m_e, other=0.)
 
-            b_s = dot(b_q, tl.trans(b_k), PREC, UPCAST) * scale_log2
-            m_vis = m_e[:, None] & m_s[None, :] & (o_s[None, :] <= o_t[:, None])
-            b_p = tl.where(m_vis, tl.exp2(b_s - b_lse2[:, None]), 0.)
-            b_dv += dot(tl.trans(b_p.to(b_do.dtype)), b_do, PREC, UPCAST)
-            b_dp = dot(b_do, tl.trans(b_v), PREC, UPCAST)
-            b_ds = b_p * (b_dp - b_delta[:, None])
-            b_dk += dot(tl.trans(b_ds.to(b_q.dtype)), b_q, PREC, UPCAST)
+            # Keys-major (S^T = K Q^T): P^T and dS^T come out of their dots already in the layout of
+            # the next dot's left operand, so no [rows, keys] tile is transposed in registers.
+            b_s_t = dot(b_k, tl.trans(b_q), PREC, UPCAST) * scale_log2
+            m_vis = m_s[:, None] & m_e[None, :] & (o_s[:, None] <= o_t[None, :])
+            b_p_t = tl.where(m_vis, tl.exp2(b_s_t - b_lse2[None, :]), 0.)
+            b_dv += dot(b_p_t.to(b_do.dtype), b_do, PREC, UPCAST)
+            b_dp_t = dot(b_v, tl.trans(b_do), PREC, UPCAST)
+            b_ds_t = b_p_t * (b_dp_t - b_delta[None, :])
+            b_dk += dot(b_ds_t.to(b_q.dtype), b_q, PREC, UPCAST)
         b_dk *= scale
 
         i_slot = tl.load(item_slot + i_w)
