@@ -372,7 +372,9 @@ def _group_pad(G):
 # shared memory with no register spill; a card with less shared memory gets the first of `_shrunk`
 # that fits (`utils.fitting`).
 FWD_TILES = {64: (128, 64, 4, 3), 128: (128, 128, 8, 2)}  # prefix rules (compressed): long key loops
-FWD_TILES_BANDED = {64: (128, 64, 4, 3), 128: (128, 64, 8, 2)}  # window: ~9 key tiles of 64 per query tile
+# Window: ~9 key tiles of 64 per query tile. D <= 64: 8 warps took 0.88x the time of 4 at the enwik8
+# model's shape (G = 8) on an H200 (docs/BENCHMARKS.md, sixth round).
+FWD_TILES_BANDED = {64: (128, 64, 8, 3), 128: (128, 64, 8, 2)}
 # D <= 64 backward: 64 x 64 tiles with 4 warps took 0.69x (compressed) and 0.77x (window) the backward
 # time of the former (128, 64, 8, 2) dq and (64, 128, 8, 2) dk/dv tiles at the enwik8 model's shape on
 # an H200 (docs/BENCHMARKS.md). D = 128: 8 warps and BLOCK_M 32 for dk/dv, the other choices spill registers
@@ -382,7 +384,9 @@ DKDV_TILES = {64: (64, 64, 4, 2), 128: (32, 128, 8, 3)}
 # Prefix rules (compressed): the first key tiles are seen by every query, so the dk/dv programs' query
 # ranges are cut into up to MAX_SPLITS pieces, aiming at SPLIT_PROGRAMS_PER_SM programs per SM so the
 # last wave is short; partial sums (fp32, MAX_SPLIT_ELEMENTS at most per buffer) added in a fixed order.
-SPLIT_PROGRAMS_PER_SM = 32
+# 16 rather than 32: fewer partials to write and sum, and still a short last wave (compressed backward
+# 0.92x the time at the enwik8 model's shape, G = 8, H200; 8 within 1% of 16, 4 slower than 32).
+SPLIT_PROGRAMS_PER_SM = 16
 MAX_SPLITS = 64
 MAX_SPLIT_ELEMENTS = 2**27
 
