@@ -31,7 +31,6 @@ from nsa.checkpoint import CheckpointError  # noqa: E402
 from nsa.config import ConfigError  # noqa: E402
 from nsa.data import DataError  # noqa: E402
 from nsa.ops import selection  # noqa: E402
-from nsa.ops.common import ceil_div  # noqa: E402
 
 # H200 SXM bf16 dense tensor-core rate reached by cuBLAS (docs/BENCHMARKS.md): the FLOP floor's rate.
 PEAK_TFLOPS = 790.0
