@@ -7,6 +7,11 @@ One training step = forward + backward + AdamW at bf16 autocast, the same micro-
     python scripts/bench_train.py                       # enwik8 configs at T = 512, 2k, 8k, 32k + seed
     python scripts/bench_train.py --T 512 8192 --no-seed
     python scripts/bench_train.py --compile --compile-mode default reduce-overhead --T 8192 --no-seed
+    python scripts/bench_train.py --compile --T 8192 --no-seed --repeats 3   # NSA, dense, NSA, dense, ...
+
+Run-to-run spread of one model's step on one card is a few percent (more between machines), as large
+as the changes being compared: --repeats N measures the pair N times, alternating, and the table gives
+the median and the range of each.
 """
 
 import argparse
@@ -66,6 +71,26 @@ def measure(name, build, T, batch, args, mode, loss_fn=ours_loss):
         return {**row, "error": f"{type(e).__name__}: {str(e)[:120]}"}
 
 
+def summarize(rows):
+    """One row per (name, T, mode) in first-seen order: the median tokens/s of its measurements, their
+    range ('min-max', or '' for one), and the largest peak; a row whose every measurement failed keeps
+    the first error."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["name"], r["T"], r["mode"]), []).append(r)
+    out = []
+    for runs in groups.values():
+        ok = [r for r in runs if "error" not in r]
+        if not ok:
+            out.append(runs[0])
+            continue
+        tps = [r["tokens_per_s"] for r in ok]
+        spread = f"{min(tps):,.0f}-{max(tps):,.0f}" if len(tps) > 1 else ""
+        out.append({**ok[0], "tokens_per_s": statistics.median(tps), "range": spread,
+                    "peak_gib": max(r["peak_gib"] for r in ok), "measurements": len(tps)})
+    return out
+
+
 def seed_model_cfg(attention):
     """The seed implementation's training-script model: 6 layers, dim 512, 8 / 4 heads, 16/8/16/4/64."""
     return ModelConfig(dim=512, depth=6, heads=8, kv_heads=4, dim_head=64, attention=attention,
@@ -101,7 +126,10 @@ def main():
                    help="torch.compile modes with --compile, each timed in turn; reduce-overhead replays the "
                         "step as CUDA graphs")
     p.add_argument("--no-seed", action="store_true", help="skip the seed-implementation comparison")
+    p.add_argument("--repeats", type=int, default=1, help="measurements of each model, NSA and dense alternating")
     args = p.parse_args()
+    if args.repeats < 1:
+        sys.exit(f"--repeats must be >= 1, got {args.repeats}")
     if not torch.cuda.is_available():
         sys.exit("bench_train.py needs a CUDA GPU")
 
@@ -112,9 +140,10 @@ def main():
     for T in args.T:
         batch = max(1, args.tokens // T)
         for mode in modes:
-            for name, cfg in (("nsa", nsa_cfg), ("dense", dense_cfg)):
-                rows.append(measure(name, lambda c=cfg: Transformer(c), T, batch, args, mode))
-                print(rows[-1], flush=True)
+            for _ in range(args.repeats):
+                for name, cfg in (("nsa", nsa_cfg), ("dense", dense_cfg)):
+                    rows.append(measure(name, lambda c=cfg: Transformer(c), T, batch, args, mode))
+                    print(rows[-1], flush=True)
     if not args.no_seed:
         batch = max(1, args.tokens // 512)
         mode = modes[0]
@@ -133,13 +162,14 @@ def main():
             print(r, flush=True)
 
     lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-             f"triton {__import__('triton').__version__}, compile={args.compile}",
-             "", "| model | T | batch | mode | tokens/s | peak GiB |", "|---|---|---|---|---|---|"]
-    for r in rows:
+             f"triton {__import__('triton').__version__}, compile={args.compile}, repeats={args.repeats}",
+             "", "| model | T | batch | mode | tokens/s (median) | range | peak GiB |", "|---|---|---|---|---|---|---|"]
+    summary = summarize(rows)
+    for r in summary:
         head = f"| {r['name']} | {r['T']} | {r['batch']} | {r['mode']} |"
-        lines.append(f"{head} {r['error']} | |" if "error" in r else
-                     f"{head} {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} |")
-    by = {(r["name"], r["T"], r["mode"]): r.get("tokens_per_s") for r in rows}
+        lines.append(f"{head} {r['error']} | | |" if "error" in r else
+                     f"{head} {r['tokens_per_s']:,.0f} | {r['range']} | {r['peak_gib']:.2f} |")
+    by = {(r["name"], r["T"], r["mode"]): r.get("tokens_per_s") for r in summary}
     lines += ["", "| T | mode | NSA / dense |", "|---|---|---|"]
     for T in args.T:
         for mode in modes:
