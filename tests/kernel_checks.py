@@ -135,95 +135,16 @@ def assert_close(got, exact, at_dtype, what, dtype=None):
     assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} ({factor}x PyTorch's {torch_err:.3g} at {dtype or got.dtype})"
 
 
-# What the launchers ask of the device, per target: SMs, and the shared memory one program may use
-# (H100 / A100 / RTX 3090-class sm_86 / RTX 4090-class sm_89).
-ARCHS = {90: (132, 232448), 80: (108, 166912), 86: (82, 101376), 89: (128, 101376)}
-
-# Run in a fresh process without TRITON_INTERPRET: records every `kernel[grid](...)` launch that CALL
-# makes (the kernels listed in KERNELS of MODULE are swapped for recorders, so nothing runs), then
-# compiles each recorded launch for ARCH with the installed Triton, with the launch's own constexprs,
-# scalar and pointer types, and checks that it fits ARCH's shared memory. A recorder's `warmup` (how
-# the launchers try a candidate launch against the device's shared memory) compiles for ARCH too.
-_AOT = r"""
-import importlib, sys, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-mod = importlib.import_module(MODULE)
-calls = []
-PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
-       torch.int64: "*i64"}
-compiled = {}
-
-
-def compile_for_arch(fn, args, kw):
-    kw = dict(kw)
-    opts = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
-    sig, attrs = {}, {}
-    for i, a in enumerate(fn.arg_names):
-        if a in kw:
-            sig[a] = "constexpr"
-            continue
-        v = args[i]
-        if isinstance(v, torch.Tensor):  # 16-byte aligned, as the runtime specialises torch allocations
-            sig[a] = PTR[v.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[a] = "fp32" if isinstance(v, float) else "i64" if abs(v) >= 2**31 else "i32"
-    key = (fn.__name__, repr(sig), repr(sorted(kw.items())), repr(sorted(opts.items())))
-    if key not in compiled:
-        compiled[key] = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=kw, attrs=attrs),
-                                       target=GPUTarget("cuda", ARCH, 32), options=opts)
-    return compiled[key]
-
-
-class Recorder:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __getitem__(self, grid):
-        return lambda *args, **kw: calls.append((self.fn, args, kw))
-
-    def warmup(self, *args, grid, **kw):
-        return compile_for_arch(self.fn, args, kw)
-
-
-for name in KERNELS:
-    setattr(mod, name, Recorder(getattr(mod, name)))
-# Launch choices that ask the device: answer as ARCH would (every nsa module's own binding too).
-for m in [m for name, m in sys.modules.items() if name.startswith("nsa.")]:
-    for attr, value in (("num_sms", SMS), ("_num_sms", SMS), ("max_shared_mem", SHARED)):
-        if hasattr(m, attr):
-            setattr(m, attr, lambda index=0, value=value: value)
-torch.cuda.current_device = lambda: 0
-exec(CALL)
-for fn, args, kw in calls:
-    k = compile_for_arch(fn, args, kw)
-    assert k.asm["cubin"], fn.__name__
-    assert k.metadata.shared <= SHARED, f"{fn.__name__} {kw}: {k.metadata.shared} bytes of shared memory > {SHARED}"
-print("compiled", len(calls))
-"""
-
-
 def compile_launches(module, kernels, call, arch=90):
-    """Compile, for GPU architecture `arch` (90: H100, 80: A100, 86 / 89: consumer cards) and with no
-    GPU, every launch of `kernels` (names in `module`) that the code `call` makes (it runs on CPU
-    tensors, with `torch` and the module as `mod` in scope), the launchers answered as that
-    architecture would answer them (SMs, shared memory), and check that each fits its shared memory.
-    The interpreter never runs Triton's compiler, so this catches what only the compiler rejects, with
-    the installed Triton. Returns the number of launches compiled."""
-    import os
-    import subprocess
+    """`scripts/kernel_resources.compile_launches`: every launch `call` makes, compiled for sm_`arch` with
+    no GPU and checked against its shared memory; the number compiled."""
     import sys
+    from pathlib import Path
 
     import pytest
 
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    sms, shared = ARCHS[arch]
-    script = (f"MODULE = {module!r}\nKERNELS = {list(kernels)!r}\nCALL = {call!r}\nARCH = {arch}\nSMS = {sms}\n"
-              f"SHARED = {shared}\n" + _AOT)
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-4000:]
-    return int(r.stdout.split()[-1])
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import kernel_resources
+
+    return kernel_resources.compile_launches(module, kernels, call, arch)

@@ -1,0 +1,21 @@
+"""scripts/kernel_resources.py: a launch's registers, spills and shared memory, compiled for sm_90 with no GPU."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import kernel_resources  # noqa: E402
+
+
+@pytest.mark.full
+def test_launch_resources_of_the_topn_kernel():
+    pytest.importorskip("triton.backends.nvidia")
+    call = "T, HQ, H, D = 256, 8, 1, 64\n" + kernel_resources.MODEL_CALLS["nsa.ops.topn"][1]
+    (r,) = kernel_resources.launch_resources("nsa.ops.topn", ["_topn_kernel"], call)
+    assert r["kernel"] == "_topn_kernel" and r["launch"]["num_warps"] == 8
+    assert 0 < r["shared"] <= kernel_resources.ARCHS[90][1]
+    if r["regs"] is not None:  # cuobjdump ships with Triton's NVIDIA backend
+        assert 0 < r["regs"] <= 255 and r["stl"] >= 0 and r["ldl"] >= 0
