@@ -110,8 +110,9 @@ def selection_rows(q, k, v, do, scale, sel_block=64, n=16):
             with patched(SEL, "WALK_LAUNCHES", (launch, *SEL.WALK_LAUNCHES)):
                 yield "selection", part, launch, median_ms(fn)
     yield "selection", "dK/dV", "production", median_ms(dkv)
+    layout = q.shape[-1] <= SEL.KEYS_MAJOR_MAX_D  # the dots' layout this head dim launches with
     for launch in VARIANTS["sel_dkv"]:
-        with patched(SEL, "DKV_LAUNCHES", (launch, *SEL.DKV_LAUNCHES)):
+        with patched(SEL, "DKV_LAUNCHES", {layout: (launch, *SEL.DKV_LAUNCHES[layout])}):
             yield "selection", "dK/dV", launch, median_ms(dkv)
 
 

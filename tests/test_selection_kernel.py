@@ -63,6 +63,13 @@ def test_small(dtype, G):
     _check(B=1, T=37, H=2 if G < 16 else 1, G=G, D=32, sel_block=16, n=3, dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype,G", [(torch.float32, 4), (torch.bfloat16, 16)])
+def test_small_rows_major_dkv(dtype, G, monkeypatch):
+    # Heads wider than KEYS_MAJOR_MAX_D take dK/dV's rows-major dots: the same check on that layout.
+    monkeypatch.setattr(selection, "KEYS_MAJOR_MAX_D", 0)
+    _check(B=1, T=37, H=2 if G < 16 else 1, G=G, D=32, sel_block=16, n=3, dtype=dtype)
+
+
 @pytest.mark.full
 @pytest.mark.parametrize("G", [1, 2, 4, 16])
 @pytest.mark.parametrize("T", [1, 7, 61])

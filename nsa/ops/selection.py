@@ -46,11 +46,18 @@ DKV_ROWS = 128
 # stages: with 64-row tiles on an H200, 2 stages was 5-10% slower, 4 stages within 2%, 8 warps 1.9x
 # slower), then fewer stages for a card with less shared memory (`utils.fitting`).
 WALK_LAUNCHES = (dict(num_warps=4), dict(num_warps=4, num_stages=2), dict(num_warps=4, num_stages=1))
-# (rows per step, num_warps, num_stages) of dK/dV, the same way: 4 warps and 2 stages with the
-# keys-major dots (H200, enwik8 model's shape, real picks: 0.84-0.86x the time of the rows-major step's
-# 8 warps at G = 4 and 0.90-0.95x at G = 8; keys-major with 8 warps spills), then fewer stages, then fewer rows.
-DKV_LAUNCHES = ((DKV_ROWS, 4, 2), (DKV_ROWS, 4, 1), (DKV_ROWS // 2, 4, 2), (DKV_ROWS // 2, 4, 1),
-                (DKV_ROWS // 4, 4, 1))
+# (rows per step, num_warps, num_stages) of dK/dV, the same way, by layout of its dots (`_sel_dkv_kernel`),
+# then fewer stages, then fewer rows. Keys-major for D <= 64: 4 warps and 2 stages (H200, enwik8 model's
+# shape, real picks: 0.84-0.86x the time of the rows-major step at G = 4, 0.90-0.95x at G = 8, and +1.7%
+# on the training step; with 8 warps it is 2x slower, its dots' M is the block's 64 keys, one warpgroup).
+# Rows-major for larger heads: 8 warps (the 64 x 128 fp32 dK and dV accumulators; 4 measured slower on
+# an H100), 2 stages. Compiled for sm_90, the keys-major step at D = 128 needs 816 stack bytes against
+# the rows-major's 48 (`scripts/kernel_resources.py`), and the paper-shape figures are the rows-major's.
+KEYS_MAJOR_MAX_D = 64
+DKV_LAUNCHES = {True: ((DKV_ROWS, 4, 2), (DKV_ROWS, 4, 1), (DKV_ROWS // 2, 4, 2), (DKV_ROWS // 2, 4, 1),
+                       (DKV_ROWS // 4, 4, 1)),
+                False: ((DKV_ROWS, 8, 2), (DKV_ROWS, 8, 1), (DKV_ROWS // 2, 8, 2), (DKV_ROWS // 2, 8, 1),
+                        (DKV_ROWS // 4, 8, 1))}
 
 
 def _pow2(x):
@@ -256,7 +263,7 @@ def _sel_dkv_kernel(q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries,
                     item_key, item_lo, item_hi, item_slot, T, S, BS, scale, scale_log2,
                     HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
                     BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PREC: tl.constexpr, UPCAST: tl.constexpr):
+                    KEYS_MAJOR: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     # One work item: a slice [lo, hi) of the entries that picked kv block `key` = (b, h, j).
     # An entry t * HS + hs stands for the GS = HQ // HS query heads that share index head hs.
     GS: tl.constexpr = HQ // HS
@@ -292,15 +299,24 @@ def _sel_dkv_kernel(q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries,
             b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * LOG2E_C)
             b_delta = tl.load(delta + o_row, mask=m_e, other=0.)
 
-            # Keys-major (S^T = K Q^T): P^T and dS^T come out of their dots already in the layout of
-            # the next dot's left operand, so no [rows, keys] tile is transposed in registers.
-            b_s_t = dot(b_k, tl.trans(b_q), PREC, UPCAST) * scale_log2
-            m_vis = m_s[:, None] & m_e[None, :] & (o_s[:, None] <= o_t[None, :])
-            b_p_t = tl.where(m_vis, tl.exp2(b_s_t - b_lse2[None, :]), 0.)
-            b_dv += dot(b_p_t.to(b_do.dtype), b_do, PREC, UPCAST)
-            b_dp_t = dot(b_v, tl.trans(b_do), PREC, UPCAST)
-            b_ds_t = b_p_t * (b_dp_t - b_delta[None, :])
-            b_dk += dot(b_ds_t.to(b_q.dtype), b_q, PREC, UPCAST)
+            if KEYS_MAJOR:
+                # S^T = K Q^T: P^T and dS^T come out of their dots already in the layout of the next
+                # dot's left operand, so no [rows, keys] tile is transposed in registers.
+                b_s_t = dot(b_k, tl.trans(b_q), PREC, UPCAST) * scale_log2
+                m_vis = m_s[:, None] & m_e[None, :] & (o_s[:, None] <= o_t[None, :])
+                b_p_t = tl.where(m_vis, tl.exp2(b_s_t - b_lse2[None, :]), 0.)
+                b_dv += dot(b_p_t.to(b_do.dtype), b_do, PREC, UPCAST)
+                b_dp_t = dot(b_v, tl.trans(b_do), PREC, UPCAST)
+                b_ds_t = b_p_t * (b_dp_t - b_delta[None, :])
+                b_dk += dot(b_ds_t.to(b_q.dtype), b_q, PREC, UPCAST)
+            else:
+                b_s = dot(b_q, tl.trans(b_k), PREC, UPCAST) * scale_log2
+                m_vis = m_e[:, None] & m_s[None, :] & (o_s[None, :] <= o_t[:, None])
+                b_p = tl.where(m_vis, tl.exp2(b_s - b_lse2[:, None]), 0.)
+                b_dv += dot(tl.trans(b_p.to(b_do.dtype)), b_do, PREC, UPCAST)
+                b_dp = dot(b_do, tl.trans(b_v), PREC, UPCAST)
+                b_ds = b_p * (b_dp - b_delta[:, None])
+                b_dk += dot(tl.trans(b_ds.to(b_q.dtype)), b_q, PREC, UPCAST)
         b_dk *= scale
 
         i_slot = tl.load(item_slot + i_w)
@@ -564,9 +580,11 @@ def selection_dkv(do, q, k, v, lse, delta, indices, sel_block, scale, dk, dv):
     part_dv = torch.empty_like(part_dk)
     args = (q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries, item_key, item_lo, item_hi, item_slot,
             T, S, sel_block, scale, scale * LOG2E)
-    meta = dict(HQ=HQ, H=H, HS=Hs, D=D, BLOCK_S=block_s, BLOCK_D=block_d, PREC=prec, UPCAST=upcast)
+    keys_major = D <= KEYS_MAJOR_MAX_D
+    meta = dict(HQ=HQ, H=H, HS=Hs, D=D, BLOCK_S=block_s, BLOCK_D=block_d, KEYS_MAJOR=keys_major, PREC=prec,
+                UPCAST=upcast)
     candidates = []
-    for rows, warps, stages in DKV_LAUNCHES:
+    for rows, warps, stages in DKV_LAUNCHES[keys_major]:
         block_e = max(1, rows // (HQ // Hs))
         candidates.append(dict(meta, BLOCK_E=block_e, BLOCK_R=_pow2(block_e * (HQ // Hs)), num_warps=warps,
                                num_stages=stages))
