@@ -3,8 +3,9 @@
 Times, in one process on one card, each kernel with its production tiles and with the alternatives
 listed in VARIANTS: range attention (the compressed prefix rule and the sliding window: forward,
 backward with other dq or dk/dv tiles, the prefix rule's split programs per SM), selection (dK/dV
-launches, forward / dQ launches, on random picks), and the top-n kernel (whose output must not
-change). Dense SDPA at the same shape is the last row, for scale. Median ms a layer.
+launches and the other layout of its dots, forward / dQ launches, on random picks), and the top-n
+kernel (whose output must not change). Dense SDPA at the same shape is the last row, for scale.
+Median ms a layer.
 
     python scripts/bench_tiles.py                          # B=8, T=8192, HQ=8, H=1, D=64
     python scripts/bench_tiles.py --shape 32 2048 8 1 64   # B T HQ H D
@@ -37,7 +38,7 @@ VARIANTS = {
     "range_dq": [(128, 64, 4, 2), (64, 128, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
     "range_dkdv": [(128, 64, 4, 2), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2)],
     "range_splits": [4, 8, 16, 32],
-    "sel_dkv": [(64, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 1)],
+    "sel_dkv": [(64, 4, 2), (128, 4, 1), (128, 4, 3), (128, 8, 2), (256, 4, 1)],
     "sel_walk": [dict(num_warps=4, num_stages=2), dict(num_warps=4, num_stages=4)],
     "topn": [(64, 16, 4, 2), (128, 16, 4, 2), (128, 16, 8, 3), (256, 16, 8, 2), (128, 32, 8, 2)],
 }
@@ -114,6 +115,9 @@ def selection_rows(q, k, v, do, scale, sel_block=64, n=16):
     for launch in VARIANTS["sel_dkv"]:
         with patched(SEL, "DKV_LAUNCHES", {layout: (launch, *SEL.DKV_LAUNCHES[layout])}):
             yield "selection", "dK/dV", launch, median_ms(dkv)
+    # The other layout of the dK/dV dots, with its own first launch.
+    with patched(SEL, "KEYS_MAJOR_MAX_D", -1 if layout else 2**30):
+        yield "selection", "dK/dV", "rows-major dots" if layout else "keys-major dots", median_ms(dkv)
 
 
 def topn_rows(q, ck, cv, scale):
