@@ -27,8 +27,13 @@ import nsa.ops.selection as SEL  # noqa: E402
 import nsa.ops.topn as TN  # noqa: E402
 import nsa.ops.utils as U  # noqa: E402
 from bench_kernels import random_picks  # noqa: E402
+from nsa.ops.common import NSAParams, num_compressed_blocks  # noqa: E402
 from nsa.ops.compressed import compressed_rule  # noqa: E402
 from nsa.ops.window import window_rule  # noqa: E402
+
+# The NSA parameters timed: the defaults, which are the enwik8 configs' (32/16/64/16/512, one memory key).
+P = NSAParams()
+COMPRESSED_RULE = compressed_rule(P.compress_block, P.compress_stride, P.num_mem)
 
 # Alternatives to time beside production: range tiles (BLOCK_M, BLOCK_N, warps, stages) at D <= 64,
 # selection dK/dV (rows, warps, stages), forward / dQ launch options, top-n (BLOCK_M, BJ, warps, stages).
@@ -93,7 +98,7 @@ def range_rows(q, do, kv, scale, name, rule):
                 yield name, "backward, splits per SM", per_sm, median_ms(bwd)
 
 
-def selection_rows(q, k, v, do, scale, sel_block=64, n=16):
+def selection_rows(q, k, v, do, scale, sel_block=P.sel_block, n=P.num_selected):
     B, T = q.shape[:2]
     idx = random_picks(B, T, k.shape[2], sel_block, n, q.device)
     o, lse = torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
@@ -121,8 +126,9 @@ def selection_rows(q, k, v, do, scale, sel_block=64, n=16):
 
 
 def topn_rows(q, ck, cv, scale):
-    _, lse = RA.range_attention_fwd(q, ck, cv, scale, *compressed_rule(32, 16, 1))
-    run = lambda: TN._topn_launch(q, ck, lse, 32, 16, 64, 1, 16, 1, 2, True, scale)  # noqa: E731
+    _, lse = RA.range_attention_fwd(q, ck, cv, scale, *COMPRESSED_RULE)
+    run = lambda: TN._topn_launch(q, ck, lse, P.compress_block, P.compress_stride, P.sel_block, P.num_mem,  # noqa: E731
+                                  P.num_selected, P.num_initial, P.num_local, P.shared_selection, scale)
     want = run()
     yield "top-n", "forward", "production", median_ms(run)
     for tile in VARIANTS["topn"]:
@@ -154,15 +160,15 @@ def main():
     torch.manual_seed(0)
     q, do = (torch.randn(B, T, HQ, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    nc = 1 + max(0, (T - 32) // 16 + 1)  # one memory key and the compressed blocks at l = 32, d = 16
+    nc = P.num_mem + num_compressed_blocks(T, P.compress_block, P.compress_stride)
     ck, cv = (torch.randn(B, nc, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     scale = D**-0.5
     head = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}, "
             f"B={B} T={T} HQ={HQ} H={H} D={D}, bf16, median ms")
     lines = [head, "",
              "| kernel | part | launch | ms |", "|---|---|---|---|"]
-    parts = [range_rows(q, do, (ck, cv), scale, "compressed", compressed_rule(32, 16, 1)),
-             range_rows(q, do, (k, v), scale, "window", window_rule(512)),
+    parts = [range_rows(q, do, (ck, cv), scale, "compressed", COMPRESSED_RULE),
+             range_rows(q, do, (k, v), scale, "window", window_rule(P.window)),
              selection_rows(q, k, v, do, scale), topn_rows(q, ck, cv, scale), dense_rows(q, k, v, do)]
     for rows in parts:
         for kernel, part, launch, ms in rows:

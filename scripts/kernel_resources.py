@@ -29,7 +29,7 @@ ARCHS = {90: (132, 232448), 80: (108, 166912), 86: (82, 101376), 89: (128, 10137
 # scalar and pointer types, and checks that it fits ARCH's shared memory. A recorder's `warmup` (how
 # the launchers try a candidate launch against the device's shared memory) compiles for ARCH too.
 _AOT = r"""
-import importlib, sys, torch, triton
+import importlib, json, os, re, subprocess, sys, tempfile, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 mod = importlib.import_module(MODULE)
@@ -80,7 +80,6 @@ for m in [m for name, m in sys.modules.items() if name.startswith("nsa.")]:
             setattr(m, attr, lambda index=0, value=value: value)
 torch.cuda.current_device = lambda: 0
 exec(CALL)
-import json, os, re, subprocess, tempfile
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
@@ -145,14 +144,16 @@ def launch_resources(module, kernels, call, arch=90):
 MODEL_CALLS = {
     "nsa.ops.range_attention": (["_range_fwd_kernel", "_range_dq_kernel", "_range_dkdv_kernel",
                                  "_range_sum_splits_kernel"], """
-from nsa.ops.common import NSAParams
+from nsa.ops.common import NSAParams, num_compressed_blocks
 from nsa.ops.compressed import compressed_attention
 from nsa.ops.window import sliding_window_attention
+p = NSAParams()
 x = lambda *shape: torch.zeros(*shape, dtype=torch.bfloat16, requires_grad=True)
 q, k, v = x(1, T, HQ, D), x(1, T, H, D), x(1, T, H, D)
-ck, cv = x(1, 1 + (T - 32) // 16 + 1, H, D), x(1, 1 + (T - 32) // 16 + 1, H, D)
-compressed_attention(q, ck, cv, NSAParams())[0].sum().backward()
-sliding_window_attention(q, k, v, NSAParams()).sum().backward()
+nc = p.num_mem + num_compressed_blocks(T, p.compress_block, p.compress_stride)
+ck, cv = x(1, nc, H, D), x(1, nc, H, D)
+compressed_attention(q, ck, cv, p)[0].sum().backward()
+sliding_window_attention(q, k, v, p).sum().backward()
 """),
     "nsa.ops.selection": (["_sel_fwd_kernel", "_sel_dq_kernel", "_sel_dkv_kernel", "_sel_dkv_reduce_kernel",
                            "_tile_union_kernel"], """
@@ -168,9 +169,11 @@ idx = torch.where(idx == 2**30, -1, idx)
 selection_attention(q, k, v, idx, NSAParams()).sum().backward()
 """),
     "nsa.ops.topn": (["_topn_kernel"], """
-from nsa.ops.common import NSAParams
-q, ck = torch.zeros(1, T, HQ, D, dtype=torch.bfloat16), torch.zeros(1, 1 + (T - 32) // 16 + 1, H, D, dtype=torch.bfloat16)
-mod.topn_blocks(q, ck, torch.zeros(1, T, HQ), NSAParams())
+from nsa.ops.common import NSAParams, num_compressed_blocks
+p = NSAParams()
+nc = p.num_mem + num_compressed_blocks(T, p.compress_block, p.compress_stride)
+q, ck = torch.zeros(1, T, HQ, D, dtype=torch.bfloat16), torch.zeros(1, nc, H, D, dtype=torch.bfloat16)
+mod.topn_blocks(q, ck, torch.zeros(1, T, HQ), p)
 """),
 }
 

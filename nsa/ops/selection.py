@@ -54,10 +54,14 @@ WALK_LAUNCHES = (dict(num_warps=4), dict(num_warps=4, num_stages=2), dict(num_wa
 # an H100), 2 stages. Compiled for sm_90, the keys-major step at D = 128 needs 816 stack bytes against
 # the rows-major's 48 (`scripts/kernel_resources.py`), and the paper-shape figures are the rows-major's.
 KEYS_MAJOR_MAX_D = 64
-DKV_LAUNCHES = {True: ((DKV_ROWS, 4, 2), (DKV_ROWS, 4, 1), (DKV_ROWS // 2, 4, 2), (DKV_ROWS // 2, 4, 1),
-                       (DKV_ROWS // 4, 4, 1)),
-                False: ((DKV_ROWS, 8, 2), (DKV_ROWS, 8, 1), (DKV_ROWS // 2, 8, 2), (DKV_ROWS // 2, 8, 1),
-                        (DKV_ROWS // 4, 8, 1))}
+
+
+def _dkv_launches(warps):
+    return ((DKV_ROWS, warps, 2), (DKV_ROWS, warps, 1), (DKV_ROWS // 2, warps, 2), (DKV_ROWS // 2, warps, 1),
+            (DKV_ROWS // 4, warps, 1))
+
+
+DKV_LAUNCHES = {True: _dkv_launches(4), False: _dkv_launches(8)}
 
 
 def _pow2(x):
