@@ -61,7 +61,8 @@ class SparseAttention(nn.Module):
         B, T, _ = x.shape
         q = self.to_q(x).view(B, T, self.heads, self.dim_head)
         kv = self.to_kv(x).view(B, T, self.kv_sets, 2, self.kv_heads, self.dim_head)
-        pairs = [(kv[:, :, i, 0], kv[:, :, i, 1]) for i in range(self.kv_sets)]
+        # v made contiguous once here: each kernel op taking the strided slice would copy it (4 a layer).
+        pairs = [(kv[:, :, i, 0], kv[:, :, i, 1].contiguous()) for i in range(self.kv_sets)]
         return q, pairs * (3 // self.kv_sets)
 
     def rotate_qk(self, q, k_s, k_w, pos):
@@ -106,8 +107,7 @@ class SparseAttention(nn.Module):
         if cache is not None:
             cache.fill(ck, cv, k_c, v_c, k_sr, v_s, k_wr, v_w)
 
-        g = torch.sigmoid(self.to_gates(x)).view(B, T, self.heads, 3, 1)
-        o = g[:, :, :, 0] * o_cmp + g[:, :, :, 1] * o_slc + g[:, :, :, 2] * o_win
+        o = ops.gate_mix(self.to_gates(x), o_cmp, o_slc, o_win)
         return self.to_out(o.reshape(B, T, -1))
 
     # --- Decoding (nsa/cache.py, nsa/generation.py) ------------------------------------------------

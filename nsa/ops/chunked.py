@@ -23,7 +23,7 @@ from local_attention import LocalAttention
 from torch.utils.checkpoint import checkpoint
 
 from nsa.ops.common import ceil_div
-from nsa.ops.reference import attend, decode_attention, overlap_matrix  # noqa: F401 (decode: one query, as is)
+from nsa.ops.reference import attend, decode_attention, gate_mix, overlap_matrix  # noqa: F401 (decode, gate mix: as is)
 
 CHUNK_ELEMENTS = 1 << 22  # elements in a chunk's largest intermediate (16 MiB in fp32)
 

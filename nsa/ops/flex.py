@@ -1,5 +1,5 @@
 """The `flex` backend: window and selection branches through PyTorch's flex attention (block-sparse
-masks), the compressed branch, top-n and the decode step from the references.
+masks), the compressed branch, top-n, the gate mix and the decode step from the references.
 
 Same signatures as the references. Flex skips the key tiles a block mask marks empty, so on GPU
 these cost about what the mask covers, not T^2. On CPU flex runs eagerly (for tests).
@@ -11,7 +11,7 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from nsa.ops.common import ceil_div
-from nsa.ops.reference import (_scatter_blocks, block_importance, compressed_attention, decode_attention,  # noqa: F401
+from nsa.ops.reference import (_scatter_blocks, block_importance, compressed_attention, decode_attention, gate_mix,  # noqa: F401
                                topn_blocks)
 
 

@@ -192,6 +192,14 @@ def sliding_window_attention(q, k, v, p):
     return attend(q, k, v, _mask5(window_mask(T, S, p.window, p.causal, q.device)), p.scale_for(D))[0]
 
 
+def gate_mix(logits, o_cmp, o_slc, o_win):
+    """The gated sum of the three branches: logits [B, T, 3 * HQ] (to_gates' output; for query head h,
+    entries 3h, 3h + 1, 3h + 2 gate cmp, slc, win), o_* [B, T, HQ, D] -> [B, T, HQ, D] in o_cmp's dtype."""
+    B, T, HQ, _ = o_cmp.shape
+    g = torch.sigmoid(logits.view(B, T, HQ, 3, 1))
+    return g[:, :, :, 0] * o_cmp + g[:, :, :, 1] * o_slc + g[:, :, :, 2] * o_win
+
+
 def topn_blocks(q, ck, lse, p):
     """Importance + top-n in one call: the fused op the Triton kernel implements, which never stores
     the importance matrix."""
