@@ -2,12 +2,11 @@
 
 Reference twin: `nsa.ops.reference.gate_mix`. One row is a (token, query head) pair: its three gate
 logits (the to_gates projection, bias included, before the sigmoid) and the three branch outputs.
-Both kernels are bound by memory traffic alone; torch.compile's fused kernels for the same mix ran at
-about 0.55 TB/s on an H200 (forward 60 us, backward 113 us a layer at the enwik8 model's 8k shape,
-docs/BENCHMARKS.md), and the backward here also folds in the sigmoid's derivative.
-The forward reads the logits and the three outputs once and writes o; the backward reads dO, the
-logits and the outputs once and writes the three output gradients and the logit gradients (the
-row sums over the head dim stay in registers, fp32).
+Both kernels are bound by memory traffic alone: they exist because torch.compile's fused kernels for
+the same mix ran far below the card's bandwidth (docs/BENCHMARKS.md, seventh round). The forward
+reads the logits and the three outputs once and writes o; the backward reads dO, the logits and the
+outputs once and writes the three output gradients and the logits' gradients (the row sums over the
+head dim stay in fp32 registers). Gates and sums are fp32, rounded once to the output dtype.
 """
 
 import torch
