@@ -2,6 +2,9 @@
 and of all three branch outputs) in NaN-filled buffers, odd row counts, head dims that are not a power
 of two, fp32 and bf16, held to flash-attention's rule (`kernel_checks.assert_close`); opcheck of both ops."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -72,3 +75,16 @@ def test_opcheck(full):
     do = torch.randn_like(a)
     torch.library.opcheck(gates._gate_mix_bwd_op, (do, logits.detach(), a.detach(), b.detach(), c.detach()),
                           test_utils=tests)
+
+
+@pytest.mark.full
+def test_kernels_compile_ahead_of_time_for_sm90():
+    # The interpreter never runs Triton's compiler: compile both launches at the model's shape for an
+    # H100 / H200 (scripts/kernel_resources.py's call for this module).
+    from kernel_checks import compile_launches
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from kernel_resources import MODEL_CALLS
+
+    kernels, body = MODEL_CALLS["nsa.ops.gates"]
+    assert compile_launches("nsa.ops.gates", kernels, "T, HQ, H, D = 1000, 8, 1, 64\n" + body) == 2
