@@ -18,24 +18,25 @@ BLOCK_R = 64  # rows a program; with D = 64 four 8 KB tiles of bf16 loads in fli
 
 
 @triton.jit
-def _gates(p_l, o_r, m_r):
-    """The three sigmoid gates [BLOCK_R] (fp32) of rows o_r."""
-    p = p_l + o_r.to(tl.int64) * 3
-    g0 = tl.sigmoid(tl.load(p, mask=m_r, other=0.0).to(tl.float32))
-    g1 = tl.sigmoid(tl.load(p + 1, mask=m_r, other=0.0).to(tl.float32))
-    g2 = tl.sigmoid(tl.load(p + 2, mask=m_r, other=0.0).to(tl.float32))
-    return g0, g1, g2
-
-
-@triton.jit
-def _gate_mix_fwd_kernel(p_l, p_a, p_b, p_c, p_o, R, D: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+def _rows(p_l, R, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's rows: their mask, the [BLOCK_R, BLOCK_D] offsets and mask of their outputs, and
+    their three sigmoid gates (fp32)."""
     o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     o_d = tl.arange(0, BLOCK_D)
     m_r = o_r < R
     m = m_r[:, None] & (o_d < D)[None, :]
     off = o_r[:, None].to(tl.int64) * D + o_d[None, :]
-    g0, g1, g2 = _gates(p_l, o_r, m_r)
+    p = p_l + o_r.to(tl.int64) * 3
+    g0 = tl.sigmoid(tl.load(p, mask=m_r, other=0.0).to(tl.float32))
+    g1 = tl.sigmoid(tl.load(p + 1, mask=m_r, other=0.0).to(tl.float32))
+    g2 = tl.sigmoid(tl.load(p + 2, mask=m_r, other=0.0).to(tl.float32))
+    return o_r, m_r, off, m, g0, g1, g2
+
+
+@triton.jit
+def _gate_mix_fwd_kernel(p_l, p_a, p_b, p_c, p_o, R, D: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    o_r, m_r, off, m, g0, g1, g2 = _rows(p_l, R, D, BLOCK_R, BLOCK_D)
     a = tl.load(p_a + off, mask=m, other=0.0).to(tl.float32)
     b = tl.load(p_b + off, mask=m, other=0.0).to(tl.float32)
     c = tl.load(p_c + off, mask=m, other=0.0).to(tl.float32)
@@ -46,12 +47,7 @@ def _gate_mix_fwd_kernel(p_l, p_a, p_b, p_c, p_o, R, D: tl.constexpr, BLOCK_R: t
 @triton.jit
 def _gate_mix_bwd_kernel(p_do, p_l, p_a, p_b, p_c, p_dl, p_da, p_db, p_dc, R, D: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    o_d = tl.arange(0, BLOCK_D)
-    m_r = o_r < R
-    m = m_r[:, None] & (o_d < D)[None, :]
-    off = o_r[:, None].to(tl.int64) * D + o_d[None, :]
-    g0, g1, g2 = _gates(p_l, o_r, m_r)
+    o_r, m_r, off, m, g0, g1, g2 = _rows(p_l, R, D, BLOCK_R, BLOCK_D)
     do = tl.load(p_do + off, mask=m, other=0.0).to(tl.float32)
     ty = p_da.dtype.element_ty
     tl.store(p_da + off, (g0[:, None] * do).to(ty), mask=m)
@@ -68,18 +64,19 @@ def _gate_mix_bwd_kernel(p_do, p_l, p_a, p_b, p_c, p_dl, p_da, p_db, p_dc, R, D:
     tl.store(p + 2, (tl.sum(do * c, axis=1) * g2 * (1 - g2)).to(lt), mask=m_r)
 
 
-def _block_d(D):
-    return max(16, triton.next_power_of_2(D))
+def _grid(a):
+    """Rows (token, query head) and head dim of a [B, T, HQ, D] branch output, and the launch's keywords."""
+    R, D = a.numel() // max(a.shape[-1], 1), a.shape[-1]
+    return R, D, dict(D=D, BLOCK_R=BLOCK_R, BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=4)
 
 
 @torch.library.custom_op("nsa::gate_mix", mutates_args=())
 def _gate_mix_op(logits: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     logits, a, b, c = (x.contiguous() for x in (logits, a, b, c))
     o = _empty(a.shape, dtype=a.dtype, device=a.device)
-    R, D = a.numel() // max(a.shape[-1], 1), a.shape[-1]
+    R, D, meta = _grid(a)
     if R and D:
-        _gate_mix_fwd_kernel[(triton.cdiv(R, BLOCK_R),)](logits, a, b, c, o, R, D=D, BLOCK_R=BLOCK_R,
-                                                         BLOCK_D=_block_d(D), num_warps=4)
+        _gate_mix_fwd_kernel[(triton.cdiv(R, BLOCK_R),)](logits, a, b, c, o, R, **meta)
     return o
 
 
@@ -94,10 +91,9 @@ def _gate_mix_bwd_op(do: torch.Tensor, logits: torch.Tensor, a: torch.Tensor, b:
     do, logits, a, b, c = (x.contiguous() for x in (do, logits, a, b, c))
     dl = _empty(logits.shape, dtype=logits.dtype, device=logits.device)
     da, db, dc = (_empty(a.shape, dtype=a.dtype, device=a.device) for _ in range(3))
-    R, D = a.numel() // max(a.shape[-1], 1), a.shape[-1]
+    R, D, meta = _grid(a)
     if R and D:
-        _gate_mix_bwd_kernel[(triton.cdiv(R, BLOCK_R),)](do, logits, a, b, c, dl, da, db, dc, R, D=D,
-                                                         BLOCK_R=BLOCK_R, BLOCK_D=_block_d(D), num_warps=4)
+        _gate_mix_bwd_kernel[(triton.cdiv(R, BLOCK_R),)](do, logits, a, b, c, dl, da, db, dc, R, **meta)
     elif R:
         dl.zero_()
     return dl, da, db, dc
