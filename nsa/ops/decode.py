@@ -11,18 +11,22 @@ query heads are one tile; with per-head selection hs is a query head (a tile of 
    (m, l, acc) in fp32 that they write as a partial, and write the raw scores of their compressed
    blocks (fp32, per query head) to a scratch row. The others each attend one chunk of the window
    (t - w, t] (the window cache may be a ring: position p in slot p % W) and write a partial the same
-   way. The compressed keys are read once.
+   way. The compressed keys are read once. Every one of the pair's programs also sums its slice of
+   the layer input's features into partial gate logits (w_gate x) of the pair's query heads, so the
+   gate projection's weights are read in parallel with the caches, not by the last kernel.
 2. `_importance_kernel`, grid (pairs, chunks): merges the compressed (m, l) partials into the
-   log-sum-exp and turns a chunk of the scores into probabilities summed over the pair's query heads
-   (one fp32 per compressed block).
-3. `_select_kernel`, grid (pairs, S_SPLIT): maps those onto selection blocks by overlap (Eq. 9,
-   0-based), forces the initial and local blocks (+inf) and drops invalid ones (j > t // l'), takes
-   the top-n by n arg-max passes over int64 keys (ties to the lower index), then attends to its share
-   of the picked blocks (tokens <= t) in tiles whose loads do not wait on the arg-max, and writes a
-   partial.
-4. `_combine_kernel`, grid (B * HQ,): per query head, computes its three gates from the layer's input
-   (sigmoid(w_gate x + b_gate), fp32: no separate projection kernel), merges each branch's partials
-   (one load of all of them) and writes g_cmp * o_cmp + g_slc * o_slc + g_win * o_win.
+   log-sum-exp and, for a chunk of selection blocks, turns the scores of the compressed blocks that
+   overlap each into probabilities summed over the pair's query heads and maps them onto the block
+   by overlap (Eq. 9, 0-based): one fp32 importance per selection block. (A compressed block that
+   straddles two selection blocks is exponentiated for both: l / l' more exponentials, so that the
+   select kernel, which every selection program of a pair runs, loads one row instead of gathering.)
+3. `_select_kernel`, grid (pairs, S_SPLIT): loads the importances, forces the initial and local
+   blocks (+inf) and drops invalid ones (j > t // l'), takes
+   the top-n of int64 keys (ties to the lower index) with one bitonic top-k network (`tl.topk`),
+   then attends to its share of the picked blocks (tokens <= t) and writes a partial.
+4. `_combine_kernel`, grid (B * HQ,): per query head, sums its gate-logit partials, adds the bias
+   and takes the sigmoid (fp32), merges each branch's partials (one load of all of them) and writes
+   g_cmp * o_cmp + g_slc * o_slc + g_win * o_win.
 
 The softmax runs in base 2 (scores times log2(e), exp2), the partials and scores too; only the output
 leaves the step. Grid sizes and chunk lengths depend only on static shapes (batch, heads, cache
@@ -44,6 +48,7 @@ from nsa.ops.utils import LOG2E, dot, dot_precision, num_sms, num_visible_blocks
 # forget to write, or read before writing.
 _empty = torch.empty
 MAX_SPLIT = 16  # most chunks per pair and branch (compressed, window)
+GATE_K = 64  # features a step of a gate-logit partial: a [4 * BLOCK_G, 64] tile of the projection
 _NO_KEY = tl.constexpr(-1.0e30)  # the running max of a partial with no key: finite, so merging never makes inf - inf
 
 
@@ -115,20 +120,43 @@ def _store_partial(p_pm, p_pl, p_pacc, i_pair, slot, b_m, b_l, b_acc, o_g, o_d, 
     tl.store(p_pacc + o_row[:, None] * BLOCK_D + o_d[None, :], b_acc)
 
 
-# The ring's size and the chunks in use follow the cache's length: unspecialised, so a new length
-# compiles nothing (Triton would specialise a value of 1 or a multiple of 16).
-@triton.jit(do_not_specialize=["w_slots", "nc_used"])
+@triton.jit
+def _gate_partial(X, WG, GZ, b, i_pair, i_c, g_chunk, sx_b, swg, HS: tl.constexpr, GS: tl.constexpr,
+                  DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, GZ_SLOTS: tl.constexpr):
+    """Slot i_c of the pair's gate logits: features [i_c * g_chunk, +g_chunk) of w_gate x for the
+    rows 3 * hq + (cmp, slc, win) of the pair's query heads hq, fp32, laid out [pair, slot, head, 4]."""
+    o_gr = tl.arange(0, BLOCK_G * 4)  # (head of the pair, gate) packed, 4 gates a head (one unused)
+    m_gr = (o_gr // 4 < GS) & (o_gr % 4 < 3)
+    p_w = WG + ((i_pair % HS) * GS * 3 + (o_gr // 4) * 3 + o_gr % 4)[:, None].to(tl.int64) * swg
+    o_k = tl.arange(0, BLOCK_K)
+    b_z = tl.zeros([BLOCK_G * 4, BLOCK_K], tl.float32)
+    lo = i_c * g_chunk
+    hi = tl.minimum(lo + g_chunk, DIM)
+    for k0 in range(lo, hi, BLOCK_K):
+        m_k = k0 + o_k < hi
+        b_x = tl.load(X + b * sx_b + k0 + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_w = tl.load(p_w + (k0 + o_k)[None, :], mask=m_gr[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        b_z += b_w * b_x[None, :]
+    tl.store(GZ + (i_pair.to(tl.int64) * GZ_SLOTS + i_c) * (BLOCK_G * 4) + o_gr, tl.sum(b_z, axis=1))
+
+
+# The ring's size, the chunks in use and the feature chunk follow the cache's length: unspecialised,
+# so a new length compiles nothing (Triton would specialise a value of 1 or a multiple of 16).
+@triton.jit(do_not_specialize=["w_slots", "nc_used", "g_chunk"])
 def _partials_kernel(
-    Q, QR, CK, CV, KW, VW, TPOS, PM, PL, PACC, SC,
-    sq_b, sq_h, sck_b, sck_r, sck_h, skw_b, skw_s, skw_h, qk_scale, w_slots, nc_chunk, w_chunk, nc_used,
+    Q, QR, CK, CV, KW, VW, TPOS, PM, PL, PACC, SC, X, WG, GZ,
+    sq_b, sq_h, sck_b, sck_r, sck_h, skw_b, skw_s, skw_h, sx_b, swg, qk_scale, w_slots, nc_chunk, w_chunk,
+    nc_used, g_chunk,
     HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SC_ROW: tl.constexpr,
     NUM_MEM: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
-    NC_SPLIT: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    NC_SPLIT: tl.constexpr, NPART: tl.constexpr, DIM: tl.constexpr, GZ_SLOTS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_pair = tl.program_id(0)
     i_c = tl.program_id(1)
     b, h, t, o_g, m_g, o_d, m_d, o_q = _pair_heads(i_pair, TPOS, sq_b, sq_h, HS, GS, G, D, BLOCK_G, BLOCK_D)
+    _gate_partial(X, WG, GZ, b, i_pair, i_c, g_chunk, sx_b, swg, HS, GS, DIM, BLOCK_G, BLOCK_K, GZ_SLOTS)
     m_q = m_g[:, None] & m_d[None, :]
     b_m = tl.full([BLOCK_G], _NO_KEY, tl.float32)
     b_l = tl.zeros([BLOCK_G], tl.float32)
@@ -157,13 +185,15 @@ def _partials_kernel(
 
 @triton.jit(do_not_specialize=["nc_used"])
 def _importance_kernel(
-    TPOS, PM, PL, SC, PC, nc_used,
+    TPOS, PM, PL, SC, PS, nc_used,
     HS: tl.constexpr, GS: tl.constexpr, SC_ROW: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
-    P_CHUNK: tl.constexpr,
-    NC_PAD: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+    SEL: tl.constexpr, NS_PAD: tl.constexpr, R_OVL: tl.constexpr, J_CHUNK: tl.constexpr,
+    NC_PAD: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """p[i] = sum over the pair's query heads g of 2^(s[g, i] - lse[g]) (base-2 scores and lse), compressed
-    blocks [i_c * P_CHUNK, (i_c + 1) * P_CHUNK) of program i_c; lse from the compressed partials."""
+    """imp[j] = sum over the compressed blocks i overlapping selection block j of c(i, j) * p[i],
+    p[i] = sum over the pair's query heads g of 2^(s[g, i] - lse[g]) (base-2 scores and lse), for the
+    selection blocks [i_c * J_CHUNK, (i_c + 1) * J_CHUNK) of program i_c; lse from the compressed
+    partials. Blocks past t // l' get 0 (the select kernel drops them)."""
     i_pair = tl.program_id(0)
     i_c = tl.program_id(1)
     t = tl.load(TPOS + i_pair // HS).to(tl.int32)
@@ -176,30 +206,33 @@ def _importance_kernel(
     b_lc = tl.load(PL + o_row, mask=m_c, other=0.0)
     b_m = tl.max(b_mc, axis=1)
     b_l = tl.sum(b_lc * tl.exp2(b_mc - b_m[:, None]), axis=1)
-    m_has = b_l > 0
+    m_has = m_g & (b_l > 0)
     b_lse = b_m + tl.log2(tl.where(m_has, b_l, 1.0))
     n_vis = num_visible_blocks(t, L_CMP, STRIDE)
     p_sc = SC + i_pair.to(tl.int64) * (BLOCK_G * SC_ROW)
-    p_pc = PC + i_pair.to(tl.int64) * SC_ROW
-    o_p = tl.arange(0, BLOCK_P)
-    lo = i_c * P_CHUNK
-    hi = tl.minimum(lo + P_CHUNK, n_vis)
-    for i_p in range(lo, hi, BLOCK_P):
-        o_i = i_p + o_p
-        m_i = o_i < hi
-        m_s = m_g[:, None] & m_i[None, :] & m_has[:, None]
-        b_s = tl.load(p_sc + o_g[:, None] * SC_ROW + o_i[None, :], mask=m_s, other=0.0)
-        tl.store(p_pc + o_i, tl.sum(tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0), axis=0), mask=m_i)
+    PER_CMP: tl.constexpr = L_CMP // STRIDE  # stride chunks per compressed block
+    PER_SEL: tl.constexpr = SEL // STRIDE  # stride chunks per selection block
+    o_jj = tl.arange(0, BLOCK_J)
+    o_r = tl.arange(0, R_OVL)
+    for j0 in range(i_c * J_CHUNK, (i_c + 1) * J_CHUNK, BLOCK_J):
+        o_j = j0 + o_jj
+        o_i = o_j[:, None] * PER_SEL - PER_CMP + 1 + o_r[None, :]  # [BLOCK_J, R_OVL]: the blocks overlapping j
+        b_w = tl.maximum(tl.minimum(o_i + PER_CMP, (o_j[:, None] + 1) * PER_SEL)
+                         - tl.maximum(o_i, o_j[:, None] * PER_SEL), 0).to(tl.float32)
+        m_i = (o_i >= 0) & (o_i < n_vis) & (o_r[None, :] < PER_SEL + PER_CMP - 1)
+        m_s = m_i[:, :, None] & m_has[None, None, :]
+        b_s = tl.load(p_sc + o_g[None, None, :] * SC_ROW + o_i[:, :, None], mask=m_s, other=float("-inf"))
+        b_p = tl.sum(tl.where(m_s, tl.exp2(b_s - b_lse[None, None, :]), 0.0), axis=2)
+        tl.store(PS + i_pair.to(tl.int64) * NS_PAD + o_j, tl.sum(b_w * b_p, axis=1), mask=o_j < NS_PAD)
 
 
 @triton.jit
 def _select_kernel(
-    QR, KS, VS, TPOS, IDX, PM, PL, PACC, PC,
+    QR, KS, VS, TPOS, IDX, PM, PL, PACC, PS,
     sq_b, sq_h, sks_b, sks_s, sks_h, qk_scale,
-    HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SC_ROW: tl.constexpr,
-    L_CMP: tl.constexpr, STRIDE: tl.constexpr,
+    HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     SEL: tl.constexpr, NSEL: tl.constexpr, NSEL_PAD: tl.constexpr, NUM_INIT: tl.constexpr,
-    NUM_LOCAL: tl.constexpr, NS_PAD: tl.constexpr, R_OVL: tl.constexpr, S_SPLIT: tl.constexpr,
+    NUM_LOCAL: tl.constexpr, NS_PAD: tl.constexpr, S_SPLIT: tl.constexpr,
     SLOT0: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -210,35 +243,23 @@ def _select_kernel(
     b, h, t, o_g, m_g, o_d, m_d, o_q = _pair_heads(i_pair, TPOS, sq_b, sq_h, HS, GS, G, D, BLOCK_G, BLOCK_D)
     o_n = tl.arange(0, BLOCK_N)
 
-    # ---- importance of selection block j: sum_i c(i, j) * p[i] over the blocks i overlapping it -----
-    n_vis = num_visible_blocks(t, L_CMP, STRIDE)
-    PER_CMP: tl.constexpr = L_CMP // STRIDE  # chunks per compressed block
-    PER_SEL: tl.constexpr = SEL // STRIDE  # chunks per selection block
+    # ---- importance of the selection blocks, forced and invalid ones -------------------------------
     o_j = tl.arange(0, NS_PAD)
-    o_r = tl.arange(0, R_OVL)
-    o_i = o_j[:, None] * PER_SEL - PER_CMP + 1 + o_r[None, :]  # the compressed blocks overlapping j
-    o_lo = tl.maximum(o_i, o_j[:, None] * PER_SEL)
-    o_hi = tl.minimum(o_i + PER_CMP, (o_j[:, None] + 1) * PER_SEL)
-    b_w = tl.maximum(o_hi - o_lo, 0).to(tl.float32)
-    m_i = (o_i >= 0) & (o_i < n_vis) & (o_r[None, :] < PER_SEL + PER_CMP - 1)
-    b_pc = tl.load(PC + i_pair.to(tl.int64) * SC_ROW + o_i, mask=m_i, other=0.0)
-    b_imp = tl.sum(b_w * b_pc, axis=1)
     cur = t // SEL
     m_valid = o_j <= cur
+    b_imp = tl.load(PS + i_pair.to(tl.int64) * NS_PAD + o_j, mask=m_valid, other=0.0)
     m_forced = m_valid & ((o_j < NUM_INIT) | ((cur - o_j >= 0) & (cur - o_j < NUM_LOCAL)))
     b_imp = tl.where(m_forced, float("inf"), b_imp)
 
-    # ---- top-n: n arg-max passes over int64 keys (importance bits, then the lower index) -----------
-    # b_imp >= 0 or +inf, so its fp32 bits order like the values; invalid blocks get key -1.
+    # ---- top-n of int64 keys (importance bits, then the lower index), by one bitonic top-k network -
+    # b_imp >= 0 or +inf, so its fp32 bits order like the values; invalid blocks get key -1. The keys
+    # are distinct, so the picks are those of n arg-max passes, in the same order (n sequential
+    # block-wide reductions took longer than the network's log-depth steps).
     b_key = (b_imp.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (NS_PAD - 1 - o_j).to(tl.int64)
     b_key = tl.where(m_valid, b_key, -1)
     o_s = tl.arange(0, NSEL_PAD)
-    b_picks = tl.full([NSEL_PAD], -1, tl.int32)
-    for i_rank in range(NSEL):
-        best = tl.max(b_key, axis=0)
-        b_key = tl.where(b_key == best, -1, b_key)
-        b_picks = tl.where(o_s == i_rank, tl.where(best >= 0, NS_PAD - 1 - (best & 0xFFFFFFFF).to(tl.int32), -1),
-                           b_picks)
+    b_top = tl.topk(b_key, NSEL_PAD)
+    b_picks = tl.where((b_top >= 0) & (o_s < NSEL), NS_PAD - 1 - (b_top & 0xFFFFFFFF).to(tl.int32), -1)
     if i_s == 0:
         tl.store(IDX + i_pair.to(tl.int64) * NSEL + o_s, b_picks, mask=o_s < NSEL)
 
@@ -279,29 +300,23 @@ def _branch(b_mc, b_lc, b_accc, m_branch):
 
 @triton.jit(do_not_specialize=["nc_used", "w_used"])
 def _combine_kernel(
-    X, WG, BG, O, PM, PL, PACC, sx_b, swg, so_b, so_h, nc_used, w_used,
-    HQ: tl.constexpr, HS: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, DIM: tl.constexpr,
+    BG, O, PM, PL, PACC, GZ, so_b, so_h, nc_used, w_used,
+    HQ: tl.constexpr, HS: tl.constexpr, GS: tl.constexpr, D: tl.constexpr,
     NC_SPLIT: tl.constexpr, W_SPLIT: tl.constexpr, NPART: tl.constexpr, NPART_PAD: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    GZ_SLOTS: tl.constexpr, GZ_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One query head: its gates from the layer input, then merge each branch's partials (one load of
-    all the slots in use) and gate them."""
+    """One query head: its gates (the partial logits summed in slot order, plus bias, sigmoid), then
+    merge each branch's partials (one load of all the slots in use) and gate them."""
     i_bh = tl.program_id(0)
     b = (i_bh // HQ).to(tl.int64)
     hq = i_bh % HQ
-    # Gates: rows 3 * hq + (cmp, slc, win) of the projection, dot x in fp32, plus bias, sigmoid.
+    pair = b * HS + hq // GS
     o_r = tl.arange(0, 4)
     m_r = o_r < 3
-    o_k = tl.arange(0, BLOCK_K)
-    p_w = WG + (hq * 3 + o_r)[:, None].to(tl.int64) * swg
-    b_z = tl.load(BG + hq * 3 + o_r, mask=m_r, other=0.0).to(tl.float32)
-    for k0 in range(0, DIM, BLOCK_K):
-        m_k = k0 + o_k < DIM
-        b_x = tl.load(X + b * sx_b + k0 + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_w = tl.load(p_w + (k0 + o_k)[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-        b_z += tl.sum(b_w * b_x[None, :], axis=1)
-    b_g = tl.sigmoid(b_z)
-    pair = b * HS + hq // GS
+    o_z = tl.arange(0, GZ_PAD)
+    p_z = GZ + (pair * GZ_SLOTS + o_z)[:, None] * (BLOCK_G * 4) + (hq % GS) * 4 + o_r[None, :]
+    b_z = tl.sum(tl.load(p_z, mask=(o_z < nc_used + w_used)[:, None] & m_r[None, :], other=0.0), axis=0)
+    b_g = tl.sigmoid(b_z + tl.load(BG + hq * 3 + o_r, mask=m_r, other=0.0).to(tl.float32))
     o_c = tl.arange(0, NPART_PAD)
     o_d = tl.arange(0, BLOCK_D)
     m_cmp = o_c < nc_used
@@ -371,14 +386,16 @@ def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, x, w_gate, b_ga
     nc_rows, w_len = ck.shape[1], min(window, S)
     nc_chunk, w_chunk = _chunk(nc_rows, nc_split, block_n), _chunk(w_len, w_split, block_n)
     nc_used, w_used = ceil_div(max(nc_rows, 1), nc_chunk), ceil_div(max(w_len, 1), w_chunk)
-    block_p = max(16, min(128, triton.next_power_of_2(sc_row)))
-    p_chunk = _chunk(sc_row, nc_split, block_p)
+    block_j = max(16, min(64, ns_pad // nc_split))
+    j_chunk = _chunk(ns_pad, nc_split, block_j)
     f32 = dict(dtype=torch.float32, device=q.device)
     pm = _empty(pairs * BLOCK_G * npart, **f32)
     pl = _empty(pairs * BLOCK_G * npart, **f32)
     pacc = _empty(pairs * BLOCK_G * npart * BLOCK_D, **f32)
     sc = _empty(pairs * BLOCK_G * sc_row, **f32)  # base-2 compressed scores per query head
-    pc = _empty(pairs * sc_row, **f32)  # their probabilities summed over the pair's heads
+    gz_slots = nc_split + w_split  # one gate-logit partial per partials program of a pair
+    gz = _empty(pairs * gz_slots * BLOCK_G * 4, **f32)
+    ps = _empty(pairs * ns_pad, **f32)  # importance of each selection block of a pair
     o = _empty(q.shape, dtype=q.dtype, device=q.device)
     idx = _empty((B, Hs, num_selected), dtype=torch.int32, device=q.device)
     prec, upcast = dot_precision(q.dtype)
@@ -386,26 +403,29 @@ def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, x, w_gate, b_ga
     common = dict(HS=Hs, GS=GS, NPART=npart, BLOCK_G=BLOCK_G)
     attn = dict(G=G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n, PREC=prec, UPCAST=upcast, num_warps=num_warps)
     cmp = dict(SC_ROW=sc_row, L_CMP=block, STRIDE=stride)
+    dim = x.shape[1]
+    g_chunk = _chunk(dim, nc_used + w_used, GATE_K)
     _partials_kernel[(pairs, nc_used + w_used)](
-        q, q_rot, ck, cv, k_win, v_win, t, pm, pl, pacc, sc,
+        q, q_rot, ck, cv, k_win, v_win, t, pm, pl, pacc, sc, x, w_gate, gz,
         q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ck.stride(2),
-        k_win.stride(0), k_win.stride(1), k_win.stride(2), qk_scale, W, nc_chunk, w_chunk, nc_used,
-        NUM_MEM=num_mem, WINDOW=window, NC_SPLIT=nc_split, **common, **attn, **cmp)
-    _importance_kernel[(pairs, ceil_div(max(nc_rows - num_mem, 1), p_chunk))](
-        t, pm, pl, sc, pc, nc_used, NC_PAD=triton.next_power_of_2(nc_split), P_CHUNK=p_chunk, BLOCK_P=block_p,
-        **common, **cmp, num_warps=4)
+        k_win.stride(0), k_win.stride(1), k_win.stride(2), x.stride(0), w_gate.stride(0), qk_scale, W, nc_chunk,
+        w_chunk, nc_used, g_chunk, NUM_MEM=num_mem, WINDOW=window, NC_SPLIT=nc_split, DIM=dim, GZ_SLOTS=gz_slots,
+        BLOCK_K=GATE_K, **common, **attn, **cmp)
     per_cmp, per_sel = block // stride, sel_block // stride
+    _importance_kernel[(pairs, ceil_div(ns_pad, j_chunk))](
+        t, pm, pl, sc, ps, nc_used, SEL=sel_block, NS_PAD=ns_pad,
+        R_OVL=triton.next_power_of_2(per_sel + per_cmp - 1), J_CHUNK=j_chunk,
+        NC_PAD=triton.next_power_of_2(nc_split), BLOCK_J=block_j, **common, **cmp, num_warps=4)
     _select_kernel[(pairs, s_split)](
-        q_rot, k_slc, v_slc, t, idx, pm, pl, pacc, pc,
+        q_rot, k_slc, v_slc, t, idx, pm, pl, pacc, ps,
         q.stride(0), q.stride(1), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2), qk_scale,
         SEL=sel_block, NSEL=num_selected, NSEL_PAD=triton.next_power_of_2(num_selected), NUM_INIT=num_initial,
-        NUM_LOCAL=num_local, NS_PAD=ns_pad, R_OVL=triton.next_power_of_2(per_sel + per_cmp - 1), S_SPLIT=s_split,
-        SLOT0=nc_split + w_split, **common, **attn, **cmp)
-    dim = x.shape[1]
+        NUM_LOCAL=num_local, NS_PAD=ns_pad, S_SPLIT=s_split,
+        SLOT0=nc_split + w_split, **common, **attn)
     _combine_kernel[(B * HQ,)](
-        x, w_gate, b_gate, o, pm, pl, pacc, x.stride(0), w_gate.stride(0), o.stride(0), o.stride(1), nc_used,
-        w_used, HQ=HQ, D=D, DIM=dim, NC_SPLIT=nc_split, W_SPLIT=w_split, NPART_PAD=triton.next_power_of_2(npart),
-        BLOCK_D=BLOCK_D, BLOCK_K=min(1024, triton.next_power_of_2(dim)), **common, num_warps=4)
+        b_gate, o, pm, pl, pacc, gz, o.stride(0), o.stride(1), nc_used, w_used, HQ=HQ, D=D, NC_SPLIT=nc_split,
+        W_SPLIT=w_split, NPART_PAD=triton.next_power_of_2(npart), GZ_SLOTS=gz_slots,
+        GZ_PAD=triton.next_power_of_2(gz_slots), BLOCK_D=BLOCK_D, **common, num_warps=4)
     return o, idx
 
 
