@@ -66,6 +66,12 @@ def _force_splits(monkeypatch, nc_split, w_split, s_split):
     no multiple of the tile, so one tile straddles two chunks and some slots stay unused."""
     monkeypatch.setattr(decode, "_plan", lambda *args: (nc_split, w_split, s_split))
     monkeypatch.setattr(decode, "_chunk", lambda length, chunks, granule: ceil_div(max(length, 1), chunks))
+    # The gate logits in several feature slots (the last one part masked) and, where the dot allows a
+    # tile of 2 sequences (the interpreter), several sequence chunks.
+    monkeypatch.setattr(decode, "GATE_CHUNK", 16)
+    monkeypatch.setattr(decode, "GATE_K", 16)
+    if DEVICE == "cpu":
+        monkeypatch.setattr(decode, "GATE_B", 2)
 
 
 def _case_id(c):

@@ -11,15 +11,17 @@ query heads are one tile; with per-head selection hs is a query head (a tile of 
    (m, l, acc) in fp32 that they write as a partial, and write the raw scores of their compressed
    blocks (fp32, per query head) to a scratch row. The others each attend one chunk of the window
    (t - w, t] (the window cache may be a ring: position p in slot p % W) and write a partial the same
-   way. The compressed keys are read once. Every one of the pair's programs also sums its slice of
-   the layer input's features into partial gate logits (w_gate x) of the pair's query heads, so the
-   gate projection's weights are read in parallel with the caches, not by the last kernel.
-2. `_importance_kernel`, grid (pairs, chunks): merges the compressed (m, l) partials into the
+   way. The compressed keys are read once.
+2. `_importance_kernel`, grid (pairs, chunks + N_GZ): merges the compressed (m, l) partials into the
    log-sum-exp and, for a chunk of selection blocks, turns the scores of the compressed blocks that
    overlap each into probabilities summed over the pair's query heads and maps them onto the block
    by overlap (Eq. 9, 0-based): one fp32 importance per selection block. (A compressed block that
    straddles two selection blocks is exponentiated for both: l / l' more exponentials, so that the
    select kernel, which every selection program of a pair runs, loads one row instead of gathering.)
+   Its last N_GZ programs of the first pairs compute the gate logits' partials instead: one slice of
+   the layer input's features of w_gate x, for 16 sequences and one selection head's query heads at a
+   time (a tensor-core tile), so each weight is read once a step, whatever the batch, and the gate
+   projection runs beside the importance programs rather than after them in the last kernel.
 3. `_select_kernel`, grid (pairs, S_SPLIT): loads the importances, forces the initial and local
    blocks (+inf) and drops invalid ones (j > t // l'), takes
    the top-n of int64 keys (ties to the lower index) with one bitonic top-k network (`tl.topk`),
@@ -48,7 +50,7 @@ from nsa.ops.utils import LOG2E, dot, dot_precision, num_sms, num_visible_blocks
 # forget to write, or read before writing.
 _empty = torch.empty
 MAX_SPLIT = 16  # most chunks per pair and branch (compressed, window)
-GATE_K = 64  # features a step of a gate-logit partial: a [4 * BLOCK_G, 64] tile of the projection
+GATE_CHUNK, GATE_K, GATE_B = 512, 64, 16  # a gate program: features, features a step, sequences
 _NO_KEY = tl.constexpr(-1.0e30)  # the running max of a partial with no key: finite, so merging never makes inf - inf
 
 
@@ -121,42 +123,44 @@ def _store_partial(p_pm, p_pl, p_pacc, i_pair, slot, b_m, b_l, b_acc, o_g, o_d, 
 
 
 @triton.jit
-def _gate_partial(X, WG, GZ, b, i_pair, i_c, g_chunk, sx_b, swg, HS: tl.constexpr, GS: tl.constexpr,
-                  DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, GZ_SLOTS: tl.constexpr):
-    """Slot i_c of the pair's gate logits: features [i_c * g_chunk, +g_chunk) of w_gate x for the
-    rows 3 * hq + (cmp, slc, win) of the pair's query heads hq, fp32, laid out [pair, slot, head, 4]."""
-    o_gr = tl.arange(0, BLOCK_G * 4)  # (head of the pair, gate) packed, 4 gates a head (one unused)
+def _gate_partial(X, WG, GZ, B, i_b, hs, i_z, sx_b, swg, GS: tl.constexpr, HS: tl.constexpr, DIM: tl.constexpr,
+                  N_GZ: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr,
+                  BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Slot i_z of the gate logits of sequences [i_b * BLOCK_B, +BLOCK_B) and the query heads hq of
+    selection head hs: features [i_z * CHUNK, +CHUNK) of w_gate x for the rows 3 * hq + (cmp, slc, win),
+    fp32, laid out [b, hs, slot, head of the pair * 4 + gate] (gate 3 unused)."""
+    o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    m_b = o_b < B
+    o_gr = tl.arange(0, BLOCK_G * 4)
     m_gr = (o_gr // 4 < GS) & (o_gr % 4 < 3)
-    p_w = WG + ((i_pair % HS) * GS * 3 + (o_gr // 4) * 3 + o_gr % 4)[:, None].to(tl.int64) * swg
+    p_w = WG + (hs * GS * 3 + (o_gr // 4) * 3 + o_gr % 4)[:, None].to(tl.int64) * swg
+    p_x = X + o_b[:, None].to(tl.int64) * sx_b
     o_k = tl.arange(0, BLOCK_K)
-    b_z = tl.zeros([BLOCK_G * 4, BLOCK_K], tl.float32)
-    lo = i_c * g_chunk
-    hi = tl.minimum(lo + g_chunk, DIM)
-    for k0 in range(lo, hi, BLOCK_K):
-        m_k = k0 + o_k < hi
-        b_x = tl.load(X + b * sx_b + k0 + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_w = tl.load(p_w + (k0 + o_k)[None, :], mask=m_gr[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-        b_z += b_w * b_x[None, :]
-    tl.store(GZ + (i_pair.to(tl.int64) * GZ_SLOTS + i_c) * (BLOCK_G * 4) + o_gr, tl.sum(b_z, axis=1))
+    b_z = tl.zeros([BLOCK_B, BLOCK_G * 4], tl.float32)
+    for k0 in range(i_z * CHUNK, i_z * CHUNK + CHUNK, BLOCK_K):
+        m_k = k0 + o_k < DIM
+        b_x = tl.load(p_x + (k0 + o_k)[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0)
+        b_w = tl.load(p_w + (k0 + o_k)[None, :], mask=m_gr[:, None] & m_k[None, :], other=0.0)
+        b_z += dot(b_x, tl.trans(b_w), PREC, UPCAST)
+    o_z = ((o_b.to(tl.int64) * HS + hs) * N_GZ + i_z)[:, None] * (BLOCK_G * 4) + o_gr[None, :]
+    tl.store(GZ + o_z, b_z, mask=m_b[:, None])
 
 
 # The ring's size, the chunks in use and the feature chunk follow the cache's length: unspecialised,
 # so a new length compiles nothing (Triton would specialise a value of 1 or a multiple of 16).
-@triton.jit(do_not_specialize=["w_slots", "nc_used", "g_chunk"])
+@triton.jit(do_not_specialize=["w_slots", "nc_used"])
 def _partials_kernel(
-    Q, QR, CK, CV, KW, VW, TPOS, PM, PL, PACC, SC, X, WG, GZ,
-    sq_b, sq_h, sck_b, sck_r, sck_h, skw_b, skw_s, skw_h, sx_b, swg, qk_scale, w_slots, nc_chunk, w_chunk,
-    nc_used, g_chunk,
+    Q, QR, CK, CV, KW, VW, TPOS, PM, PL, PACC, SC,
+    sq_b, sq_h, sck_b, sck_r, sck_h, skw_b, skw_s, skw_h, qk_scale, w_slots, nc_chunk, w_chunk, nc_used,
     HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SC_ROW: tl.constexpr,
     NUM_MEM: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
-    NC_SPLIT: tl.constexpr, NPART: tl.constexpr, DIM: tl.constexpr, GZ_SLOTS: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NC_SPLIT: tl.constexpr, NPART: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_pair = tl.program_id(0)
     i_c = tl.program_id(1)
     b, h, t, o_g, m_g, o_d, m_d, o_q = _pair_heads(i_pair, TPOS, sq_b, sq_h, HS, GS, G, D, BLOCK_G, BLOCK_D)
-    _gate_partial(X, WG, GZ, b, i_pair, i_c, g_chunk, sx_b, swg, HS, GS, DIM, BLOCK_G, BLOCK_K, GZ_SLOTS)
     m_q = m_g[:, None] & m_d[None, :]
     b_m = tl.full([BLOCK_G], _NO_KEY, tl.float32)
     b_l = tl.zeros([BLOCK_G], tl.float32)
@@ -183,19 +187,37 @@ def _partials_kernel(
     _store_partial(PM, PL, PACC, i_pair, slot, b_m, b_l, b_acc, o_g, o_d, NPART, BLOCK_G, BLOCK_D)
 
 
-@triton.jit(do_not_specialize=["nc_used"])
+@triton.jit(do_not_specialize=["nc_used", "B"])
 def _importance_kernel(
-    TPOS, PM, PL, SC, PS, nc_used,
+    TPOS, PM, PL, SC, PS, X, WG, GZ, nc_used, B, sx_b, swg,
     HS: tl.constexpr, GS: tl.constexpr, SC_ROW: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
-    SEL: tl.constexpr, NS_PAD: tl.constexpr, R_OVL: tl.constexpr, J_CHUNK: tl.constexpr,
+    SEL: tl.constexpr, NS_PAD: tl.constexpr, R_OVL: tl.constexpr, J_CHUNK: tl.constexpr, N_J: tl.constexpr,
     NC_PAD: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr,
+    DIM: tl.constexpr, N_GZ: tl.constexpr, GATE_B: tl.constexpr, GATE_CHUNK: tl.constexpr,
+    GATE_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """imp[j] = sum over the compressed blocks i overlapping selection block j of c(i, j) * p[i],
-    p[i] = sum over the pair's query heads g of 2^(s[g, i] - lse[g]) (base-2 scores and lse), for the
-    selection blocks [i_c * J_CHUNK, (i_c + 1) * J_CHUNK) of program i_c; lse from the compressed
-    partials. Blocks past t // l' get 0 (the select kernel drops them)."""
+    """Programs i_c < N_J: the importances of chunk i_c of pair i_pair's selection blocks. The others:
+    gate-logit partial i_c - N_J of selection head i_pair % HS and sequence chunk i_pair // HS, where
+    that chunk holds sequences (the gate needs Hs * ceil(B / GATE_B) of the pairs' rows)."""
     i_pair = tl.program_id(0)
     i_c = tl.program_id(1)
+    if i_c < N_J:
+        _block_importance(TPOS, PM, PL, SC, PS, nc_used, i_pair, i_c, HS, GS, SC_ROW, L_CMP, STRIDE, SEL, NS_PAD,
+                          R_OVL, J_CHUNK, NC_PAD, NPART, BLOCK_G, BLOCK_J)
+    elif (i_pair // HS) * GATE_B < B:
+        _gate_partial(X, WG, GZ, B, i_pair // HS, i_pair % HS, i_c - N_J, sx_b, swg, GS, HS, DIM, N_GZ,
+                      BLOCK_G, GATE_B, GATE_CHUNK, GATE_K, PREC, UPCAST)
+
+
+@triton.jit
+def _block_importance(TPOS, PM, PL, SC, PS, nc_used, i_pair, i_c, HS: tl.constexpr, GS: tl.constexpr,
+                      SC_ROW: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr,
+                      NS_PAD: tl.constexpr, R_OVL: tl.constexpr, J_CHUNK: tl.constexpr, NC_PAD: tl.constexpr,
+                      NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr):
+    """imp[j] = sum over the compressed blocks i overlapping selection block j of c(i, j) * p[i],
+    p[i] = sum over the pair's query heads g of 2^(s[g, i] - lse[g]) (base-2 scores and lse), for the
+    selection blocks [i_c * J_CHUNK, (i_c + 1) * J_CHUNK); lse from the compressed partials. Blocks
+    past t // l' get 0 (the select kernel drops them)."""
     t = tl.load(TPOS + i_pair // HS).to(tl.int32)
     o_g = tl.arange(0, BLOCK_G)
     o_c = tl.arange(0, NC_PAD)
@@ -220,9 +242,11 @@ def _importance_kernel(
         b_w = tl.maximum(tl.minimum(o_i + PER_CMP, (o_j[:, None] + 1) * PER_SEL)
                          - tl.maximum(o_i, o_j[:, None] * PER_SEL), 0).to(tl.float32)
         m_i = (o_i >= 0) & (o_i < n_vis) & (o_r[None, :] < PER_SEL + PER_CMP - 1)
-        m_s = m_i[:, :, None] & m_has[None, None, :]
-        b_s = tl.load(p_sc + o_g[None, None, :] * SC_ROW + o_i[:, :, None], mask=m_s, other=float("-inf"))
-        b_p = tl.sum(tl.where(m_s, tl.exp2(b_s - b_lse[None, None, :]), 0.0), axis=2)
+        # [heads, blocks j, overlapping i]: a head's scores are one row, so neighbouring lanes load
+        # neighbouring (or the same) scores.
+        m_s = m_has[:, None, None] & m_i[None, :, :]
+        b_s = tl.load(p_sc + o_g[:, None, None] * SC_ROW + o_i[None, :, :], mask=m_s, other=float("-inf"))
+        b_p = tl.sum(tl.where(m_s, tl.exp2(b_s - b_lse[:, None, None]), 0.0), axis=0)
         tl.store(PS + i_pair.to(tl.int64) * NS_PAD + o_j, tl.sum(b_w * b_p, axis=1), mask=o_j < NS_PAD)
 
 
@@ -303,7 +327,7 @@ def _combine_kernel(
     BG, O, PM, PL, PACC, GZ, so_b, so_h, nc_used, w_used,
     HQ: tl.constexpr, HS: tl.constexpr, GS: tl.constexpr, D: tl.constexpr,
     NC_SPLIT: tl.constexpr, W_SPLIT: tl.constexpr, NPART: tl.constexpr, NPART_PAD: tl.constexpr,
-    GZ_SLOTS: tl.constexpr, GZ_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    N_GZ: tl.constexpr, GZ_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One query head: its gates (the partial logits summed in slot order, plus bias, sigmoid), then
     merge each branch's partials (one load of all the slots in use) and gate them."""
@@ -314,8 +338,8 @@ def _combine_kernel(
     o_r = tl.arange(0, 4)
     m_r = o_r < 3
     o_z = tl.arange(0, GZ_PAD)
-    p_z = GZ + (pair * GZ_SLOTS + o_z)[:, None] * (BLOCK_G * 4) + (hq % GS) * 4 + o_r[None, :]
-    b_z = tl.sum(tl.load(p_z, mask=(o_z < nc_used + w_used)[:, None] & m_r[None, :], other=0.0), axis=0)
+    p_z = GZ + (pair * N_GZ + o_z)[:, None] * (BLOCK_G * 4) + (hq % GS) * 4 + o_r[None, :]
+    b_z = tl.sum(tl.load(p_z, mask=(o_z < N_GZ)[:, None] & m_r[None, :], other=0.0), axis=0)
     b_g = tl.sigmoid(b_z + tl.load(BG + hq * 3 + o_r, mask=m_r, other=0.0).to(tl.float32))
     o_c = tl.arange(0, NPART_PAD)
     o_d = tl.arange(0, BLOCK_D)
@@ -373,6 +397,8 @@ def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, x, w_gate, b_ga
     s_b = ns_pad * sel_block
     sc_row = max(num_compressed_blocks(s_b, block, stride), 1)  # compressed blocks that fit in S_b
     q, q_rot, x, w_gate = q.contiguous(), q_rot.contiguous(), x.contiguous(), w_gate.contiguous()
+    if x.dtype != w_gate.dtype:  # the gate's dot takes one dtype
+        x, w_gate = x.float(), w_gate.float()
     BLOCK_G = max(16, triton.next_power_of_2(GS))
     BLOCK_D = max(16, triton.next_power_of_2(D))
     block_n = 64 if BLOCK_G * BLOCK_D <= 64 * 128 else 32
@@ -393,29 +419,30 @@ def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, x, w_gate, b_ga
     pl = _empty(pairs * BLOCK_G * npart, **f32)
     pacc = _empty(pairs * BLOCK_G * npart * BLOCK_D, **f32)
     sc = _empty(pairs * BLOCK_G * sc_row, **f32)  # base-2 compressed scores per query head
-    gz_slots = nc_split + w_split  # one gate-logit partial per partials program of a pair
-    gz = _empty(pairs * gz_slots * BLOCK_G * 4, **f32)
+    dim = x.shape[1]
+    n_gz = ceil_div(dim, GATE_CHUNK)  # gate-logit partials per pair
+    gz = _empty(pairs * n_gz * BLOCK_G * 4, **f32)
     ps = _empty(pairs * ns_pad, **f32)  # importance of each selection block of a pair
     o = _empty(q.shape, dtype=q.dtype, device=q.device)
     idx = _empty((B, Hs, num_selected), dtype=torch.int32, device=q.device)
     prec, upcast = dot_precision(q.dtype)
+    gprec, gupcast = dot_precision(x.dtype)
     qk_scale = float(scale) * LOG2E
     common = dict(HS=Hs, GS=GS, NPART=npart, BLOCK_G=BLOCK_G)
     attn = dict(G=G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n, PREC=prec, UPCAST=upcast, num_warps=num_warps)
     cmp = dict(SC_ROW=sc_row, L_CMP=block, STRIDE=stride)
-    dim = x.shape[1]
-    g_chunk = _chunk(dim, nc_used + w_used, GATE_K)
     _partials_kernel[(pairs, nc_used + w_used)](
-        q, q_rot, ck, cv, k_win, v_win, t, pm, pl, pacc, sc, x, w_gate, gz,
+        q, q_rot, ck, cv, k_win, v_win, t, pm, pl, pacc, sc,
         q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ck.stride(2),
-        k_win.stride(0), k_win.stride(1), k_win.stride(2), x.stride(0), w_gate.stride(0), qk_scale, W, nc_chunk,
-        w_chunk, nc_used, g_chunk, NUM_MEM=num_mem, WINDOW=window, NC_SPLIT=nc_split, DIM=dim, GZ_SLOTS=gz_slots,
-        BLOCK_K=GATE_K, **common, **attn, **cmp)
+        k_win.stride(0), k_win.stride(1), k_win.stride(2), qk_scale, W, nc_chunk,
+        w_chunk, nc_used, NUM_MEM=num_mem, WINDOW=window, NC_SPLIT=nc_split, **common, **attn, **cmp)
     per_cmp, per_sel = block // stride, sel_block // stride
-    _importance_kernel[(pairs, ceil_div(ns_pad, j_chunk))](
-        t, pm, pl, sc, ps, nc_used, SEL=sel_block, NS_PAD=ns_pad,
-        R_OVL=triton.next_power_of_2(per_sel + per_cmp - 1), J_CHUNK=j_chunk,
-        NC_PAD=triton.next_power_of_2(nc_split), BLOCK_J=block_j, **common, **cmp, num_warps=4)
+    n_j = ceil_div(ns_pad, j_chunk)
+    _importance_kernel[(pairs, n_j + n_gz)](
+        t, pm, pl, sc, ps, x, w_gate, gz, nc_used, B, x.stride(0), w_gate.stride(0), SEL=sel_block, NS_PAD=ns_pad,
+        R_OVL=triton.next_power_of_2(per_sel + per_cmp - 1), J_CHUNK=j_chunk, N_J=n_j,
+        NC_PAD=triton.next_power_of_2(nc_split), BLOCK_J=block_j, DIM=dim, N_GZ=n_gz, GATE_B=GATE_B,
+        GATE_CHUNK=GATE_CHUNK, GATE_K=GATE_K, PREC=gprec, UPCAST=gupcast, **common, **cmp, num_warps=4)
     _select_kernel[(pairs, s_split)](
         q_rot, k_slc, v_slc, t, idx, pm, pl, pacc, ps,
         q.stride(0), q.stride(1), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2), qk_scale,
@@ -424,8 +451,8 @@ def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, x, w_gate, b_ga
         SLOT0=nc_split + w_split, **common, **attn)
     _combine_kernel[(B * HQ,)](
         b_gate, o, pm, pl, pacc, gz, o.stride(0), o.stride(1), nc_used, w_used, HQ=HQ, D=D, NC_SPLIT=nc_split,
-        W_SPLIT=w_split, NPART_PAD=triton.next_power_of_2(npart), GZ_SLOTS=gz_slots,
-        GZ_PAD=triton.next_power_of_2(gz_slots), BLOCK_D=BLOCK_D, **common, num_warps=4)
+        W_SPLIT=w_split, NPART_PAD=triton.next_power_of_2(npart), N_GZ=n_gz,
+        GZ_PAD=triton.next_power_of_2(n_gz), BLOCK_D=BLOCK_D, **common, num_warps=4)
     return o, idx
 
 
