@@ -125,7 +125,7 @@ class SparseAttention(nn.Module):
         cache.append(pos, k_c, v_c, k_sr, v_s, k_wr, v_w)
         if compress:
             self.append_compressed(cache, pos)
-        # The gate projection goes to the decode op, whose last kernel computes the gates (one kernel less).
+        # The gate projection goes to the decode op, whose kernels compute the gates (no GEMM of its own).
         o = get_ops(c.backend, x.device).decode_attention(q[:, 0], q_r[:, 0], *cache.tensors(), x[:, 0],
                                                           self.to_gates.weight, self.to_gates.bias, pos, self.params)
         return self.to_out(o.reshape(B, 1, -1).to(x.dtype))
