@@ -242,11 +242,11 @@ def _block_importance(TPOS, PM, PL, SC, PS, nc_used, i_pair, i_c, HS: tl.constex
         b_w = tl.maximum(tl.minimum(o_i + PER_CMP, (o_j[:, None] + 1) * PER_SEL)
                          - tl.maximum(o_i, o_j[:, None] * PER_SEL), 0).to(tl.float32)
         m_i = (o_i >= 0) & (o_i < n_vis) & (o_r[None, :] < PER_SEL + PER_CMP - 1)
-        # [heads, blocks j, overlapping i]: a head's scores are one row, so neighbouring lanes load
-        # neighbouring (or the same) scores.
-        m_s = m_has[:, None, None] & m_i[None, :, :]
-        b_s = tl.load(p_sc + o_g[:, None, None] * SC_ROW + o_i[None, :, :], mask=m_s, other=float("-inf"))
-        b_p = tl.sum(tl.where(m_s, tl.exp2(b_s - b_lse[:, None, None]), 0.0), axis=0)
+        # [blocks j, overlapping i, heads], heads innermost: heads outermost (a head's scores contiguous
+        # along the lanes) measured 2-4x slower on an H200.
+        m_s = m_i[:, :, None] & m_has[None, None, :]
+        b_s = tl.load(p_sc + o_g[None, None, :] * SC_ROW + o_i[:, :, None], mask=m_s, other=float("-inf"))
+        b_p = tl.sum(tl.where(m_s, tl.exp2(b_s - b_lse[None, None, :]), 0.0), axis=2)
         tl.store(PS + i_pair.to(tl.int64) * NS_PAD + o_j, tl.sum(b_w * b_p, axis=1), mask=o_j < NS_PAD)
 
 
