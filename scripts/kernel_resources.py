@@ -156,7 +156,7 @@ compressed_attention(q, ck, cv, p)[0].sum().backward()
 sliding_window_attention(q, k, v, p).sum().backward()
 """),
     "nsa.ops.selection": (["_sel_fwd_kernel", "_sel_dq_kernel", "_sel_dkv_kernel", "_sel_dkv_reduce_kernel",
-                           "_tile_union_kernel"], """
+                           "_tile_union_kernel", "_dkv_count_kernel", "_dkv_scan_kernel", "_dkv_place_kernel"], """
 from nsa.ops.common import NSAParams
 from nsa.ops.selection import selection_attention
 t, n = 1024, 16

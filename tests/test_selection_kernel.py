@@ -142,6 +142,66 @@ def test_tile_union(tt, Hs, n):
             assert all(x == NB for x in got[len(want):])
 
 
+def _sorted_items(indices, H, S, sel_block, chunk):
+    """`selection._dkv_items` by a stable sort and searchsorted, the way it was built before the counting sort."""
+    B, T, Hs, n = indices.shape
+    NB = ceil_div(S, sel_block)
+    NK = B * H * NB
+    dev = indices.device
+    b = torch.arange(B, device=dev, dtype=torch.int32).view(B, 1, 1, 1)
+    h = (torch.arange(Hs, device=dev, dtype=torch.int32) // (Hs // H)).view(1, 1, Hs, 1)
+    keys = torch.where((indices >= 0) & (indices < NB), (b * H + h) * NB + indices, NK).flatten()
+    sorted_keys, order = torch.sort(keys, stable=True)
+    entries = ((order // n) % (T * Hs)).to(torch.int32)
+    offsets = torch.searchsorted(sorted_keys, torch.arange(NK + 1, device=dev, dtype=torch.int32))
+    key_items = torch.clamp(ceil_div(offsets[1:] - offsets[:-1], chunk), min=1)
+    ends = torch.cumsum(key_items, 0)
+    w = torch.arange(NK + indices.numel() // chunk, device=dev)
+    item_key = torch.searchsorted(ends, w, right=True)
+    active = item_key < NK
+    kc = item_key.clamp(max=NK - 1)
+    lo = offsets[kc] + (w - ends[kc] + key_items[kc]) * chunk
+    hi = torch.minimum(lo + chunk, offsets[kc + 1])
+    split = active & (key_items[kc] > 1)
+    item_slot = torch.where(split, torch.cumsum(split, 0) - 1, -1)
+    hot = torch.where(key_items > 1, key_items, 0)
+    return (entries, torch.where(active, item_key, -1), lo, hi, item_slot, key_items, torch.cumsum(hot, 0) - hot,
+            max(1, 2 * indices.numel() // chunk))
+
+
+@pytest.mark.parametrize("T,Hs,n,sel_block,chunk,rows", [
+    (37, 2, 3, 4, None, None),  # one row group, no split keys
+    (37, 4, 4, 1, 3, (8, 4)),  # 37 blocks: two bit-mask tiles; groups of two steps
+    (13, 2, 1, 2, 5, (4, 4)),
+    (45, 4, 3, 4, 3, (4, 4)),  # 23 row groups: more than one step of the prefix sum over groups
+])
+def test_dkv_items_match_a_stable_sort(monkeypatch, T, Hs, n, sel_block, chunk, rows):
+    # The counting sort's reverse index and work items are those of a stable sort by key: entries of
+    # one key in (t, hs) order. Picks are distinct per list (as select_blocks gives them), out of the
+    # blocks and two past the last (no block), a fifth of them -1. Spare items (key -1) need only an
+    # empty slice; entries past the valid ones are never read.
+    B, H = 2, 2
+    NB = ceil_div(T, sel_block)
+    if chunk is not None:
+        monkeypatch.setattr(selection, "_dkv_chunk", lambda total, n_keys: chunk)
+    if rows is not None:
+        monkeypatch.setattr(selection, "SORT_ROWS", rows[0])
+        monkeypatch.setattr(selection, "SORT_STEP_ROWS", rows[1])
+    idx = torch.rand(B, T, Hs, NB + 2, device=DEVICE).argsort(-1)[..., :n].to(torch.int32)
+    idx = torch.where(torch.rand(idx.shape, device=DEVICE) < 0.2, -1, idx).contiguous()
+    got = selection._dkv_items(idx, H, T, sel_block)
+    want = _sorted_items(idx, H, T, sel_block, selection._dkv_chunk(idx.numel(), B * H * NB))
+    n_valid = int(((idx >= 0) & (idx < NB)).sum())
+    assert torch.equal(got[0][:n_valid], want[0][:n_valid])
+    live = want[1] >= 0
+    for g, w in zip(got[1:7], want[1:7]):
+        assert g.dtype == w.dtype and g.shape == w.shape
+    assert torch.equal(got[1], want[1]) and torch.equal(got[4], want[4])
+    assert torch.equal(got[2][live], want[2][live]) and torch.equal(got[3][live], want[3][live])
+    assert torch.equal(got[2][~live], got[3][~live])
+    assert torch.equal(got[5], want[5]) and torch.equal(got[6], want[6]) and got[7] == want[7]
+
+
 def test_deterministic(monkeypatch):
     monkeypatch.setattr(selection, "_dkv_chunk", lambda total, n_keys: 5)
     q, k, v, do = _inputs(1, 48, 1, 4, 32, torch.float32)
@@ -243,7 +303,7 @@ for dtype, HQ, H, D, Hs in [(torch.bfloat16, 64, 4, 128, 4), (torch.float32, 4, 
     selection_attention(q, k, v, idx, NSAParams()).sum().backward()
 """
 SELECTION_KERNELS = ["_sel_fwd_kernel", "_sel_dq_kernel", "_sel_dkv_kernel", "_sel_dkv_reduce_kernel",
-                     "_tile_union_kernel"]
+                     "_tile_union_kernel", "_dkv_count_kernel", "_dkv_scan_kernel", "_dkv_place_kernel"]
 
 
 @pytest.mark.full

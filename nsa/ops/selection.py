@@ -20,7 +20,11 @@ Kernel layout (docs/KERNELS_SELECTION.md has the numbers behind it):
   Triton software-pipelines.
   The forward builds the unions once and returns them; the backward's dQ walks the same ones.
 * dK/dV: no atomics. A reverse index (for each kv block, the (token, index head) entries that picked
-  it, in token order) is built on device with a stable sort, then one program per work item walks its
+  it, in token order) is built on device by a counting sort in three launches: per group of rows, how
+  many name each block (each row's list as a bit mask per tile of 32 blocks, no compare per block);
+  prefix sums over the groups; then each row goes to its block's start + its group's start + the
+  group's earlier rows that name the block (a prefix sum over the rows), the order a stable sort
+  gives, and the same launch writes the work items. Then one program per work item walks its
   entries and accumulates dK/dV of one block in fp32. Heavy blocks (block 0 is forced for every
   query) are split into several items whose fp32 partials a second kernel sums in a fixed order, so
   one hot block does not serialise the backward and results stay bit-for-bit reproducible.
@@ -494,54 +498,213 @@ def _walk_args(cfg, walk, indices):
     return uni, bits, cnt, uni.shape[-1]
 
 
+# The reverse index's counting sort: rows (token, index head) of one kv head per program, in steps of
+# SORT_STEP_ROWS for lists of up to 16 slots (fewer for longer ones, so the [rows, slots] load stays
+# small); blocks in tiles of SORT_BLOCKS, one int32 bit mask per row and tile.
+SORT_ROWS = 256
+SORT_STEP_ROWS = 64
+SORT_BLOCKS = 32
+
+
+@triton.jit
+def _named(idx, o_r, m_r, i_b, i_h, j0, T, NB, HS: tl.constexpr, H: tl.constexpr, N_SEL: tl.constexpr,
+           N_P2: tl.constexpr, BLOCK_J: tl.constexpr):
+    # [rows, BLOCK_J] 0 / 1: whether row o_r of kv head (i_b, i_h) (token o_r // R, index head
+    # i_h * R + o_r % R, R = HS / H) names block j0 + jj. Each row's list goes into one bit mask, so it
+    # is compared once per tile, not once per block. Lists are distinct (as select_blocks gives them);
+    # a repeat would be named once, by the count and the placement alike, so the two always agree.
+    R: tl.constexpr = HS // H
+    o_s = tl.arange(0, N_P2)
+    o_row = ((i_b * T + o_r // R).to(tl.int64) * HS + i_h * R + o_r % R) * N_SEL
+    b_p = tl.load(idx + o_row[:, None] + o_s[None, :], mask=m_r[:, None] & (o_s[None, :] < N_SEL), other=-1)
+    b_d = b_p - j0
+    m_in = (b_d >= 0) & (b_d < BLOCK_J) & (b_p < NB)
+    b_bits = tl.reduce(tl.where(m_in, 1 << tl.where(m_in, b_d, 0), 0), 1, _bit_or)
+    return (b_bits[:, None] >> tl.arange(0, BLOCK_J)[None, :]) & 1
+
+
+@triton.jit(do_not_specialize=["T", "NB", "NG"])
+def _dkv_count_kernel(idx, base, T, NB, NG, HS: tl.constexpr, H: tl.constexpr, N_SEL: tl.constexpr,
+                      N_P2: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+    # Group i_g of kv head (b, h)'s rows (ROWS of them, in (t, hs) order): how many name each block j,
+    # into base[b, h, i_g, j].
+    i_g, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    r_end = tl.minimum((i_g + 1) * ROWS, T * (HS // H))
+    o_grp = (i_bh.to(tl.int64) * NG + i_g) * NB
+    for j0 in range(0, NB, BLOCK_J):
+        b_n = tl.zeros([BLOCK_J], dtype=tl.int32)
+        for r0 in range(i_g * ROWS, r_end, BLOCK_R):
+            o_r = r0 + tl.arange(0, BLOCK_R)
+            b_n += tl.sum(_named(idx, o_r, o_r < r_end, i_b, i_h, j0, T, NB, HS, H, N_SEL, N_P2, BLOCK_J), 0)
+        o_j = j0 + tl.arange(0, BLOCK_J)
+        tl.store(base + o_grp + o_j, b_n, mask=o_j < NB)
+
+
+@triton.jit(do_not_specialize=["NB", "NG"])
+def _dkv_scan_kernel(base, tot, NB, NG, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr):
+    # Per block j of kv head (b, h): its groups' counts become their exclusive prefix sum (where each
+    # group's entries start among the block's), and the block's total goes to tot.
+    i_j, i_bh = tl.program_id(0), tl.program_id(1)
+    o_j = i_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    m_j = o_j < NB
+    b_sum = tl.zeros([BLOCK_J], dtype=tl.int32)
+    for g0 in range(0, NG, BLOCK_G):
+        o_g = g0 + tl.arange(0, BLOCK_G)
+        o_n = (i_bh.to(tl.int64) * NG + o_g[:, None]) * NB + o_j[None, :]
+        m_n = (o_g[:, None] < NG) & m_j[None, :]
+        b_n = tl.load(base + o_n, mask=m_n, other=0)
+        tl.store(base + o_n, b_sum[None, :] + tl.cumsum(b_n, 0) - b_n, mask=m_n)
+        b_sum += tl.sum(b_n, 0)
+    tl.store(tot + i_bh * NB + o_j, b_sum, mask=m_j)
+
+
+@triton.jit
+def _key_items(b_tot, m_k, chunk):
+    # Work items of each key: its entries in slices of at most `chunk`, and one item when it has none.
+    return tl.where(m_k, tl.maximum((b_tot + chunk - 1) // chunk, 1), 0)
+
+
+@triton.jit
+def _keys_before(tot, n_keys, chunk, BLOCK_K: tl.constexpr):
+    # Entries, work items and partial slots (those of split keys' items) of keys 0 .. n_keys - 1.
+    b_ent = tl.zeros([BLOCK_K], dtype=tl.int64)
+    b_item = tl.zeros([BLOCK_K], dtype=tl.int32)
+    b_hot = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for k0 in range(0, n_keys, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < n_keys
+        b_tot = tl.load(tot + o_k, mask=m_k, other=0)
+        b_ki = _key_items(b_tot, m_k, chunk)
+        b_ent += b_tot
+        b_item += b_ki
+        b_hot += tl.where(b_ki > 1, b_ki, 0)
+    return tl.sum(b_ent, 0), tl.sum(b_item, 0), tl.sum(b_hot, 0)
+
+
+@triton.jit
+def _place_group(idx, base, tot, entries, i_g, i_bh, T, NB, NG, chunk, HS: tl.constexpr, H: tl.constexpr,
+                 N_SEL: tl.constexpr, N_P2: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Row r of group i_g naming block j is entry t * HS + hs at: where key (b, h, j)'s entries start +
+    # where the group's start among them + the group's rows before r that name j. That is the order
+    # a stable sort by key gives, and a tile the group names no block of is skipped (under causal
+    # picks, every block past its last token).
+    R: tl.constexpr = HS // H
+    i_b, i_h = i_bh // H, i_bh % H
+    r_end = tl.minimum((i_g + 1) * ROWS, T * R)
+    o_key = i_bh * NB
+    o_grp = (i_bh.to(tl.int64) * NG + i_g) * NB
+    o_next = (i_bh.to(tl.int64) * NG + tl.minimum(i_g + 1, NG - 1)) * NB
+    n_start, _, _ = _keys_before(tot, o_key, chunk, BLOCK_K)
+    for j0 in range(0, NB, BLOCK_J):
+        o_j = j0 + tl.arange(0, BLOCK_J)
+        m_j = o_j < NB
+        b_tot = tl.load(tot + o_key + o_j, mask=m_j, other=0)
+        b_lo = tl.load(base + o_grp + o_j, mask=m_j, other=0)
+        b_hi = tl.where(i_g + 1 < NG, tl.load(base + o_next + o_j, mask=m_j, other=0), b_tot)
+        b_pos = n_start + tl.cumsum(b_tot, 0) - b_tot + b_lo
+        n_start += tl.sum(b_tot, 0)
+        if tl.sum(b_hi - b_lo, 0) > 0:
+            for r0 in range(i_g * ROWS, r_end, BLOCK_R):
+                o_r = r0 + tl.arange(0, BLOCK_R)
+                b_hit = _named(idx, o_r, o_r < r_end, i_b, i_h, j0, T, NB, HS, H, N_SEL, N_P2, BLOCK_J)
+                b_val = (o_r // R) * HS + i_h * R + o_r % R
+                tl.store(entries + b_pos[None, :] + tl.cumsum(b_hit, 0) - b_hit, b_val[:, None], mask=b_hit > 0)
+                b_pos += tl.sum(b_hit, 0)
+
+
+@triton.jit
+def _write_items(tot, item_key, item_lo, item_hi, item_slot, key_items, key_first_slot, i_bh, NB, chunk, n_work,
+                 BLOCK_K: tl.constexpr):
+    # The work items of kv head i_bh's keys, in key order: a key's items slice its entries in order,
+    # and a split key's items write partials to consecutive slots. The last kv head's program also
+    # fills the grid's spare items: no key, an empty slice.
+    n_ent, n_item, n_hot = _keys_before(tot, i_bh * NB, chunk, BLOCK_K)
+    for k0 in range(0, NB, BLOCK_K):
+        m_k = k0 + tl.arange(0, BLOCK_K) < NB
+        o_k = i_bh * NB + k0 + tl.arange(0, BLOCK_K)
+        b_tot = tl.load(tot + o_k, mask=m_k, other=0)
+        b_ki = _key_items(b_tot, m_k, chunk)
+        b_hot = tl.where(b_ki > 1, b_ki, 0)
+        b_lo = n_ent + tl.cumsum(b_tot, 0) - b_tot
+        b_w = n_item + tl.cumsum(b_ki, 0) - b_ki
+        b_slot = n_hot + tl.cumsum(b_hot, 0) - b_hot
+        tl.store(key_items + o_k, b_ki, mask=m_k)
+        tl.store(key_first_slot + o_k, b_slot, mask=m_k)
+        for i in range(0, tl.max(b_ki, 0)):
+            m_i = i < b_ki
+            o_lo = b_lo + i * chunk
+            tl.store(item_key + b_w + i, o_k, mask=m_i)
+            tl.store(item_lo + b_w + i, o_lo, mask=m_i)
+            tl.store(item_hi + b_w + i, tl.minimum(o_lo + chunk, b_lo + b_tot), mask=m_i)
+            tl.store(item_slot + b_w + i, tl.where(b_ki > 1, b_slot + i, -1), mask=m_i)
+        n_ent += tl.sum(b_tot, 0)
+        n_item += tl.sum(b_ki, 0)
+        n_hot += tl.sum(b_hot, 0)
+    if i_bh == tl.num_programs(1) - 1:
+        for w0 in range(n_item, n_work, BLOCK_K):
+            o_w = w0 + tl.arange(0, BLOCK_K)
+            m_w = o_w < n_work
+            tl.store(item_key + o_w, tl.full([BLOCK_K], -1, tl.int32), mask=m_w)
+            tl.store(item_lo + o_w, tl.zeros([BLOCK_K], tl.int64) + n_ent, mask=m_w)
+            tl.store(item_hi + o_w, tl.zeros([BLOCK_K], tl.int64) + n_ent, mask=m_w)
+            tl.store(item_slot + o_w, tl.full([BLOCK_K], -1, tl.int32), mask=m_w)
+
+
+@triton.jit(do_not_specialize=["T", "NB", "NG", "chunk", "n_work"])
+def _dkv_place_kernel(idx, base, tot, entries, item_key, item_lo, item_hi, item_slot, key_items, key_first_slot,
+                      T, NB, NG, chunk, n_work, HS: tl.constexpr, H: tl.constexpr, N_SEL: tl.constexpr,
+                      N_P2: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    # Programs 0 .. NG - 1 of kv head i_bh place its row groups' entries; program NG writes its items.
+    i_g, i_bh = tl.program_id(0), tl.program_id(1)
+    if i_g < NG:
+        _place_group(idx, base, tot, entries, i_g, i_bh, T, NB, NG, chunk, HS, H, N_SEL, N_P2, ROWS, BLOCK_R,
+                     BLOCK_J, BLOCK_K)
+    else:
+        _write_items(tot, item_key, item_lo, item_hi, item_slot, key_items, key_first_slot, i_bh, NB, chunk,
+                     n_work, BLOCK_K)
+
+
 def _dkv_chunk(total, n_keys):
     """Entries per dK/dV work item: twice the mean per key (the tests shrink it to split every block)."""
     return max(64, ceil_div(2 * total, n_keys))
 
 
 def _dkv_items(indices, H, S, sel_block):
-    """Reverse index and work items for the dK/dV kernel, with torch ops and no host sync.
+    """Reverse index and work items for the dK/dV kernel: a counting sort in three launches, no host sync.
 
-    Returns entries (int32 t * Hs + hs, grouped by kv block key (b, h, j) and in token order within
-    a key), per-item (key, lo, hi, slot), per-key (number of items, first partial slot), and the
-    number of partial slots to allocate. Every key gets at least one item, so blocks nobody picked
-    still get their (zero) gradient written.
+    Returns entries (int32 t * Hs + hs, grouped by kv block key (b, h, j) and in (t, hs) order within
+    a key; past the valid entries, unwritten), per-item (key, lo, hi, slot), per-key (number of items,
+    first partial slot), and the number of partial slots to allocate. Every key gets at least one
+    item, so blocks nobody picked still get their (zero) gradient written; spare items have key -1,
+    slot -1 and an empty slice. -1 and indices >= NB name no block; a block one list names twice is
+    one entry.
     """
     B, T, Hs, n = indices.shape
     dev = indices.device
     NB = ceil_div(S, sel_block)
     NK = B * H * NB
     total = B * T * Hs * n
-
-    b = torch.arange(B, device=dev, dtype=torch.int32).view(B, 1, 1, 1)
-    h = (torch.arange(Hs, device=dev, dtype=torch.int32) // (Hs // H)).view(1, 1, Hs, 1)
-    ok = (indices >= 0) & (indices < NB)
-    keys = torch.where(ok, (b * H + h) * NB + indices, NK).flatten()
-    # Stable: entries of one key stay in (t, hs) order, so accumulation order is fixed run to run.
-    sorted_keys, order = torch.sort(keys, stable=True)
-    entries = ((order // n) % (T * Hs)).to(torch.int32)
-    offsets = torch.searchsorted(sorted_keys, torch.arange(NK + 1, device=dev, dtype=torch.int32))
-    counts = offsets[1:] - offsets[:-1]
-
     # Items hold at most `chunk` entries, twice the mean per key: no item is much heavier than the
     # average block, and at most NK + total // chunk items and 2 * total // chunk partials exist.
     chunk = _dkv_chunk(total, NK)
-    key_items = torch.clamp(ceil_div(counts, chunk), min=1)
-    ends = torch.cumsum(key_items, 0)
     n_work = NK + total // chunk
-    w = torch.arange(n_work, device=dev)
-    item_key = torch.searchsorted(ends, w, right=True)
-    active = item_key < NK
-    kc = item_key.clamp(max=NK - 1)
-    part = w - (ends[kc] - key_items[kc])
-    lo = offsets[kc] + part * chunk
-    hi = torch.minimum(lo + chunk, offsets[kc + 1])
-    split = active & (key_items[kc] > 1)
-    item_slot = torch.where(split, torch.cumsum(split, 0) - 1, -1)
-    hot_items = torch.where(key_items > 1, key_items, 0)
-    key_first_slot = torch.cumsum(hot_items, 0) - hot_items
-    item_key = torch.where(active, item_key, -1)
-    return (entries, item_key, lo, hi, item_slot, key_items, key_first_slot,
+    ng = ceil_div(T * (Hs // H), SORT_ROWS)
+    base = torch.empty(B * H, ng, NB, dtype=torch.int32, device=dev)
+    tot = torch.empty(NK, dtype=torch.int32, device=dev)
+    entries = torch.empty(total, dtype=torch.int32, device=dev)
+    item_key, item_lo, item_hi, item_slot = (torch.empty(n_work, dtype=torch.int64, device=dev) for _ in range(4))
+    key_items, key_first_slot = (torch.empty(NK, dtype=torch.int64, device=dev) for _ in range(2))
+    n_p2 = _pow2(n)
+    meta = dict(HS=Hs, H=H, N_SEL=n, N_P2=n_p2, ROWS=SORT_ROWS, BLOCK_R=max(1, min(SORT_STEP_ROWS, 1024 // n_p2)),
+                BLOCK_J=SORT_BLOCKS)
+    _dkv_count_kernel[(ng, B * H)](indices, base, T, NB, ng, **meta, num_warps=4)
+    _dkv_scan_kernel[(ceil_div(NB, 128), B * H)](base, tot, NB, ng, BLOCK_G=16, BLOCK_J=128, num_warps=4)
+    _dkv_place_kernel[(ng + 1, B * H)](indices, base, tot, entries, item_key, item_lo, item_hi, item_slot, key_items,
+                                       key_first_slot, T, NB, ng, chunk, n_work, **meta, BLOCK_K=256, num_warps=4)
+    return (entries, item_key, item_lo, item_hi, item_slot, key_items, key_first_slot,
             max(1, 2 * total // chunk))
 
 
