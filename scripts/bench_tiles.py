@@ -2,8 +2,9 @@
 
 Times, in one process on one card, each kernel with its production tiles and with the alternatives
 listed in VARIANTS: range attention (the compressed prefix rule and the sliding window: forward,
-backward with other dq or dk/dv tiles, the prefix rule's split programs per SM), selection (dK/dV
-launches and the other layout of its dots, forward / dQ launches, on random picks), and the top-n
+backward with other dq or dk/dv tiles, the prefix rule's split programs per SM), selection (the tile
+unions and dK/dV's reverse index, dK/dV launches and the other layout of its dots, forward / dQ
+launches, on random picks), and the top-n
 kernel (whose output must not change). Dense SDPA at the same shape is the last row, for scale.
 Median ms a layer.
 
@@ -110,6 +111,9 @@ def selection_rows(q, k, v, do, scale, sel_block=P.sel_block, n=P.num_selected):
     dkv = lambda: SEL.selection_dkv(do, q, k, v, lse, delta, idx, sel_block, scale, dk, dv)  # noqa: E731
     fwd(), dqf()
     yield "selection", "tile unions", "production", median_ms(lambda: SEL.tile_walk(q, k, idx, sel_block))
+    # dK/dV's reverse index and work items alone (the counting sort); also inside the dK/dV rows below.
+    yield "selection", "reverse index", "production", median_ms(lambda: SEL._dkv_items(idx, k.shape[2], k.shape[1],
+                                                                                      sel_block))
     for part, fn in (("forward", fwd), ("dQ", dqf)):
         yield "selection", part, "production", median_ms(fn)
         for launch in VARIANTS["sel_walk"]:

@@ -38,6 +38,6 @@ def test_every_variant_runs_and_production_is_restored(one_call):
     assert after == before
     v = bench_tiles.VARIANTS
     want = (2 * (2 + len(v["range_fwd"]) + len(v["range_dq"]) + len(v["range_dkdv"])) + len(v["range_splits"])
-            + 1 + 2 * (1 + len(v["sel_walk"])) + 1 + len(v["sel_dkv"]) + 1 + 1 + len(v["topn"]) + 2)
+            + 2 + 2 * (1 + len(v["sel_walk"])) + 1 + len(v["sel_dkv"]) + 1 + 1 + len(v["topn"]) + 2)
     assert len(rows) == want
     assert not any("DIFFERS" in r[1] for r in rows)
