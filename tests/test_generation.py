@@ -367,6 +367,7 @@ def test_generate_compiled_equals_eager_greedy():
 LENGTHS = [(192, 16), (250, 37)]
 
 
+@pytest.mark.full  # 20 s of torch.compile on CPU; the Triton kernels' compile keys are checked in the default tier
 def test_compiled_step_does_not_recompile_for_a_new_length(monkeypatch):
     # generate's compiled decode step is compiled for any cache capacity: a second generation of
     # another prompt and cache length reuses it (dynamo's tracing only: no backend compile on CPU).
