@@ -146,7 +146,7 @@ def _gate_partial(X, WG, GZ, B, i_b, hs, i_z, sx_b, swg, GS: tl.constexpr, HS: t
     tl.store(GZ + o_z, b_z, mask=m_b[:, None])
 
 
-# The ring's size, the chunks in use and the feature chunk follow the cache's length: unspecialised,
+# The ring's size and the chunks in use follow the cache's length: unspecialised,
 # so a new length compiles nothing (Triton would specialise a value of 1 or a multiple of 16).
 @triton.jit(do_not_specialize=["w_slots", "nc_used"])
 def _partials_kernel(
