@@ -18,7 +18,7 @@ query heads are one tile; with per-head selection hs is a query head (a tile of 
    by overlap (Eq. 9, 0-based): one fp32 importance per selection block. (A compressed block that
    straddles two selection blocks is exponentiated for both: l / l' more exponentials, so that the
    select kernel, which every selection program of a pair runs, loads one row instead of gathering.)
-   Its first N_GZ programs of the first pairs compute the gate logits' partials instead: one slice of
+   Its last N_GZ programs of the first pairs compute the gate logits' partials instead: one slice of
    the layer input's features of w_gate x, for 16 sequences and one selection head's query heads at a
    time (a tensor-core tile), so each weight is read once a step, whatever the batch, and the gate
    projection runs beside the importance programs rather than after them in the last kernel.
@@ -191,24 +191,21 @@ def _partials_kernel(
 def _importance_kernel(
     TPOS, PM, PL, SC, PS, X, WG, GZ, nc_used, B, sx_b, swg,
     HS: tl.constexpr, GS: tl.constexpr, SC_ROW: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
-    SEL: tl.constexpr, NS_PAD: tl.constexpr, R_OVL: tl.constexpr, J_CHUNK: tl.constexpr,
+    SEL: tl.constexpr, NS_PAD: tl.constexpr, R_OVL: tl.constexpr, J_CHUNK: tl.constexpr, N_J: tl.constexpr,
     NC_PAD: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr,
     DIM: tl.constexpr, N_GZ: tl.constexpr, GATE_B: tl.constexpr, GATE_CHUNK: tl.constexpr,
     GATE_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Programs i_c < N_GZ: gate-logit partial i_c of selection head i_pair % HS and sequence chunk
-    i_pair // HS, where that chunk holds sequences (the gate needs Hs * ceil(B / GATE_B) of the pairs'
-    rows). The others: the importances of chunk i_c - N_GZ of pair i_pair's selection blocks. The gate
-    programs come first in launch order, so they start with the first wave instead of running as a
-    tail after every importance program (with them last, the kernel took 34 us at batch 16 and 64k on
-    an H200 against 19 without them, and 0.8 us more at batch 1, where all programs fit one wave)."""
+    """Programs i_c < N_J: the importances of chunk i_c of pair i_pair's selection blocks. The others:
+    gate-logit partial i_c - N_J of selection head i_pair % HS and sequence chunk i_pair // HS, where
+    that chunk holds sequences (the gate needs Hs * ceil(B / GATE_B) of the pairs' rows)."""
     i_pair = tl.program_id(0)
     i_c = tl.program_id(1)
-    if i_c >= N_GZ:
-        _block_importance(TPOS, PM, PL, SC, PS, nc_used, i_pair, i_c - N_GZ, HS, GS, SC_ROW, L_CMP, STRIDE, SEL,
-                          NS_PAD, R_OVL, J_CHUNK, NC_PAD, NPART, BLOCK_G, BLOCK_J)
+    if i_c < N_J:
+        _block_importance(TPOS, PM, PL, SC, PS, nc_used, i_pair, i_c, HS, GS, SC_ROW, L_CMP, STRIDE, SEL, NS_PAD,
+                          R_OVL, J_CHUNK, NC_PAD, NPART, BLOCK_G, BLOCK_J)
     elif (i_pair // HS) * GATE_B < B:
-        _gate_partial(X, WG, GZ, B, i_pair // HS, i_pair % HS, i_c, sx_b, swg, GS, HS, DIM, N_GZ,
+        _gate_partial(X, WG, GZ, B, i_pair // HS, i_pair % HS, i_c - N_J, sx_b, swg, GS, HS, DIM, N_GZ,
                       BLOCK_G, GATE_B, GATE_CHUNK, GATE_K, PREC, UPCAST)
 
 
@@ -443,7 +440,7 @@ def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, x, w_gate, b_ga
     n_j = ceil_div(ns_pad, j_chunk)
     _importance_kernel[(pairs, n_j + n_gz)](
         t, pm, pl, sc, ps, x, w_gate, gz, nc_used, B, x.stride(0), w_gate.stride(0), SEL=sel_block, NS_PAD=ns_pad,
-        R_OVL=triton.next_power_of_2(per_sel + per_cmp - 1), J_CHUNK=j_chunk,
+        R_OVL=triton.next_power_of_2(per_sel + per_cmp - 1), J_CHUNK=j_chunk, N_J=n_j,
         NC_PAD=triton.next_power_of_2(nc_split), BLOCK_J=block_j, DIM=dim, N_GZ=n_gz, GATE_B=GATE_B,
         GATE_CHUNK=GATE_CHUNK, GATE_K=GATE_K, PREC=gprec, UPCAST=gupcast, **common, **cmp, num_warps=4)
     _select_kernel[(pairs, s_split)](
