@@ -110,6 +110,23 @@ def test_split_blocks(monkeypatch, shared):
     _check(B=2, T=40, H=1, G=2, D=32, sel_block=16, n=3, shared=shared)
 
 
+@pytest.mark.parametrize("keys_major", [True, False])
+def test_dkv_causal_and_whole_steps(monkeypatch, keys_major):
+    # Every row names all three blocks, future ones too (their keys are all hidden), and dK/dV walks 3
+    # entries a step: each block's entries run through several masked steps (tokens before its last
+    # key, the future picks among them), then several unmasked ones, the last ragged; the last block
+    # is partial (T = 45, l' = 16).
+    monkeypatch.setattr(selection, "DKV_LAUNCHES", {keys_major: ((6, 4, 1),)})
+    monkeypatch.setattr(selection, "KEYS_MAJOR_MAX_D", 2**30 if keys_major else -1)
+    q, k, v, do = _inputs(1, 45, 1, 2, 16, torch.float32)
+    idx = torch.arange(3, dtype=torch.int32, device=DEVICE).expand(1, 45, 1, 3).contiguous()
+    got = _kernel_grads(q, k, v, do, idx, 16)
+    exact, at_dtype = reference_runs(lambda q, k, v: reference.selection_attention(q, k, v, idx, P16), (q, k, v),
+                                     (do,), torch.float32)
+    for name, g, e, t in zip(("o", "dq", "dk", "dv"), got, exact, at_dtype):
+        assert_close(g, e, t, name)
+
+
 @pytest.mark.full
 def test_packed_tile_of_many_tokens(monkeypatch):
     # 128-row tiles at G = 2: 64 tokens per program, a wide union of block lists.

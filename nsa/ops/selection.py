@@ -267,14 +267,69 @@ def _sel_dq_kernel(q, k, v, o, do, lse, delta, dq, idx, uni, ubits, ucnt, T, S, 
 
 
 @triton.jit
+def _dkv_rows(q, do, lse, delta, entries, i_e, i_hi, i_b, T, HQ: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
+              BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # The query rows of entries [i_e, i_e + BLOCK_E) (those below i_hi): q, dO, lse in log2 units (+inf
+    # for a padded row or one that saw nothing, so its p is 0 with no mask), delta, and each row's
+    # token and mask. An entry t * HS + hs stands for the GS = HQ // HS query heads sharing index head hs.
+    GS: tl.constexpr = HQ // HS
+    o_r = tl.arange(0, BLOCK_R)
+    o_d = tl.arange(0, BLOCK_D)
+    o_e = i_e + o_r // GS
+    m_e = (o_r < BLOCK_E * GS) & (o_e < i_hi)
+    b_ent = tl.load(entries + o_e, mask=m_e, other=0)
+    o_t = b_ent // HS
+    o_row = (i_b * T + o_t).to(tl.int64) * HQ + (b_ent % HS) * GS + o_r % GS
+    m_rd = m_e[:, None] & (o_d < D)[None, :]
+    b_q = tl.load(q + o_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
+    b_do = tl.load(do + o_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
+    b_lse = tl.load(lse + o_row, mask=m_e, other=float("-inf"))
+    b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * LOG2E_C)
+    b_delta = tl.load(delta + o_row, mask=m_e, other=0.)
+    return b_q, b_do, b_lse2, b_delta, o_t, m_e
+
+
+@triton.jit
+def _dkv_step(b_dk, b_dv, b_k, b_v, o_s, m_s, b_q, b_do, b_lse2, b_delta, o_t, m_e, scale_log2,
+              CAUSAL: tl.constexpr, KEYS_MAJOR: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # One step of dK/dV over a set of query rows; CAUSAL: some row's token lies before the block's last
+    # key, so keys are masked by position (otherwise every row sees every key: padded rows have p = 0
+    # by their lse, and a padding key's row of dK/dV is never stored).
+    if KEYS_MAJOR:
+        # S^T = K Q^T: P^T and dS^T come out of their dots already in the layout of the next dot's
+        # left operand, so no [rows, keys] tile is transposed in registers.
+        b_s_t = dot(b_k, tl.trans(b_q), PREC, UPCAST) * scale_log2
+        b_p_t = tl.exp2(b_s_t - b_lse2[None, :])
+        if CAUSAL:
+            b_p_t = tl.where(m_s[:, None] & m_e[None, :] & (o_s[:, None] <= o_t[None, :]), b_p_t, 0.)
+        b_dv += dot(b_p_t.to(b_do.dtype), b_do, PREC, UPCAST)
+        b_dp_t = dot(b_v, tl.trans(b_do), PREC, UPCAST)
+        b_ds_t = b_p_t * (b_dp_t - b_delta[None, :])
+        b_dk += dot(b_ds_t.to(b_q.dtype), b_q, PREC, UPCAST)
+    else:
+        b_s = dot(b_q, tl.trans(b_k), PREC, UPCAST) * scale_log2
+        b_p = tl.exp2(b_s - b_lse2[:, None])
+        if CAUSAL:
+            b_p = tl.where(m_e[:, None] & m_s[None, :] & (o_s[None, :] <= o_t[:, None]), b_p, 0.)
+        b_dv += dot(tl.trans(b_p.to(b_do.dtype)), b_do, PREC, UPCAST)
+        b_dp = dot(b_do, tl.trans(b_v), PREC, UPCAST)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dk += dot(tl.trans(b_ds.to(b_q.dtype)), b_q, PREC, UPCAST)
+    return b_dk, b_dv
+
+
+# Entries counted per step when an item finds where its causal part ends (int32 loads, cheap next to
+# the 2 * GS * D values a step loads for each entry).
+COUNT_ENTRIES = tl.constexpr(1024)
+
+
+@triton.jit
 def _sel_dkv_kernel(q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries,
                     item_key, item_lo, item_hi, item_slot, T, S, BS, scale, scale_log2,
                     HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
                     BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                     KEYS_MAJOR: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     # One work item: a slice [lo, hi) of the entries that picked kv block `key` = (b, h, j).
-    # An entry t * HS + hs stands for the GS = HQ // HS query heads that share index head hs.
-    GS: tl.constexpr = HQ // HS
     i_w = tl.program_id(0)
     i_key = tl.load(item_key + i_w)
     if i_key >= 0:
@@ -288,43 +343,28 @@ def _sel_dkv_kernel(q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries,
         b_k, b_v, o_s, m_s = _load_kv_block(k, v, o_kv, i_j, BS, S, H, D, BLOCK_S, BLOCK_D)
         o_d = tl.arange(0, BLOCK_D)
         m_d = o_d < D
-        o_r = tl.arange(0, BLOCK_R)
-        m_r = o_r < BLOCK_E * GS
+        # A key's entries are in token order, so the rows that may miss some of the block's keys (token
+        # before its last key) come first: count them, walk them with the causal mask, the rest
+        # (nearly all: 64 tokens a block against about a thousand entries at 8k) without it.
+        n_causal = 0
+        for i_c in range(i_lo, i_hi, COUNT_ENTRIES):
+            o_c = i_c + tl.arange(0, COUNT_ENTRIES)
+            b_c = tl.load(entries + o_c, mask=o_c < i_hi, other=2**31 - 1)
+            n_causal += tl.sum((b_c < ((i_j + 1) * BS - 1) * HS).to(tl.int32), 0)
+        i_mid = tl.minimum(i_lo + tl.cdiv(n_causal, BLOCK_E) * BLOCK_E, i_hi)
 
         b_dk = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
         b_dv = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-        for i_e in tl.range(i_lo, i_hi, BLOCK_E):
-            o_e = i_e + o_r // GS
-            m_e = m_r & (o_e < i_hi)
-            b_ent = tl.load(entries + o_e, mask=m_e, other=0)
-            o_t = b_ent // HS
-            o_hq = (b_ent % HS) * GS + o_r % GS
-            o_row = (i_b * T + o_t).to(tl.int64) * HQ + o_hq
-            m_rd = m_e[:, None] & m_d[None, :]
-            b_q = tl.load(q + o_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
-            b_do = tl.load(do + o_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
-            b_lse = tl.load(lse + o_row, mask=m_e, other=float("-inf"))
-            b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * LOG2E_C)
-            b_delta = tl.load(delta + o_row, mask=m_e, other=0.)
-
-            if KEYS_MAJOR:
-                # S^T = K Q^T: P^T and dS^T come out of their dots already in the layout of the next
-                # dot's left operand, so no [rows, keys] tile is transposed in registers.
-                b_s_t = dot(b_k, tl.trans(b_q), PREC, UPCAST) * scale_log2
-                m_vis = m_s[:, None] & m_e[None, :] & (o_s[:, None] <= o_t[None, :])
-                b_p_t = tl.where(m_vis, tl.exp2(b_s_t - b_lse2[None, :]), 0.)
-                b_dv += dot(b_p_t.to(b_do.dtype), b_do, PREC, UPCAST)
-                b_dp_t = dot(b_v, tl.trans(b_do), PREC, UPCAST)
-                b_ds_t = b_p_t * (b_dp_t - b_delta[None, :])
-                b_dk += dot(b_ds_t.to(b_q.dtype), b_q, PREC, UPCAST)
-            else:
-                b_s = dot(b_q, tl.trans(b_k), PREC, UPCAST) * scale_log2
-                m_vis = m_e[:, None] & m_s[None, :] & (o_s[None, :] <= o_t[:, None])
-                b_p = tl.where(m_vis, tl.exp2(b_s - b_lse2[:, None]), 0.)
-                b_dv += dot(tl.trans(b_p.to(b_do.dtype)), b_do, PREC, UPCAST)
-                b_dp = dot(b_do, tl.trans(b_v), PREC, UPCAST)
-                b_ds = b_p * (b_dp - b_delta[:, None])
-                b_dk += dot(tl.trans(b_ds.to(b_q.dtype)), b_q, PREC, UPCAST)
+        for i_e in tl.range(i_lo, i_mid, BLOCK_E):
+            b_q, b_do, b_lse2, b_delta, o_t, m_e = _dkv_rows(q, do, lse, delta, entries, i_e, i_hi, i_b, T, HQ, HS,
+                                                             D, BLOCK_E, BLOCK_R, BLOCK_D)
+            b_dk, b_dv = _dkv_step(b_dk, b_dv, b_k, b_v, o_s, m_s, b_q, b_do, b_lse2, b_delta, o_t, m_e, scale_log2,
+                                   True, KEYS_MAJOR, PREC, UPCAST)
+        for i_e in tl.range(i_mid, i_hi, BLOCK_E):
+            b_q, b_do, b_lse2, b_delta, o_t, m_e = _dkv_rows(q, do, lse, delta, entries, i_e, i_hi, i_b, T, HQ, HS,
+                                                             D, BLOCK_E, BLOCK_R, BLOCK_D)
+            b_dk, b_dv = _dkv_step(b_dk, b_dv, b_k, b_v, o_s, m_s, b_q, b_do, b_lse2, b_delta, o_t, m_e, scale_log2,
+                                   False, KEYS_MAJOR, PREC, UPCAST)
         b_dk *= scale
 
         i_slot = tl.load(item_slot + i_w)
