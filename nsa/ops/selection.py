@@ -439,20 +439,23 @@ def _bit_or(a, b):
 # Lengths unspecialised (as _sel_fwd_kernel).
 @triton.jit(do_not_specialize=["T", "S", "NB", "UL"])
 def _tile_union_kernel(idx, uni, ubits, cnt, T, S, BS, NB, UL, HS: tl.constexpr, H: tl.constexpr,
-                       N_SEL: tl.constexpr, TT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr):
+                       N_SEL: tl.constexpr, N_P2: tl.constexpr, TT: tl.constexpr, BLOCK_L: tl.constexpr,
+                       BLOCK_J: tl.constexpr):
     # One tile (TT tokens x the R = HS / H index heads of kv head i_h, list l = token * R + head):
-    # which of the blocks 0..NB-1 any of its lists names, written in ascending order by a membership
-    # test per chunk of BLOCK_J blocks and a prefix sum, with the bit mask of the lists that name each.
+    # which of the blocks 0..NB-1 any of its lists names, written in ascending order, with the bit mask
+    # of the lists that name each. Per tile of BLOCK_J blocks each list becomes one int32 bit mask (its
+    # n picks compared once), the lists' masks OR-ed give the tile's blocks, a prefix sum their slots.
     # No sort, and the same result on every run.
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     R: tl.constexpr = HS // H
     o_l = tl.arange(0, BLOCK_L)
-    o_tok = i_t * TT + o_l // (R * N_SEL)
-    m_l = (o_l < TT * R * N_SEL) & (o_tok < T)
-    o_e = ((i_b * T + o_tok).to(tl.int64) * HS + i_h * R + (o_l // N_SEL) % R) * N_SEL + o_l % N_SEL
-    b_e = tl.load(idx + o_e, mask=m_l, other=-1)
-    b_bit = tl.full([BLOCK_L], 1, tl.int64) << (o_l // N_SEL).to(tl.int64)
+    o_s = tl.arange(0, N_P2)
+    o_tok = i_t * TT + o_l // R
+    m_l = (o_l < TT * R) & (o_tok < T)
+    o_list = ((i_b * T + o_tok).to(tl.int64) * HS + i_h * R + o_l % R) * N_SEL
+    b_p = tl.load(idx + o_list[:, None] + o_s[None, :], mask=m_l[:, None] & (o_s[None, :] < N_SEL), other=-1)
+    b_lbit = tl.full([BLOCK_L], 1, tl.int64) << o_l.to(tl.int64)
     # Blocks below j_whole end at or before the tile's first token (and inside S): every row that
     # picked one sees all its keys.
     j_whole = tl.minimum((i_t * TT + 1) // BS, S // BS)
@@ -461,9 +464,12 @@ def _tile_union_kernel(idx, uni, ubits, cnt, T, S, BS, NB, UL, HS: tl.constexpr,
     n_whole = 0
     for j0 in range(0, NB, BLOCK_J):
         o_j = j0 + tl.arange(0, BLOCK_J)
-        m_eq = b_e[:, None] == o_j[None, :]
-        b_hit = tl.max(m_eq.to(tl.int32), axis=0) * (o_j < NB)
-        b_bits = tl.reduce(tl.where(m_eq, b_bit[:, None], 0), 0, _bit_or)
+        b_d = b_p - j0
+        m_in = (b_d >= 0) & (b_d < BLOCK_J) & (b_p < NB)
+        b_mask = tl.reduce(tl.where(m_in, 1 << tl.where(m_in, b_d, 0), 0), 1, _bit_or)
+        b_named = (b_mask[:, None] >> tl.arange(0, BLOCK_J)[None, :]) & 1
+        b_hit = tl.max(b_named, 0)
+        b_bits = tl.reduce(tl.where(b_named != 0, b_lbit[:, None], 0), 0, _bit_or)
         o_pos = n + tl.cumsum(b_hit, axis=0) - b_hit
         m_pos = (b_hit > 0) & (o_pos < UL)
         tl.store(uni + o_tile * UL + o_pos, o_j, mask=m_pos)
@@ -497,17 +503,14 @@ def _tile_union(indices, H, S, sel_block, tt):
     """
     B, T, Hs, n = indices.shape
     NB = ceil_div(S, sel_block)
-    entries = tt * (Hs // H) * n
     uni, bits, cnt = (torch.empty(shape, dtype=dtype, device=indices.device)
                       for shape, dtype in _union_shapes(indices.shape, H, S, sel_block, tt))
     nt, ul = uni.shape[1], uni.shape[3]
-    # The membership test is a [BLOCK_L, BLOCK_J] tile (and its int64 bits): 32 blocks a step up to 256
-    # entries, fewer for longer lists so the tile stays in registers, and never more than there are
-    # blocks (short sequences; every launch of the configs has NB >= 32).
-    block_l = _pow2(entries)
-    block_j = max(2, min(32, 8192 // block_l, _pow2(NB)))
-    _tile_union_kernel[(nt, B * H)](indices, uni, bits, cnt, T, S, sel_block, NB, ul, HS=Hs, H=H, N_SEL=n, TT=tt,
-                                    BLOCK_L=block_l, BLOCK_J=block_j, num_warps=4)
+    # Bit masks of int32: at most 32 blocks a step, and no more than there are blocks (short sequences).
+    block_j = max(2, min(32, _pow2(NB)))
+    _tile_union_kernel[(nt, B * H)](indices, uni, bits, cnt, T, S, sel_block, NB, ul, HS=Hs, H=H, N_SEL=n,
+                                    N_P2=_pow2(n), TT=tt, BLOCK_L=_pow2(tt * (Hs // H)), BLOCK_J=block_j,
+                                    num_warps=4)
     return uni, bits, cnt
 
 
@@ -547,16 +550,23 @@ SORT_BLOCKS = 32
 
 
 @triton.jit
-def _named(idx, o_r, m_r, i_b, i_h, j0, T, NB, HS: tl.constexpr, H: tl.constexpr, N_SEL: tl.constexpr,
-           N_P2: tl.constexpr, BLOCK_J: tl.constexpr):
-    # [rows, BLOCK_J] 0 / 1: whether row o_r of kv head (i_b, i_h) (token o_r // R, index head
-    # i_h * R + o_r % R, R = HS / H) names block j0 + jj. Each row's list goes into one bit mask, so it
-    # is compared once per tile, not once per block. Lists are distinct (as select_blocks gives them);
-    # a repeat would be named once, by the count and the placement alike, so the two always agree.
+def _row_picks(idx, o_r, m_r, i_b, i_h, T, HS: tl.constexpr, H: tl.constexpr, N_SEL: tl.constexpr,
+               N_P2: tl.constexpr):
+    # [rows, N_P2] block lists of rows o_r of kv head (i_b, i_h) (row r: token r // R, index head
+    # i_h * R + r % R, R = HS / H), -1 past the list and for masked rows.
     R: tl.constexpr = HS // H
     o_s = tl.arange(0, N_P2)
     o_row = ((i_b * T + o_r // R).to(tl.int64) * HS + i_h * R + o_r % R) * N_SEL
-    b_p = tl.load(idx + o_row[:, None] + o_s[None, :], mask=m_r[:, None] & (o_s[None, :] < N_SEL), other=-1)
+    return tl.load(idx + o_row[:, None] + o_s[None, :], mask=m_r[:, None] & (o_s[None, :] < N_SEL), other=-1)
+
+
+@triton.jit
+def _named(idx, o_r, m_r, i_b, i_h, j0, T, NB, HS: tl.constexpr, H: tl.constexpr, N_SEL: tl.constexpr,
+           N_P2: tl.constexpr, BLOCK_J: tl.constexpr):
+    # [rows, BLOCK_J] 0 / 1: whether row o_r names block j0 + jj. Each row's list goes into one bit mask,
+    # so it is compared once per tile, not once per block. Lists are distinct (as select_blocks gives
+    # them); a repeat would be named once, by the count and the placement alike, so the two always agree.
+    b_p = _row_picks(idx, o_r, m_r, i_b, i_h, T, HS, H, N_SEL, N_P2)
     b_d = b_p - j0
     m_in = (b_d >= 0) & (b_d < BLOCK_J) & (b_p < NB)
     b_bits = tl.reduce(tl.where(m_in, 1 << tl.where(m_in, b_d, 0), 0), 1, _bit_or)
@@ -572,11 +582,19 @@ def _dkv_count_kernel(idx, base, T, NB, NG, HS: tl.constexpr, H: tl.constexpr, N
     i_b, i_h = i_bh // H, i_bh % H
     r_end = tl.minimum((i_g + 1) * ROWS, T * (HS // H))
     o_grp = (i_bh.to(tl.int64) * NG + i_g) * NB
+    # The group's largest pick: tiles past it are zero without a pass over the rows (under causal picks
+    # every block after the group's last token, half the tiles on average).
+    j_max = -1
+    for r0 in range(i_g * ROWS, r_end, BLOCK_R):
+        o_r = r0 + tl.arange(0, BLOCK_R)
+        b_p = _row_picks(idx, o_r, o_r < r_end, i_b, i_h, T, HS, H, N_SEL, N_P2)
+        j_max = tl.maximum(j_max, tl.max(tl.max(tl.where(b_p < NB, b_p, -1), 1), 0))
     for j0 in range(0, NB, BLOCK_J):
         b_n = tl.zeros([BLOCK_J], dtype=tl.int32)
-        for r0 in range(i_g * ROWS, r_end, BLOCK_R):
-            o_r = r0 + tl.arange(0, BLOCK_R)
-            b_n += tl.sum(_named(idx, o_r, o_r < r_end, i_b, i_h, j0, T, NB, HS, H, N_SEL, N_P2, BLOCK_J), 0)
+        if j0 <= j_max:
+            for r0 in range(i_g * ROWS, r_end, BLOCK_R):
+                o_r = r0 + tl.arange(0, BLOCK_R)
+                b_n += tl.sum(_named(idx, o_r, o_r < r_end, i_b, i_h, j0, T, NB, HS, H, N_SEL, N_P2, BLOCK_J), 0)
         o_j = j0 + tl.arange(0, BLOCK_J)
         tl.store(base + o_grp + o_j, b_n, mask=o_j < NB)
 
