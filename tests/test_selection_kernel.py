@@ -134,15 +134,16 @@ def test_packed_tile_of_many_tokens(monkeypatch):
     _check(B=1, T=70, H=1, G=2, D=32, sel_block=16, n=3)
 
 
-@pytest.mark.parametrize("tt,Hs,n", [(1, 2, 3), (2, 1, 3), (3, 2, 3), pytest.param(4, 1, 1200, marks=pytest.mark.full)])
-def test_tile_union(tt, Hs, n):
+@pytest.mark.parametrize("tt,Hs,n,T", [(1, 2, 3, 10), (2, 1, 3, 10), (3, 2, 3, 10), (2, 1, 3, 70),
+                                        pytest.param(4, 1, 1200, 10, marks=pytest.mark.full)])
+def test_tile_union(tt, Hs, n, T):
     # The union walk's lists: a tile's distinct valid blocks ascending, then NB; for each, the bit
     # mask of the tile's lists (token * Hs + head) that name it; the counts of blocks that end before
     # the tile's first token and of all valid ones. n = 1200 (full tier; ~25 s in the interpreter): a
     # list longer than the membership tile's usual 256 entries (fewer blocks per step). Random picks
-    # repeat blocks within a list.
-    B, T, H, bs = 2, 10, 1, 2
-    S = 9  # the last block is cut short: it is never whole
+    # repeat blocks within a list. T = 70: 35 blocks, more than one step of the walk over blocks.
+    B, H, bs = 2, 1, 2
+    S = T - 1  # the last block is cut short: it is never whole
     NB = ceil_div(S, bs)
     idx = torch.randint(-1, NB + 1, (B, T, Hs, n), dtype=torch.int32)
     uni, bits, cnt = selection._tile_union(idx, H, S, bs, tt)

@@ -460,9 +460,12 @@ def _tile_union_kernel(idx, uni, ubits, cnt, T, S, BS, NB, UL, HS: tl.constexpr,
     # picked one sees all its keys.
     j_whole = tl.minimum((i_t * TT + 1) // BS, S // BS)
     o_tile = ((i_b * tl.num_programs(0) + i_t) * H + i_h).to(tl.int64)
+    # Blocks past the tile's largest pick hold none of its lists (under causal picks, every block after
+    # its last token): the walk stops there.
+    j_end = tl.max(tl.max(tl.where(b_p < NB, b_p, -1), 1), 0) + 1
     n = 0
     n_whole = 0
-    for j0 in range(0, NB, BLOCK_J):
+    for j0 in range(0, j_end, BLOCK_J):
         o_j = j0 + tl.arange(0, BLOCK_J)
         b_d = b_p - j0
         m_in = (b_d >= 0) & (b_d < BLOCK_J) & (b_p < NB)
