@@ -53,12 +53,15 @@ def parse_args(argv=None):
     return args
 
 
-def random_picks(B, T, Hs, sel_block, n, device, chunk=4096):
+def random_picks(B, T, Hs, sel_block, n, device, chunk=4096, run=1):
     """[B, T, Hs, n] int32 causal random block picks with the forced blocks, ascending, -1 padded.
 
     Same rule as reference.select_blocks with random importance, through topk in chunks of tokens
-    so that no [T, T / l'] sort is held in memory at 64k.
+    so that no [T, T / l'] sort is held in memory at 64k. run > 1: each run of `run` tokens shares
+    one draw of importance, so neighbours pick mostly the same blocks, as a trained model's do.
     """
+    if run < 1 or chunk % run:
+        raise ValueError(f"run must be a positive divisor of chunk ({chunk}), got {run}")
     NB = -(-T // sel_block)
     out = torch.empty(B, T, Hs, n, dtype=torch.int32, device=device)
     j = torch.arange(NB, device=device)
@@ -67,7 +70,7 @@ def random_picks(B, T, Hs, sel_block, n, device, chunk=4096):
         cur = t // sel_block
         valid = j[None] <= cur
         forced = valid & ((j[None] == 0) | ((cur - j[None] >= 0) & (cur - j[None] < 2)))
-        score = torch.rand(B, t.shape[0], Hs, NB, device=device)
+        score = torch.rand(B, -(-t.shape[0] // run), Hs, NB, device=device).repeat_interleave(run, 1)[:, :t.shape[0]]
         score = score.masked_fill(forced[None, :, None], 2.0).masked_fill(~valid[None, :, None], -1.0)
         top, idx = score.topk(min(n, NB), dim=-1)
         idx = torch.where(top >= 0, idx, NB).sort(dim=-1).values

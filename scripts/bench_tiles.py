@@ -10,6 +10,7 @@ Median ms a layer.
 
     python scripts/bench_tiles.py                          # B=8, T=8192, HQ=8, H=1, D=64
     python scripts/bench_tiles.py --shape 32 2048 8 1 64   # B T HQ H D
+    python scripts/bench_tiles.py --pick-run 32            # neighbouring tokens share their picks
 """
 
 import argparse
@@ -99,9 +100,9 @@ def range_rows(q, do, kv, scale, name, rule):
                 yield name, "backward, splits per SM", per_sm, median_ms(bwd)
 
 
-def selection_rows(q, k, v, do, scale, sel_block=P.sel_block, n=P.num_selected):
+def selection_rows(q, k, v, do, scale, pick_run, sel_block=P.sel_block, n=P.num_selected):
     B, T = q.shape[:2]
-    idx = random_picks(B, T, k.shape[2], sel_block, n, q.device)
+    idx = random_picks(B, T, k.shape[2], sel_block, n, q.device, run=pick_run)
     o, lse = torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
     dq, delta = torch.empty_like(q), lse.new_empty(lse.shape)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
@@ -155,7 +156,12 @@ def dense_rows(q, k, v, do):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", type=int, nargs=5, default=[8, 8192, 8, 1, 64], metavar=("B", "T", "HQ", "H", "D"))
+    p.add_argument("--pick-run", type=int, default=1,
+                   help="selection picks shared by runs of this many tokens (1: every token its own random "
+                        "picks; 32: neighbours overlap, as a trained model's do)")
     args = p.parse_args()
+    if args.pick_run < 1 or 4096 % args.pick_run:
+        sys.exit(f"--pick-run must be a power of two from 1 to 4096, got {args.pick_run}")
     if not torch.cuda.is_available():
         sys.exit("bench_tiles.py needs a CUDA GPU")
     B, T, HQ, H, D = args.shape
@@ -168,12 +174,12 @@ def main():
     ck, cv = (torch.randn(B, nc, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     scale = D**-0.5
     head = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}, "
-            f"B={B} T={T} HQ={HQ} H={H} D={D}, bf16, median ms")
+            f"B={B} T={T} HQ={HQ} H={H} D={D}, bf16, picks shared by runs of {args.pick_run} tokens, median ms")
     lines = [head, "",
              "| kernel | part | launch | ms |", "|---|---|---|---|"]
     parts = [range_rows(q, do, (ck, cv), scale, "compressed", COMPRESSED_RULE),
              range_rows(q, do, (k, v), scale, "window", window_rule(P.window)),
-             selection_rows(q, k, v, do, scale), topn_rows(q, ck, cv, scale), dense_rows(q, k, v, do)]
+             selection_rows(q, k, v, do, scale, args.pick_run), topn_rows(q, ck, cv, scale), dense_rows(q, k, v, do)]
     for rows in parts:
         for kernel, part, launch, ms in rows:
             lines.append(f"| {kernel} | {part} | {launch} | {ms:.4f} |")

@@ -32,3 +32,15 @@ def test_picks_files_round_trip(tmp_path):
     files = sorted(tmp_path.glob("picks_*.pt"))
     assert [torch.load(f).shape[0] for f in files] == [bench_selection.LAYERS_PER_FILE, 1]
     assert torch.equal(torch.cat([torch.load(f) for f in files]), picks)
+
+
+def test_random_picks_shared_by_runs():
+    # Runs of 8 tokens share one draw: inside a run of one selection block, tokens pick the same blocks.
+    import bench_kernels
+
+    torch.manual_seed(0)
+    idx = bench_kernels.random_picks(1, 64, 1, 4, 6, "cpu", chunk=32, run=8)  # 3 forced, 3 drawn
+    for t0 in range(16, 64, 8):
+        run = idx[0, t0:t0 + 4]  # tokens t0 .. t0 + 3: one selection block of 4, one run
+        assert (run == run[:1]).all()
+    assert idx[0, :, 0, 0].eq(0).all()  # block 0 is forced for every token

@@ -31,7 +31,7 @@ def test_every_variant_runs_and_production_is_restored(one_call):
               RA.SPLIT_PROGRAMS_PER_SM, SEL.WALK_LAUNCHES, dict(SEL.DKV_LAUNCHES), SEL.KEYS_MAJOR_MAX_D, TN._tiles)
     rows = [*bench_tiles.range_rows(q, do, (ck, cv), D**-0.5, "compressed", bench_tiles.COMPRESSED_RULE),
             *bench_tiles.range_rows(q, do, (k, v), D**-0.5, "window", bench_tiles.window_rule(8)),
-            *bench_tiles.selection_rows(q, k, v, do, D**-0.5, sel_block=16, n=2),
+            *bench_tiles.selection_rows(q, k, v, do, D**-0.5, 2, sel_block=16, n=2),
             *bench_tiles.topn_rows(q, ck, cv, D**-0.5), *bench_tiles.dense_rows(q, k, v, do)]
     after = (dict(RA.FWD_TILES), dict(RA.FWD_TILES_BANDED), dict(RA.DQ_TILES), dict(RA.DKDV_TILES),
              RA.SPLIT_PROGRAMS_PER_SM, SEL.WALK_LAUNCHES, dict(SEL.DKV_LAUNCHES), SEL.KEYS_MAJOR_MAX_D, TN._tiles)
