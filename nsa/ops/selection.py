@@ -13,10 +13,11 @@ Kernel layout (docs/KERNELS_SELECTION.md has the numbers behind it):
   tile: each step loads one block once for the whole tile and masks the rows that did not
   pick it. Consecutive tokens pick mostly the same blocks (the forced initial and local ones, and
   correlated top-n), so small G fills the tensor-core tile without loading K/V more often than one
-  token per tile would. The unions come from a small kernel (a membership test per block and a prefix
-  sum, no sort), which also writes, per union block, a bit mask of the tile's lists that picked it
-  and how many union blocks end before the tile's first token: those are walked first with a per-row
-  mask only (no causal comparison), the rest with the full mask. Both walks are counted loops, which
+  token per tile would. The unions come from a small kernel (a bit mask of each list per tile of 32
+  blocks, OR-ed over the lists, and a prefix sum; no sort), which also writes, per union block, a
+  bit mask of the tile's lists that picked it and how many union blocks end before the tile's first
+  token: those are walked first with a per-row mask only (no causal comparison), the rest with the
+  full mask. Both walks are counted loops, which
   Triton software-pipelines.
   The forward builds the unions once and returns them; the backward's dQ walks the same ones.
 * dK/dV: no atomics. A reverse index (for each kv block, the (token, index head) entries that picked
@@ -25,9 +26,11 @@ Kernel layout (docs/KERNELS_SELECTION.md has the numbers behind it):
   prefix sums over the groups; then each row goes to its block's start + its group's start + the
   group's earlier rows that name the block (a prefix sum over the rows), the order a stable sort
   gives, and the same launch writes the work items. Then one program per work item walks its
-  entries and accumulates dK/dV of one block in fp32. Heavy blocks (block 0 is forced for every
-  query) are split into several items whose fp32 partials a second kernel sums in a fixed order, so
-  one hot block does not serialise the backward and results stay bit-for-bit reproducible.
+  entries and accumulates dK/dV of one block in fp32: first the entries whose token lies before the
+  block's last key (they come first in token order; the item counts them), with the causal mask,
+  then the rest without it. Heavy blocks (block 0 is forced for every query) are split into several
+  items whose fp32 partials a second kernel sums in a fixed order, so one hot block does not
+  serialise the backward and results stay bit-for-bit reproducible.
 """
 
 import math
