@@ -1,7 +1,7 @@
 """Where one training step's GPU time goes: torch.profiler over a few steps of a config's model.
 
-Prints the kernels (and ops) with the most CUDA time, so the slowest parts of an NSA layer can be
-compared against the dense twin's. Needs a CUDA GPU.
+Prints the ops with the most CUDA time, then the kernels by their full names (ms a step), so the
+slowest parts of an NSA layer can be compared against the dense twin's. Needs a CUDA GPU.
 
     python scripts/profile_train.py --config configs/enwik8_nsa.yaml --T 8192 --batch 8 --compile
     python scripts/profile_train.py --config configs/enwik8_dense.yaml --T 8192 --batch 8 --compile
@@ -52,6 +52,22 @@ def device_kernels(prof):
     event that launched it, charged the same device time)."""
     return sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda k: k[1])
+
+
+def kernel_totals(kernels):
+    """kernels: (name, start, end) -> {name: [total time, count]}, by full kernel name (the op table above
+    truncates names, and two kernels whose names share a prefix land on one line there)."""
+    totals = defaultdict(lambda: [0.0, 0])
+    for name, start, end in kernels:
+        totals[name][0] += end - start
+        totals[name][1] += 1
+    return dict(totals)
+
+
+def print_kernels(kernels, steps, rows):
+    print("kernels by GPU time, full names (ms a step, launches a step):")
+    for name, (t, n) in sorted(kernel_totals(kernels).items(), key=lambda kv: -kv[1][0])[:rows]:
+        print(f"  {t / 1e3 / steps:7.3f} ms  {n / steps:6.1f}x  {name}")
 
 
 def print_gaps(kernels, steps, rows):
@@ -125,6 +141,7 @@ def main():
     kernel_ms = sum(end - start for _, start, end in kernels) / 1e3 / args.steps
     print(f"per step: wall {wall_ms:.1f} ms (unprofiled), kernels {kernel_ms:.1f} ms, GPU without a kernel "
           f"{wall_ms - kernel_ms:.1f} ms")
+    print_kernels(kernels, args.steps, args.rows)
     if args.gaps:
         print_gaps(kernels, args.steps, args.gaps)
 

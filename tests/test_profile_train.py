@@ -1,4 +1,4 @@
-"""scripts/profile_train.py's CPU part: idle gaps between kernels."""
+"""scripts/profile_train.py's CPU part: idle gaps between kernels, kernel totals by full name."""
 
 import sys
 from pathlib import Path
@@ -25,3 +25,10 @@ def test_kernel_time_counts_each_device_event_once():
     prof = SimpleNamespace(events=lambda: [event("b", 12, 20, cuda), event("launch a", 0, 1, cpu),
                                            event("a", 0, 10, cuda)])
     assert profile_train.device_kernels(prof) == [("a", 0, 10), ("b", 12, 20)]
+
+
+def test_kernel_totals_by_full_name():
+    # Two kernels whose names share a long prefix stay apart; launches are counted.
+    long = "triton_poi_fused__to_copy__unsafe_view_add_arange_clone_cos_expand_mul_"
+    kernels = [(long + "3", 0, 10), (long + "9", 10, 14), (long + "3", 20, 25)]
+    assert profile_train.kernel_totals(kernels) == {long + "3": [15.0, 2], long + "9": [4.0, 1]}
