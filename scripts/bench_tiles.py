@@ -166,7 +166,8 @@ def main():
         sys.exit("bench_tiles.py needs a CUDA GPU")
     B, T, HQ, H, D = args.shape
     if HQ % H or D > 64:
-        sys.exit(f"--shape: HQ ({HQ}) must be a multiple of H ({H}) and D ({D}) at most 64 (the variants are D <= 64 tiles)")
+        sys.exit(f"--shape: HQ ({HQ}) must be a multiple of H ({H}) and D ({D}) at most 64 "
+                 "(the variants are D <= 64 tiles)")
     torch.manual_seed(0)
     q, do = (torch.randn(B, T, HQ, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))

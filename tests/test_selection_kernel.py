@@ -192,7 +192,8 @@ def _sorted_items(indices, H, S, sel_block, chunk):
     pytest.param(37, 4, 4, 1, 3, (8, 4), marks=pytest.mark.full),  # 37 blocks: two bit-mask tiles; groups of two steps
     (13, 2, 1, 2, 5, (4, 4)),
     (66, 2, 2, 2, 5, None),  # 33 blocks: two bit-mask tiles, the second holding one block
-    pytest.param(45, 4, 3, 4, 3, (4, 4), marks=pytest.mark.full),  # 23 row groups: several steps of the scan over groups
+    # 23 row groups: several steps of the scan over groups
+    pytest.param(45, 4, 3, 4, 3, (4, 4), marks=pytest.mark.full),
 ])
 def test_dkv_items_match_a_stable_sort(monkeypatch, T, Hs, n, sel_block, chunk, rows):
     # The counting sort's reverse index and work items are those of a stable sort by key: entries of
