@@ -439,6 +439,26 @@ def _bit_or(a, b):
     return a | b
 
 
+@triton.jit
+def _row_picks(idx, o_r, m_r, i_b, i_h, T, HS: tl.constexpr, H: tl.constexpr, N_SEL: tl.constexpr,
+               N_P2: tl.constexpr):
+    # [rows, N_P2] block lists of rows o_r of kv head (i_b, i_h) (row r: token r // R, index head
+    # i_h * R + r % R, R = HS / H), -1 past the list and for masked rows.
+    R: tl.constexpr = HS // H
+    o_s = tl.arange(0, N_P2)
+    o_row = ((i_b * T + o_r // R).to(tl.int64) * HS + i_h * R + o_r % R) * N_SEL
+    return tl.load(idx + o_row[:, None] + o_s[None, :], mask=m_r[:, None] & (o_s[None, :] < N_SEL), other=-1)
+
+
+@triton.jit
+def _tile_mask(b_p, j0, NB, BLOCK_J: tl.constexpr):
+    # [rows] int32: bit jj set where the row's list b_p [rows, slots] names block j0 + jj (BLOCK_J <= 32).
+    # Each list is compared once per tile of blocks, not once per block; -1 and picks >= NB name none.
+    b_d = b_p - j0
+    m_in = (b_d >= 0) & (b_d < BLOCK_J) & (b_p < NB)
+    return tl.reduce(tl.where(m_in, 1 << tl.where(m_in, b_d, 0), 0), 1, _bit_or)
+
+
 # Lengths unspecialised (as _sel_fwd_kernel).
 @triton.jit(do_not_specialize=["T", "S", "NB", "UL"])
 def _tile_union_kernel(idx, uni, ubits, cnt, T, S, BS, NB, UL, HS: tl.constexpr, H: tl.constexpr,
@@ -453,11 +473,8 @@ def _tile_union_kernel(idx, uni, ubits, cnt, T, S, BS, NB, UL, HS: tl.constexpr,
     i_b, i_h = i_bh // H, i_bh % H
     R: tl.constexpr = HS // H
     o_l = tl.arange(0, BLOCK_L)
-    o_s = tl.arange(0, N_P2)
-    o_tok = i_t * TT + o_l // R
-    m_l = (o_l < TT * R) & (o_tok < T)
-    o_list = ((i_b * T + o_tok).to(tl.int64) * HS + i_h * R + o_l % R) * N_SEL
-    b_p = tl.load(idx + o_list[:, None] + o_s[None, :], mask=m_l[:, None] & (o_s[None, :] < N_SEL), other=-1)
+    m_l = (o_l < TT * R) & (i_t * TT + o_l // R < T)
+    b_p = _row_picks(idx, i_t * TT * R + o_l, m_l, i_b, i_h, T, HS, H, N_SEL, N_P2)
     b_lbit = tl.full([BLOCK_L], 1, tl.int64) << o_l.to(tl.int64)
     # Blocks below j_whole end at or before the tile's first token (and inside S): every row that
     # picked one sees all its keys.
@@ -470,10 +487,7 @@ def _tile_union_kernel(idx, uni, ubits, cnt, T, S, BS, NB, UL, HS: tl.constexpr,
     n_whole = 0
     for j0 in range(0, j_end, BLOCK_J):
         o_j = j0 + tl.arange(0, BLOCK_J)
-        b_d = b_p - j0
-        m_in = (b_d >= 0) & (b_d < BLOCK_J) & (b_p < NB)
-        b_mask = tl.reduce(tl.where(m_in, 1 << tl.where(m_in, b_d, 0), 0), 1, _bit_or)
-        b_named = (b_mask[:, None] >> tl.arange(0, BLOCK_J)[None, :]) & 1
+        b_named = (_tile_mask(b_p, j0, NB, BLOCK_J)[:, None] >> tl.arange(0, BLOCK_J)[None, :]) & 1
         b_hit = tl.max(b_named, 0)
         b_bits = tl.reduce(tl.where(b_named != 0, b_lbit[:, None], 0), 0, _bit_or)
         o_pos = n + tl.cumsum(b_hit, axis=0) - b_hit
@@ -556,27 +570,12 @@ SORT_BLOCKS = 32
 
 
 @triton.jit
-def _row_picks(idx, o_r, m_r, i_b, i_h, T, HS: tl.constexpr, H: tl.constexpr, N_SEL: tl.constexpr,
-               N_P2: tl.constexpr):
-    # [rows, N_P2] block lists of rows o_r of kv head (i_b, i_h) (row r: token r // R, index head
-    # i_h * R + r % R, R = HS / H), -1 past the list and for masked rows.
-    R: tl.constexpr = HS // H
-    o_s = tl.arange(0, N_P2)
-    o_row = ((i_b * T + o_r // R).to(tl.int64) * HS + i_h * R + o_r % R) * N_SEL
-    return tl.load(idx + o_row[:, None] + o_s[None, :], mask=m_r[:, None] & (o_s[None, :] < N_SEL), other=-1)
-
-
-@triton.jit
 def _named(idx, o_r, m_r, i_b, i_h, j0, T, NB, HS: tl.constexpr, H: tl.constexpr, N_SEL: tl.constexpr,
            N_P2: tl.constexpr, BLOCK_J: tl.constexpr):
-    # [rows, BLOCK_J] 0 / 1: whether row o_r names block j0 + jj. Each row's list goes into one bit mask,
-    # so it is compared once per tile, not once per block. Lists are distinct (as select_blocks gives
-    # them); a repeat would be named once, by the count and the placement alike, so the two always agree.
-    b_p = _row_picks(idx, o_r, m_r, i_b, i_h, T, HS, H, N_SEL, N_P2)
-    b_d = b_p - j0
-    m_in = (b_d >= 0) & (b_d < BLOCK_J) & (b_p < NB)
-    b_bits = tl.reduce(tl.where(m_in, 1 << tl.where(m_in, b_d, 0), 0), 1, _bit_or)
-    return (b_bits[:, None] >> tl.arange(0, BLOCK_J)[None, :]) & 1
+    # [rows, BLOCK_J] 0 / 1: whether row o_r names block j0 + jj. Lists are distinct (as select_blocks
+    # gives them); a repeat would be named once, by the count and the placement alike, so the two agree.
+    b_mask = _tile_mask(_row_picks(idx, o_r, m_r, i_b, i_h, T, HS, H, N_SEL, N_P2), j0, NB, BLOCK_J)
+    return (b_mask[:, None] >> tl.arange(0, BLOCK_J)[None, :]) & 1
 
 
 @triton.jit(do_not_specialize=["T", "NB", "NG"])
