@@ -5,23 +5,22 @@ kernels, split flash-decoding style so that batch 1 fills the GPU as well as bat
 one (sequence b, selection head hs): with GQA-shared selection (the default) hs is a kv head and its G
 query heads are one tile; with per-head selection hs is a query head (a tile of one).
 
-1. `_partials_kernel`, grid (pairs, compressed chunks + window chunks in use; at most NC_SPLIT +
-   W_SPLIT). The first programs each run the compressed attention of their pair over one chunk of the
-   compressed rows (memory rows first, then the blocks complete at t), keeping an online softmax
+1. `_partials_kernel`, grid (pairs, compressed chunks + window chunks in use (at most NC_SPLIT +
+   W_SPLIT) + N_GZ). The first programs each run the compressed attention of their pair over one chunk
+   of the compressed rows (memory rows first, then the blocks complete at t), keeping an online softmax
    (m, l, acc) in fp32 that they write as a partial, and write the raw scores of their compressed
-   blocks (fp32, per query head) to a scratch row. The others each attend one chunk of the window
+   blocks (fp32, per query head) to a scratch row. The next each attend one chunk of the window
    (t - w, t] (the window cache may be a ring: position p in slot p % W) and write a partial the same
-   way. The compressed keys are read once.
-2. `_importance_kernel`, grid (pairs, chunks + N_GZ): merges the compressed (m, l) partials into the
+   way. The compressed keys are read once. The last N_GZ programs of the first pairs compute the gate
+   logits' partials: one slice of the layer input's features of w_gate x, for 16 sequences and one
+   selection head's query heads at a time (a tensor-core tile), so each weight is read once a step,
+   whatever the batch, beside the attention programs rather than after them in the last kernel.
+2. `_importance_kernel`, grid (pairs, chunks): merges the compressed (m, l) partials into the
    log-sum-exp and, for a chunk of selection blocks, turns the scores of the compressed blocks that
    overlap each into probabilities summed over the pair's query heads and maps them onto the block
    by overlap (Eq. 9, 0-based): one fp32 importance per selection block. (A compressed block that
    straddles two selection blocks is exponentiated for both: l / l' more exponentials, so that the
    select kernel, which every selection program of a pair runs, loads one row instead of gathering.)
-   Its last N_GZ programs of the first pairs compute the gate logits' partials instead: one slice of
-   the layer input's features of w_gate x, for 16 sequences and one selection head's query heads at a
-   time (a tensor-core tile), so each weight is read once a step, whatever the batch, and the gate
-   projection runs beside the importance programs rather than after them in the last kernel.
 3. `_select_kernel`, grid (pairs, S_SPLIT): loads the importances, forces the initial and local
    blocks (+inf) and drops invalid ones (j > t // l'), takes
    the top-n of int64 keys (ties to the lower index) with one bitonic top-k network (`tl.topk`),
@@ -146,20 +145,14 @@ def _gate_partial(X, WG, GZ, B, i_b, hs, i_z, sx_b, swg, GS: tl.constexpr, HS: t
     tl.store(GZ + o_z, b_z, mask=m_b[:, None])
 
 
-# The ring's size and the chunks in use follow the cache's length: unspecialised,
-# so a new length compiles nothing (Triton would specialise a value of 1 or a multiple of 16).
-@triton.jit(do_not_specialize=["w_slots", "nc_used"])
-def _partials_kernel(
-    Q, QR, CK, CV, KW, VW, TPOS, PM, PL, PACC, SC,
-    sq_b, sq_h, sck_b, sck_r, sck_h, skw_b, skw_s, skw_h, qk_scale, w_slots, nc_chunk, w_chunk, nc_used,
-    HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SC_ROW: tl.constexpr,
-    NUM_MEM: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
-    NC_SPLIT: tl.constexpr, NPART: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
-):
-    i_pair = tl.program_id(0)
-    i_c = tl.program_id(1)
+@triton.jit
+def _attention_chunk(Q, QR, CK, CV, KW, VW, TPOS, PM, PL, PACC, SC, i_pair, i_c,
+                     sq_b, sq_h, sck_b, sck_r, sck_h, skw_b, skw_s, skw_h, qk_scale, w_slots, nc_chunk, w_chunk,
+                     nc_used, HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                     SC_ROW: tl.constexpr, NUM_MEM: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
+                     WINDOW: tl.constexpr, NC_SPLIT: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Chunk i_c of pair i_pair: compressed rows (i_c < nc_used) or window positions, as one partial."""
     b, h, t, o_g, m_g, o_d, m_d, o_q = _pair_heads(i_pair, TPOS, sq_b, sq_h, HS, GS, G, D, BLOCK_G, BLOCK_D)
     m_q = m_g[:, None] & m_d[None, :]
     b_m = tl.full([BLOCK_G], _NO_KEY, tl.float32)
@@ -187,26 +180,48 @@ def _partials_kernel(
     _store_partial(PM, PL, PACC, i_pair, slot, b_m, b_l, b_acc, o_g, o_d, NPART, BLOCK_G, BLOCK_D)
 
 
-@triton.jit(do_not_specialize=["nc_used", "B"])
-def _importance_kernel(
-    TPOS, PM, PL, SC, PS, X, WG, GZ, nc_used, B, sx_b, swg,
-    HS: tl.constexpr, GS: tl.constexpr, SC_ROW: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
-    SEL: tl.constexpr, NS_PAD: tl.constexpr, R_OVL: tl.constexpr, J_CHUNK: tl.constexpr, N_J: tl.constexpr,
-    NC_PAD: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr,
-    DIM: tl.constexpr, N_GZ: tl.constexpr, GATE_B: tl.constexpr, GATE_CHUNK: tl.constexpr,
-    GATE_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+# The ring's size, the chunks in use and the batch follow the cache: unspecialised, so a new length
+# compiles nothing (Triton would specialise a value of 1 or a multiple of 16).
+@triton.jit(do_not_specialize=["w_slots", "nc_used", "B"])
+def _partials_kernel(
+    Q, QR, CK, CV, KW, VW, TPOS, PM, PL, PACC, SC, X, WG, GZ,
+    sq_b, sq_h, sck_b, sck_r, sck_h, skw_b, skw_s, skw_h, qk_scale, w_slots, nc_chunk, w_chunk, nc_used,
+    B, sx_b, swg,
+    HS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SC_ROW: tl.constexpr,
+    NUM_MEM: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
+    NC_SPLIT: tl.constexpr, NPART: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, DIM: tl.constexpr, N_GZ: tl.constexpr, GATE_B: tl.constexpr,
+    GATE_CHUNK: tl.constexpr, GATE_K: tl.constexpr, GPREC: tl.constexpr, GUPCAST: tl.constexpr,
 ):
-    """Programs i_c < N_J: the importances of chunk i_c of pair i_pair's selection blocks. The others:
-    gate-logit partial i_c - N_J of selection head i_pair % HS and sequence chunk i_pair // HS, where
-    that chunk holds sequences (the gate needs Hs * ceil(B / GATE_B) of the pairs' rows)."""
+    """Programs i_c of a pair below the grid's last N_GZ: one attention chunk each. The last N_GZ:
+    gate-logit partial i_z of selection head i_pair % HS and sequence chunk i_pair // HS, where that chunk
+    holds sequences (the gate needs Hs * ceil(B / GATE_B) of the pairs' rows). Here rather than in the
+    importance kernel: a kernel's registers and shared memory are those of its largest path, and the
+    gate's dot (154 registers, 10 KB compiled for sm_90) cut the importance programs' occupancy, whose
+    own path needs 96 registers; this kernel's attention path already needs more than the gate's."""
     i_pair = tl.program_id(0)
     i_c = tl.program_id(1)
-    if i_c < N_J:
-        _block_importance(TPOS, PM, PL, SC, PS, nc_used, i_pair, i_c, HS, GS, SC_ROW, L_CMP, STRIDE, SEL, NS_PAD,
-                          R_OVL, J_CHUNK, NC_PAD, NPART, BLOCK_G, BLOCK_J)
+    i_z = i_c - (tl.num_programs(1) - N_GZ)
+    if i_z < 0:
+        _attention_chunk(Q, QR, CK, CV, KW, VW, TPOS, PM, PL, PACC, SC, i_pair, i_c, sq_b, sq_h, sck_b, sck_r, sck_h,
+                         skw_b, skw_s, skw_h, qk_scale, w_slots, nc_chunk, w_chunk, nc_used, HS, GS, G, D, SC_ROW,
+                         NUM_MEM, L_CMP, STRIDE, WINDOW, NC_SPLIT, NPART, BLOCK_G, BLOCK_D, BLOCK_N, PREC, UPCAST)
     elif (i_pair // HS) * GATE_B < B:
-        _gate_partial(X, WG, GZ, B, i_pair // HS, i_pair % HS, i_c - N_J, sx_b, swg, GS, HS, DIM, N_GZ,
-                      BLOCK_G, GATE_B, GATE_CHUNK, GATE_K, PREC, UPCAST)
+        _gate_partial(X, WG, GZ, B, i_pair // HS, i_pair % HS, i_z, sx_b, swg, GS, HS, DIM, N_GZ,
+                      BLOCK_G, GATE_B, GATE_CHUNK, GATE_K, GPREC, GUPCAST)
+
+
+@triton.jit(do_not_specialize=["nc_used"])
+def _importance_kernel(
+    TPOS, PM, PL, SC, PS, nc_used,
+    HS: tl.constexpr, GS: tl.constexpr, SC_ROW: tl.constexpr, L_CMP: tl.constexpr, STRIDE: tl.constexpr,
+    SEL: tl.constexpr, NS_PAD: tl.constexpr, R_OVL: tl.constexpr, J_CHUNK: tl.constexpr,
+    NC_PAD: tl.constexpr, NPART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Program (i_pair, i_c): the importances of chunk i_c of pair i_pair's selection blocks."""
+    _block_importance(TPOS, PM, PL, SC, PS, nc_used, tl.program_id(0), tl.program_id(1), HS, GS, SC_ROW, L_CMP,
+                      STRIDE, SEL, NS_PAD, R_OVL, J_CHUNK, NC_PAD, NPART, BLOCK_G, BLOCK_J)
 
 
 @triton.jit
@@ -431,18 +446,18 @@ def _decode_launch(q, q_rot, ck, cv, k_slc, v_slc, k_win, v_win, x, w_gate, b_ga
     common = dict(HS=Hs, GS=GS, NPART=npart, BLOCK_G=BLOCK_G)
     attn = dict(G=G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n, PREC=prec, UPCAST=upcast, num_warps=num_warps)
     cmp = dict(SC_ROW=sc_row, L_CMP=block, STRIDE=stride)
-    _partials_kernel[(pairs, nc_used + w_used)](
-        q, q_rot, ck, cv, k_win, v_win, t, pm, pl, pacc, sc,
+    _partials_kernel[(pairs, nc_used + w_used + n_gz)](
+        q, q_rot, ck, cv, k_win, v_win, t, pm, pl, pacc, sc, x, w_gate, gz,
         q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ck.stride(2),
         k_win.stride(0), k_win.stride(1), k_win.stride(2), qk_scale, W, nc_chunk,
-        w_chunk, nc_used, NUM_MEM=num_mem, WINDOW=window, NC_SPLIT=nc_split, **common, **attn, **cmp)
+        w_chunk, nc_used, B, x.stride(0), w_gate.stride(0), NUM_MEM=num_mem, WINDOW=window, NC_SPLIT=nc_split,
+        DIM=dim, N_GZ=n_gz, GATE_B=GATE_B, GATE_CHUNK=GATE_CHUNK, GATE_K=GATE_K, GPREC=gprec, GUPCAST=gupcast,
+        **common, **attn, **cmp)
     per_cmp, per_sel = block // stride, sel_block // stride
-    n_j = ceil_div(ns_pad, j_chunk)
-    _importance_kernel[(pairs, n_j + n_gz)](
-        t, pm, pl, sc, ps, x, w_gate, gz, nc_used, B, x.stride(0), w_gate.stride(0), SEL=sel_block, NS_PAD=ns_pad,
-        R_OVL=triton.next_power_of_2(per_sel + per_cmp - 1), J_CHUNK=j_chunk, N_J=n_j,
-        NC_PAD=triton.next_power_of_2(nc_split), BLOCK_J=block_j, DIM=dim, N_GZ=n_gz, GATE_B=GATE_B,
-        GATE_CHUNK=GATE_CHUNK, GATE_K=GATE_K, PREC=gprec, UPCAST=gupcast, **common, **cmp, num_warps=4)
+    _importance_kernel[(pairs, ceil_div(ns_pad, j_chunk))](
+        t, pm, pl, sc, ps, nc_used, SEL=sel_block, NS_PAD=ns_pad,
+        R_OVL=triton.next_power_of_2(per_sel + per_cmp - 1), J_CHUNK=j_chunk,
+        NC_PAD=triton.next_power_of_2(nc_split), BLOCK_J=block_j, **common, **cmp, num_warps=4)
     _select_kernel[(pairs, s_split)](
         q_rot, k_slc, v_slc, t, idx, pm, pl, pacc, ps,
         q.stride(0), q.stride(1), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2), qk_scale,
