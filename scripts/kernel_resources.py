@@ -8,6 +8,7 @@ D = 64, bf16). Selection launches do not depend on T beyond the grid, so they ar
 
     python scripts/kernel_resources.py
     python scripts/kernel_resources.py --heads 8 2 --arch 80
+    python scripts/kernel_resources.py --decode 16 --T 65536 --heads 64 4 --D 128   # the decode step
 """
 
 import argparse
@@ -181,6 +182,19 @@ mod.gate_mix(x(1, T, 3 * HQ), x(1, T, HQ, D), x(1, T, HQ, D), x(1, T, HQ, D)).su
 """),
 }
 
+# The decode step (`--decode BATCH`): its four kernels for BATCH sequences at cache length T, the gate's
+# input HQ * D features wide (as `scripts/bench_generate.py` times it).
+DECODE_CALL = ("nsa.ops.decode", ["_partials_kernel", "_importance_kernel", "_select_kernel", "_combine_kernel"], """
+from nsa.ops.common import NSAParams, num_compressed_blocks
+p = NSAParams()
+nc = p.num_mem + num_compressed_blocks(T, p.compress_block, p.compress_stride)
+z = lambda *shape: torch.zeros(*shape, dtype=torch.bfloat16)
+q, k, kw = z(BATCH, HQ, D), z(BATCH, T, H, D), z(BATCH, p.window, H, D)
+mod._decode_launch(q, q, z(BATCH, nc, H, D), z(BATCH, nc, H, D), k, k, kw, kw, z(BATCH, HQ * D), z(3 * HQ, HQ * D),
+                   z(3 * HQ), torch.full((BATCH,), T - 1, dtype=torch.int32), p.compress_block, p.compress_stride,
+                   p.sel_block, p.num_mem, p.num_selected, p.num_initial, p.num_local, p.window, True, D**-0.5)
+""")
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,19 +202,25 @@ def main():
     p.add_argument("--heads", type=int, nargs=2, default=[8, 1], metavar=("HQ", "H"))
     p.add_argument("--D", type=int, default=64)
     p.add_argument("--arch", type=int, default=90, choices=sorted(ARCHS))
+    p.add_argument("--decode", type=int, metavar="BATCH",
+                   help="the decode step's kernels for BATCH sequences at cache length T instead")
     args = p.parse_args()
     HQ, H = args.heads
     if args.T < 32 or HQ % H or HQ // H > 64 or args.D < 1:
         sys.exit(f"need T >= 32, HQ a multiple of H with HQ / H <= 64, D >= 1; got T={args.T}, HQ={HQ}, H={H}, "
                  f"D={args.D}")
+    if args.decode is not None and args.decode < 1:
+        sys.exit(f"--decode: the batch must be >= 1, got {args.decode}")
     import triton
 
+    step = "the training kernels" if args.decode is None else f"the decode step at batch {args.decode}"
     print(f"sm_{args.arch}, Triton {triton.__version__}, T={args.T} HQ={HQ} H={H} D={args.D}, bf16, "
-          "the enwik8 configs' NSA parameters\n")
+          f"the enwik8 configs' NSA parameters, {step}\n")
     print("| kernel | launch | registers | stack bytes | spill stores / loads | shared KiB |")
     print("|---|---|---|---|---|---|")
-    for module, (kernels, body) in MODEL_CALLS.items():
-        call = f"T, HQ, H, D = {args.T}, {HQ}, {H}, {args.D}\n" + body
+    calls = MODEL_CALLS.items() if args.decode is None else [(DECODE_CALL[0], DECODE_CALL[1:])]
+    for module, (kernels, body) in calls:
+        call = f"T, HQ, H, D, BATCH = {args.T}, {HQ}, {H}, {args.D}, {args.decode}\n" + body
         for r in launch_resources(module, kernels, call, args.arch):
             launch = ", ".join(f"{k}={v}" for k, v in r["launch"].items()
                                if k.startswith(("BLOCK", "num_", "SPLIT", "WALK", "BJ")))

@@ -19,3 +19,20 @@ def test_launch_resources_of_the_topn_kernel():
     assert 0 < r["shared"] <= kernel_resources.ARCHS[90][1]
     if r["regs"] is not None:  # cuobjdump ships with Triton's NVIDIA backend
         assert 0 < r["regs"] <= 255 and r["stl"] >= 0 and r["ldl"] >= 0
+
+
+@pytest.mark.full
+def test_launch_resources_of_the_decode_step():
+    # `--decode`: the step's four kernels compile for sm_90 and fit; the importance kernel holds no dot
+    # (the gate's partials run in the partials kernel), so it needs less of both than the partials kernel.
+    pytest.importorskip("triton.backends.nvidia")
+    module, kernels, body = kernel_resources.DECODE_CALL
+    call = "T, HQ, H, D, BATCH = 256, 8, 2, 32, 2\n" + body
+    rows = {r["kernel"]: r for r in kernel_resources.launch_resources(module, kernels, call)}
+    assert set(rows) == set(kernels)
+    assert all(0 < r["shared"] <= kernel_resources.ARCHS[90][1] or r["kernel"] == "_importance_kernel"
+               for r in rows.values())
+    imp, part = rows["_importance_kernel"], rows["_partials_kernel"]
+    assert imp["shared"] < part["shared"]
+    if imp["regs"] is not None:
+        assert imp["regs"] < part["regs"]
