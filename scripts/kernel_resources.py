@@ -184,7 +184,7 @@ mod.gate_mix(x(1, T, 3 * HQ), x(1, T, HQ, D), x(1, T, HQ, D), x(1, T, HQ, D)).su
 
 # The decode step (`--decode BATCH`): its four kernels for BATCH sequences at cache length T, the gate's
 # input HQ * D features wide (as `scripts/bench_generate.py` times it).
-DECODE_CALL = ("nsa.ops.decode", ["_partials_kernel", "_importance_kernel", "_select_kernel", "_combine_kernel"], """
+DECODE_CALLS = {"nsa.ops.decode": (["_partials_kernel", "_importance_kernel", "_select_kernel", "_combine_kernel"], """
 from nsa.ops.common import NSAParams, num_compressed_blocks
 p = NSAParams()
 nc = p.num_mem + num_compressed_blocks(T, p.compress_block, p.compress_stride)
@@ -193,7 +193,7 @@ q, k, kw = z(BATCH, HQ, D), z(BATCH, T, H, D), z(BATCH, p.window, H, D)
 mod._decode_launch(q, q, z(BATCH, nc, H, D), z(BATCH, nc, H, D), k, k, kw, kw, z(BATCH, HQ * D), z(3 * HQ, HQ * D),
                    z(3 * HQ), torch.full((BATCH,), T - 1, dtype=torch.int32), p.compress_block, p.compress_stride,
                    p.sel_block, p.num_mem, p.num_selected, p.num_initial, p.num_local, p.window, True, D**-0.5)
-""")
+""")}
 
 
 def main():
@@ -218,8 +218,7 @@ def main():
           f"the enwik8 configs' NSA parameters, {step}\n")
     print("| kernel | launch | registers | stack bytes | spill stores / loads | shared KiB |")
     print("|---|---|---|---|---|---|")
-    calls = MODEL_CALLS.items() if args.decode is None else [(DECODE_CALL[0], DECODE_CALL[1:])]
-    for module, (kernels, body) in calls:
+    for module, (kernels, body) in (MODEL_CALLS if args.decode is None else DECODE_CALLS).items():
         call = f"T, HQ, H, D, BATCH = {args.T}, {HQ}, {H}, {args.D}, {args.decode}\n" + body
         for r in launch_resources(module, kernels, call, args.arch):
             launch = ", ".join(f"{k}={v}" for k, v in r["launch"].items()

@@ -26,7 +26,7 @@ def test_launch_resources_of_the_decode_step():
     # `--decode`: the step's four kernels compile for sm_90 and fit; the importance kernel holds no dot
     # (the gate's partials run in the partials kernel), so it needs less of both than the partials kernel.
     pytest.importorskip("triton.backends.nvidia")
-    module, kernels, body = kernel_resources.DECODE_CALL
+    ((module, (kernels, body)),) = kernel_resources.DECODE_CALLS.items()
     call = "T, HQ, H, D, BATCH = 256, 8, 2, 32, 2\n" + body
     rows = {r["kernel"]: r for r in kernel_resources.launch_resources(module, kernels, call)}
     assert set(rows) == set(kernels)

@@ -139,8 +139,8 @@ def test_packed_tile_of_many_tokens(monkeypatch):
 def test_tile_union(tt, Hs, n, T):
     # The union walk's lists: a tile's distinct valid blocks ascending, then NB; for each, the bit
     # mask of the tile's lists (token * Hs + head) that name it; the counts of blocks that end before
-    # the tile's first token and of all valid ones. n = 1200 (full tier; ~25 s in the interpreter): a
-    # list longer than the membership tile's usual 256 entries (fewer blocks per step). Random picks
+    # the tile's first token and of all valid ones. n = 1200 (full tier; ~25 s in the interpreter): lists
+    # far longer than the 16 slots of the configs (a [lists, 2048] load of picks). Random picks
     # repeat blocks within a list. T = 70: 35 blocks, more than one step of the walk over blocks.
     B, H, bs = 2, 1, 2
     S = T - 1  # the last block is cut short: it is never whole

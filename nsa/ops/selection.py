@@ -459,6 +459,12 @@ def _tile_mask(b_p, j0, NB, BLOCK_J: tl.constexpr):
     return tl.reduce(tl.where(m_in, 1 << tl.where(m_in, b_d, 0), 0), 1, _bit_or)
 
 
+@triton.jit
+def _largest_pick(b_p, NB):
+    # The largest block the lists b_p [rows, slots] name, -1 if none (-1 and picks >= NB name none).
+    return tl.max(tl.max(tl.where(b_p < NB, b_p, -1), 1), 0)
+
+
 # Lengths unspecialised (as _sel_fwd_kernel).
 @triton.jit(do_not_specialize=["T", "S", "NB", "UL"])
 def _tile_union_kernel(idx, uni, ubits, cnt, T, S, BS, NB, UL, HS: tl.constexpr, H: tl.constexpr,
@@ -482,7 +488,7 @@ def _tile_union_kernel(idx, uni, ubits, cnt, T, S, BS, NB, UL, HS: tl.constexpr,
     o_tile = ((i_b * tl.num_programs(0) + i_t) * H + i_h).to(tl.int64)
     # Blocks past the tile's largest pick hold none of its lists (under causal picks, every block after
     # its last token): the walk stops there.
-    j_end = tl.max(tl.max(tl.where(b_p < NB, b_p, -1), 1), 0) + 1
+    j_end = _largest_pick(b_p, NB) + 1
     n = 0
     n_whole = 0
     for j0 in range(0, j_end, BLOCK_J):
@@ -593,7 +599,7 @@ def _dkv_count_kernel(idx, base, T, NB, NG, HS: tl.constexpr, H: tl.constexpr, N
     for r0 in range(i_g * ROWS, r_end, BLOCK_R):
         o_r = r0 + tl.arange(0, BLOCK_R)
         b_p = _row_picks(idx, o_r, o_r < r_end, i_b, i_h, T, HS, H, N_SEL, N_P2)
-        j_max = tl.maximum(j_max, tl.max(tl.max(tl.where(b_p < NB, b_p, -1), 1), 0))
+        j_max = tl.maximum(j_max, _largest_pick(b_p, NB))
     for j0 in range(0, NB, BLOCK_J):
         b_n = tl.zeros([BLOCK_J], dtype=tl.int32)
         if j0 <= j_max:
