@@ -285,6 +285,15 @@ def get_batch(data, batch_size, seq_len, *, seed, step, rank=0, micro=0, device=
     return _to_device(windows[:, :-1], device), _to_device(windows[:, 1:], device)
 
 
+def first_windows(data, batch_size, seq_len):
+    """The split's first batch_size consecutive windows of seq_len + 1 bytes -> int64 [batch_size,
+    seq_len + 1]: a fixed batch of real text, for benchmarks and profiles of a trained model."""
+    need = batch_size * (seq_len + 1)
+    if len(data) < need:
+        raise DataError(f"a split of {len(data):,} bytes is shorter than {batch_size} windows of {seq_len + 1} bytes")
+    return torch.from_numpy(np.asarray(data[:need]).astype(np.int64)).view(batch_size, seq_len + 1)
+
+
 def eval_windows(data, seq_len, max_windows=None):
     """Start offsets of non-overlapping windows covering the split: every byte but the first is
     predicted exactly once (the last window may be shorter). `max_windows` keeps only the first ones

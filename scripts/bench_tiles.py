@@ -43,7 +43,8 @@ VARIANTS = {
     "range_fwd": [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (256, 64, 8, 2),
                   (128, 32, 4, 3)],
     "range_dq": [(128, 64, 4, 2), (64, 128, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
-    "range_dkdv": [(128, 64, 4, 2), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2)],
+    "range_dkdv": [(128, 64, 4, 2), (64, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (32, 64, 4, 3),
+                   (32, 128, 4, 2), (16, 64, 4, 2)],
     "range_splits": [4, 8, 16, 32],
     "sel_dkv": [(64, 4, 2), (128, 4, 1), (128, 4, 3), (128, 8, 2), (256, 4, 1)],
     "sel_walk": [dict(num_warps=4, num_stages=2), dict(num_warps=4, num_stages=4)],
@@ -81,7 +82,7 @@ def median_ms(fn):
 def range_rows(q, do, kv, scale, name, rule):
     k, v = kv
     banded = rule[3] < q.shape[1]
-    fwd_table = "FWD_TILES_BANDED" if banded else "FWD_TILES"
+    fwd_table, dkdv_table = ("FWD_TILES_BANDED", "DKDV_TILES_BANDED") if banded else ("FWD_TILES", "DKDV_TILES")
     o, lse = RA.range_attention_fwd(q, k, v, scale, *rule)
     fwd = lambda: RA.range_attention_fwd(q, k, v, scale, *rule)  # noqa: E731
     bwd = lambda: RA.range_attention_bwd(do, q, k, v, o, lse, None, scale, *rule)  # noqa: E731
@@ -90,7 +91,7 @@ def range_rows(q, do, kv, scale, name, rule):
         with patched(RA, fwd_table, {64: tile}):
             yield name, "forward", tile, median_ms(fwd)
     yield name, "backward", "production", median_ms(bwd)
-    for part, table in (("dq", "DQ_TILES"), ("dkdv", "DKDV_TILES")):
+    for part, table in (("dq", "DQ_TILES"), ("dkdv", dkdv_table)):
         for tile in VARIANTS["range_" + part]:
             with patched(RA, table, {64: tile}):
                 yield name, f"backward, {part} tile", tile, median_ms(bwd)

@@ -8,6 +8,14 @@ One training step = forward + backward + AdamW at bf16 autocast, the same micro-
     python scripts/bench_train.py --T 512 8192 --no-seed
     python scripts/bench_train.py --compile --compile-mode default reduce-overhead --T 8192 --no-seed
     python scripts/bench_train.py --compile --T 8192 --no-seed --repeats 3   # NSA, dense, NSA, dense, ...
+    python scripts/bench_train.py --compile --T 8192 --no-seed --nsa-checkpoint runs/enwik8_nsa \
+        --dense-checkpoint runs/enwik8_dense
+
+By default the models are freshly initialised and the batch is random bytes: NSA's block picks are then
+an untrained model's, spread more evenly over the context than a trained model's, whose neighbouring
+tokens pick mostly the same blocks (which the selection kernels exploit). With --nsa-checkpoint /
+--dense-checkpoint that model is the trained one and its batch the first windows of its training
+split: the step a training run has once it has learned something.
 
 Run-to-run spread of one model's step on one card is a few percent (more between machines), as large
 as the changes being compared: --repeats N measures the pair N times, alternating, and the table gives
@@ -25,15 +33,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nsa.checkpoint import CheckpointError, config_from_checkpoint, load_checkpoint, load_weights  # noqa: E402
 from nsa.config import ModelConfig, NSAConfig, load_config  # noqa: E402
+from nsa.data import DataError, first_windows, load_splits  # noqa: E402
 from nsa.model import Transformer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def time_steps(model, T, batch, warmup, iters, loss_fn):
+def time_steps(model, x, warmup, iters, loss_fn):
+    """Tokens/s of the training step on the batch x [batch, T + 1]: median over `iters` after `warmup`."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x = torch.randint(0, 256, (batch, T + 1), device="cuda")
     times = []
     for i in range(warmup + iters):
         torch.cuda.synchronize()
@@ -47,15 +57,16 @@ def time_steps(model, T, batch, warmup, iters, loss_fn):
         torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return batch * T / statistics.median(times)
+    return x[:, 1:].numel() / statistics.median(times)
 
 
 def ours_loss(model, x):
     return model(x[:, :-1], x[:, 1:])[1]
 
 
-def measure(name, build, T, batch, args, mode, loss_fn=ours_loss):
-    """One row: tokens/s and peak memory of `build()`'s training step, eager or torch.compile'd in `mode`."""
+def measure(name, build, T, batch, args, mode, loss_fn=ours_loss, data=None):
+    """One row: tokens/s and peak memory of `build()`'s training step, eager or torch.compile'd in `mode`,
+    on the first windows of `data` (a byte split), or on random bytes if None."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     row = {"name": name, "T": T, "batch": batch, "mode": mode}
@@ -63,7 +74,8 @@ def measure(name, build, T, batch, args, mode, loss_fn=ours_loss):
         model = build().cuda()
         if mode != "eager":
             model = torch.compile(model, mode=None if mode == "default" else mode)
-        tps = time_steps(model, T, batch, args.warmup, args.iters, loss_fn)
+        x = (torch.randint(0, 256, (batch, T + 1)) if data is None else first_windows(data, batch, T)).cuda()
+        tps = time_steps(model, x, args.warmup, args.iters, loss_fn)
         peak = torch.cuda.max_memory_allocated() / 2**30
         del model
         return {**row, "tokens_per_s": tps, "peak_gib": peak}
@@ -89,6 +101,30 @@ def summarize(rows):
         out.append({**ok[0], "tokens_per_s": statistics.median(tps), "range": spread,
                     "peak_gib": max(r["peak_gib"] for r in ok), "measurements": len(tps)})
     return out
+
+
+class Source:
+    """Where one model of the pair comes from: a config (fresh weights, random bytes) or a checkpoint (its
+    weights, its training split's bytes)."""
+
+    def __init__(self, config, checkpoint=None):
+        self.checkpoint, self.weights, self.data = checkpoint, None, None
+        if checkpoint is None:
+            self.cfg = load_config(config).model
+            return
+        try:
+            state = load_checkpoint(checkpoint)
+            cfg = config_from_checkpoint(state, checkpoint)
+            self.cfg, self.weights, self.data = cfg.model, state["model"], load_splits(cfg.data)["train"]
+        except (CheckpointError, DataError) as e:
+            sys.exit(f"error: {e}")
+
+    def build(self):
+        model = Transformer(self.cfg)
+        return model if self.weights is None else load_weights(model, self.weights, self.checkpoint).train()
+
+    def describe(self):
+        return "fresh weights, random bytes" if self.checkpoint is None else f"{self.checkpoint}, its training bytes"
 
 
 def seed_model_cfg(attention):
@@ -127,6 +163,9 @@ def main():
                         "step as CUDA graphs")
     p.add_argument("--no-seed", action="store_true", help="skip the seed-implementation comparison")
     p.add_argument("--repeats", type=int, default=1, help="measurements of each model, NSA and dense alternating")
+    p.add_argument("--nsa-checkpoint", help="time this trained NSA model (checkpoint or run directory) on its "
+                                            "training bytes instead of --nsa-config's fresh one")
+    p.add_argument("--dense-checkpoint", help="the same for the dense twin")
     args = p.parse_args()
     if args.repeats < 1:
         sys.exit(f"--repeats must be >= 1, got {args.repeats}")
@@ -134,15 +173,15 @@ def main():
         sys.exit("bench_train.py needs a CUDA GPU")
 
     rows = []
-    nsa_cfg = load_config(args.nsa_config).model
-    dense_cfg = load_config(args.dense_config).model
+    sources = {"nsa": Source(args.nsa_config, args.nsa_checkpoint),
+               "dense": Source(args.dense_config, args.dense_checkpoint)}
     modes = args.compile_mode if args.compile else ["eager"]
     for T in args.T:
         batch = max(1, args.tokens // T)
         for mode in modes:
             for _ in range(args.repeats):
-                for name, cfg in (("nsa", nsa_cfg), ("dense", dense_cfg)):
-                    rows.append(measure(name, lambda c=cfg: Transformer(c), T, batch, args, mode))
+                for name, src in sources.items():
+                    rows.append(measure(name, src.build, T, batch, args, mode, data=src.data))
                     print(rows[-1], flush=True)
     if not args.no_seed:
         batch = max(1, args.tokens // 512)
@@ -163,7 +202,7 @@ def main():
 
     lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
              f"triton {__import__('triton').__version__}, compile={args.compile}, repeats={args.repeats}",
-             "", "| model | T | batch | mode | tokens/s (median) | range | peak GiB |", "|---|---|---|---|---|---|---|"]
+             *(f"{name}: {src.describe()}" for name, src in sources.items()), "", "| model | T | batch | mode | tokens/s (median) | range | peak GiB |", "|---|---|---|---|---|---|---|"]
     summary = summarize(rows)
     for r in summary:
         head = f"| {r['name']} | {r['T']} | {r['batch']} | {r['mode']} |"

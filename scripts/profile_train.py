@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa.checkpoint import CheckpointError, model_from_checkpoint  # noqa: E402
 from nsa.config import load_config  # noqa: E402
-from nsa.data import DataError, load_splits  # noqa: E402
+from nsa.data import DataError, first_windows, load_splits  # noqa: E402
 from nsa.model import Transformer  # noqa: E402
 
 
@@ -96,13 +96,9 @@ def main():
     if args.checkpoint:
         try:
             model, cfg = model_from_checkpoint(args.checkpoint, "cuda")
-            data = load_splits(cfg.data)["train"]
+            x = first_windows(load_splits(cfg.data)["train"], args.batch, args.T).cuda()
         except (CheckpointError, DataError) as e:
             sys.exit(f"error: {e}")
-        if len(data) < args.batch * (args.T + 1):
-            sys.exit(f"error: the training split ({len(data):,} bytes) is shorter than {args.batch} windows of "
-                     f"{args.T + 1} bytes")
-        x = torch.from_numpy(data[:args.batch * (args.T + 1)].astype("int64")).view(args.batch, -1).cuda()
         model.train()
     else:
         model = Transformer(load_config(args.config).model).cuda()

@@ -26,3 +26,39 @@ def test_one_measurement_has_no_range_and_all_failed_keeps_the_error():
     one, failed = bench_train.summarize([row("nsa", 900.0), row("dense", error="OutOfMemoryError: x")])
     assert one["range"] == "" and one["tokens_per_s"] == 900.0
     assert failed["error"] == "OutOfMemoryError: x"
+
+
+def test_a_checkpoint_source_is_its_weights_and_its_training_bytes(tmp_path):
+    import pytest
+    import torch
+
+    from nsa.checkpoint import save_checkpoint
+    from nsa.config import load_config, to_dict
+    from nsa.data import first_windows
+    from nsa.model import Transformer
+
+    cfg = load_config(overrides=["model.dim=32", "model.depth=1", "model.heads=2", "model.kv_heads=1",
+                                 "model.dim_head=16", "model.attention=dense", "data.source=synthetic"])
+    model = Transformer(cfg.model)
+    path = save_checkpoint(tmp_path / "run" / "ckpt.pt", {"model": model.state_dict(), "config": to_dict(cfg)})
+    src = bench_train.Source(None, str(path.parent))
+    built = src.build()
+    assert built.training and all(torch.equal(a, b) for a, b in zip(built.state_dict().values(),
+                                                                      model.state_dict().values()))
+    x = first_windows(src.data, 3, 10)
+    assert x.shape == (3, 11) and x.dtype == torch.int64
+    assert x.flatten().tolist() == src.data[:33].tolist()  # consecutive windows from the split's start
+    assert "its training bytes" in src.describe()
+    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+        (tmp_path / "junk.pt").write_text("junk")
+        bench_train.Source(None, str(tmp_path / "junk.pt"))
+
+
+def test_first_windows_refuses_a_short_split():
+    import numpy as np
+    import pytest
+
+    from nsa.data import DataError, first_windows
+
+    with pytest.raises(DataError, match="shorter than 2 windows of 9 bytes"):
+        first_windows(np.zeros(17, np.uint8), 2, 8)

@@ -5,13 +5,13 @@ kernels, split flash-decoding style so that batch 1 fills the GPU as well as bat
 one (sequence b, selection head hs): with GQA-shared selection (the default) hs is a kv head and its G
 query heads are one tile; with per-head selection hs is a query head (a tile of one).
 
-1. `_partials_kernel`, grid (pairs, compressed chunks + window chunks in use (at most NC_SPLIT +
-   W_SPLIT) + N_GZ). The first programs each run the compressed attention of their pair over one chunk
+1. `_partials_kernel`, grid (pairs, N_GZ + compressed chunks + window chunks in use (at most NC_SPLIT +
+   W_SPLIT)). After the first N_GZ, the programs each run the compressed attention of their pair over one chunk
    of the compressed rows (memory rows first, then the blocks complete at t), keeping an online softmax
    (m, l, acc) in fp32 that they write as a partial, and write the raw scores of their compressed
    blocks (fp32, per query head) to a scratch row. The next each attend one chunk of the window
    (t - w, t] (the window cache may be a ring: position p in slot p % W) and write a partial the same
-   way. The compressed keys are read once. The last N_GZ programs of the first pairs compute the gate
+   way. The compressed keys are read once. The first N_GZ programs of the first pairs compute the gate
    logits' partials: one slice of the layer input's features of w_gate x, for 16 sequences and one
    selection head's query heads at a time (a tensor-core tile), so each weight is read once a step,
    whatever the batch, beside the attention programs rather than after them in the last kernel.
@@ -194,19 +194,19 @@ def _partials_kernel(
     PREC: tl.constexpr, UPCAST: tl.constexpr, DIM: tl.constexpr, N_GZ: tl.constexpr, GATE_B: tl.constexpr,
     GATE_CHUNK: tl.constexpr, GATE_K: tl.constexpr, GPREC: tl.constexpr, GUPCAST: tl.constexpr,
 ):
-    """Programs i_c of a pair below the grid's last N_GZ: one attention chunk each. The last N_GZ:
-    gate-logit partial i_z of selection head i_pair % HS and sequence chunk i_pair // HS, where that chunk
-    holds sequences (the gate needs Hs * ceil(B / GATE_B) of the pairs' rows). Here rather than in the
+    """Programs i_z >= N_GZ of a pair: attention chunk i_z - N_GZ each. The first N_GZ: gate-logit partial
+    i_z of selection head i_pair % HS and sequence chunk i_pair // HS, where that chunk holds sequences
+    (the gate needs Hs * ceil(B / GATE_B) of the pairs' rows); first in the grid so that they start with the
+    attention programs instead of running after them as the kernel's tail. Here rather than in the
     importance kernel: a kernel's registers and shared memory are those of its largest path, and the
     gate's dot (154 registers, 10 KB compiled for sm_90) cut the importance programs' occupancy, whose
     own path needs 96 registers; this kernel's attention path already needs more than the gate's."""
     i_pair = tl.program_id(0)
-    i_c = tl.program_id(1)
-    i_z = i_c - (tl.num_programs(1) - N_GZ)
-    if i_z < 0:
-        _attention_chunk(Q, QR, CK, CV, KW, VW, TPOS, PM, PL, PACC, SC, i_pair, i_c, sq_b, sq_h, sck_b, sck_r, sck_h,
-                         skw_b, skw_s, skw_h, qk_scale, w_slots, nc_chunk, w_chunk, nc_used, HS, GS, G, D, SC_ROW,
-                         NUM_MEM, L_CMP, STRIDE, WINDOW, NC_SPLIT, NPART, BLOCK_G, BLOCK_D, BLOCK_N, PREC, UPCAST)
+    i_z = tl.program_id(1)
+    if i_z >= N_GZ:
+        _attention_chunk(Q, QR, CK, CV, KW, VW, TPOS, PM, PL, PACC, SC, i_pair, i_z - N_GZ, sq_b, sq_h, sck_b, sck_r,
+                         sck_h, skw_b, skw_s, skw_h, qk_scale, w_slots, nc_chunk, w_chunk, nc_used, HS, GS, G, D,
+                         SC_ROW, NUM_MEM, L_CMP, STRIDE, WINDOW, NC_SPLIT, NPART, BLOCK_G, BLOCK_D, BLOCK_N, PREC, UPCAST)
     elif (i_pair // HS) * GATE_B < B:
         _gate_partial(X, WG, GZ, B, i_pair // HS, i_pair % HS, i_z, sx_b, swg, GS, HS, DIM, N_GZ,
                       BLOCK_G, GATE_B, GATE_CHUNK, GATE_K, GPREC, GUPCAST)

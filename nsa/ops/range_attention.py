@@ -380,7 +380,10 @@ FWD_TILES_BANDED = {64: (128, 64, 8, 3), 128: (128, 64, 8, 2)}
 # an H200 (docs/BENCHMARKS.md). D = 128: 8 warps and BLOCK_M 32 for dk/dv, the other choices spill registers
 # (G <= 16; fp32 and G = 64 at D=128 still spill some, they fit shared memory).
 DQ_TILES = {64: (64, 64, 4, 2), 128: (128, 64, 8, 3)}
-DKDV_TILES = {64: (64, 64, 4, 2), 128: (32, 128, 8, 3)}
+# Compressed dk/dv at D <= 64: 32-row query steps took 0.88x the backward time of 64-row ones at the
+# enwik8 model's shape (G = 8, H200, docs/BENCHMARKS.md, tenth round); the window keeps 64 (32 took 1.11x).
+DKDV_TILES = {64: (32, 64, 4, 2), 128: (32, 128, 8, 3)}
+DKDV_TILES_BANDED = {64: (64, 64, 4, 2), 128: (32, 128, 8, 3)}
 # Prefix rules (compressed): the first key tiles are seen by every query, so the dk/dv programs' query
 # ranges are cut into up to MAX_SPLITS pieces, aiming at SPLIT_PROGRAMS_PER_SM programs per SM so the
 # last wave is short; partial sums (fp32, MAX_SPLIT_ELEMENTS at most per buffer) added in a fixed order.
@@ -402,7 +405,8 @@ def _tiles(G, D, dtype, banded=False):
         cfg = (64, 32, 8, 1), (64, 32, 8, 1), (32, 64, 8, 1)
     else:
         key = 64 if D <= 64 else 128
-        cfg = (FWD_TILES_BANDED if banded else FWD_TILES)[key], DQ_TILES[key], DKDV_TILES[key]
+        fwd, dkdv = (FWD_TILES_BANDED, DKDV_TILES_BANDED) if banded else (FWD_TILES, DKDV_TILES)
+        cfg = fwd[key], DQ_TILES[key], dkdv[key]
     return tuple((max(bm, GP), bn, w, st) for bm, bn, w, st in cfg)
 
 
@@ -486,12 +490,13 @@ def range_attention_bwd(do, q, k, v, o, lse, dlse, scale, hi_base, block, stride
     if T == 0 or S == 0:
         return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
     delta = _empty((B, T, HQ), dtype=torch.float32, device=q.device)
-    _, dq_tile, dkdv_tile = _tiles(G, D, q.dtype)
+    banded = lo_back < T
+    _, dq_tile, dkdv_tile = _tiles(G, D, q.dtype, banded=banded)
     prec, upcast = dot_precision(q.dtype)
     common = dict(D=D, BLOCK_D=_block_d(D), GP=GP, PREC=prec, UPCAST=upcast)
     qk_scale = scale * LOG2E
     rule = (hi_base, block, stride, lo_back)
-    key = (G, D, q.dtype)
+    key = (G, D, q.dtype, banded)
     args = (q, k, v, o, do, lse, lse if dlse is None else dlse, delta, dq, qk_scale, scale, T, S, H, G, *rule)
     launch = _fit(_range_dq_kernel, args, dq_tile, GP, dict(common, HAS_DLSE=dlse is not None), q.device,
                   key + (dlse is not None,))
