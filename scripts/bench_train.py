@@ -107,7 +107,7 @@ class Source:
     """Where one model of the pair comes from: a config (fresh weights, random bytes) or a checkpoint (its
     weights, its training split's bytes)."""
 
-    def __init__(self, config, checkpoint=None):
+    def __init__(self, config, checkpoint=None, attention=None):
         self.checkpoint, self.weights, self.data = checkpoint, None, None
         if checkpoint is None:
             self.cfg = load_config(config).model
@@ -118,6 +118,8 @@ class Source:
             self.cfg, self.weights, self.data = cfg.model, state["model"], load_splits(cfg.data)["train"]
         except (CheckpointError, DataError) as e:
             sys.exit(f"error: {e}")
+        if attention is not None and self.cfg.attention != attention:
+            sys.exit(f"error: {checkpoint} is a model.attention={self.cfg.attention} model, not {attention}")
 
     def build(self):
         model = Transformer(self.cfg)
@@ -173,8 +175,8 @@ def main():
         sys.exit("bench_train.py needs a CUDA GPU")
 
     rows = []
-    sources = {"nsa": Source(args.nsa_config, args.nsa_checkpoint),
-               "dense": Source(args.dense_config, args.dense_checkpoint)}
+    sources = {"nsa": Source(args.nsa_config, args.nsa_checkpoint, "nsa"),
+               "dense": Source(args.dense_config, args.dense_checkpoint, "dense")}
     modes = args.compile_mode if args.compile else ["eager"]
     for T in args.T:
         batch = max(1, args.tokens // T)

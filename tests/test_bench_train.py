@@ -49,6 +49,8 @@ def test_a_checkpoint_source_is_its_weights_and_its_training_bytes(tmp_path):
     assert x.shape == (3, 11) and x.dtype == torch.int64
     assert x.flatten().tolist() == src.data[:33].tolist()  # consecutive windows from the split's start
     assert "its training bytes" in src.describe()
+    with pytest.raises(SystemExit, match="is a model.attention=dense model, not nsa"):
+        bench_train.Source(None, str(path.parent), "nsa")  # the twins swapped
     with pytest.raises(SystemExit, match="not a readable checkpoint"):
         (tmp_path / "junk.pt").write_text("junk")
         bench_train.Source(None, str(tmp_path / "junk.pt"))
