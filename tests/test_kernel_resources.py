@@ -36,3 +36,18 @@ def test_launch_resources_of_the_decode_step():
     assert imp["shared"] < part["shared"]
     if imp["regs"] is not None:
         assert imp["regs"] < part["regs"]
+
+
+@pytest.mark.full
+def test_compressed_and_window_dkdv_tiles_differ_and_do_not_spill():
+    # The compressed branch's dk/dv takes 32-row query steps at D = 64 (the window 64): two launches, and
+    # the 32-row one spills nothing where the 64-row one does (sm_90).
+    pytest.importorskip("triton.backends.nvidia")
+    module = "nsa.ops.range_attention"
+    kernels, body = kernel_resources.MODEL_CALLS[module]
+    rows = [r for r in kernel_resources.launch_resources(module, kernels, "T, HQ, H, D = 1024, 8, 1, 64\n" + body)
+            if r["kernel"] == "_range_dkdv_kernel"]
+    assert sorted(r["launch"]["BLOCK_M"] for r in rows) == [32, 64]
+    compressed = next(r for r in rows if r["launch"]["BLOCK_M"] == 32)
+    if compressed["regs"] is not None:
+        assert compressed["stl"] == 0 and compressed["ldl"] == 0
