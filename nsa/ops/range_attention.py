@@ -371,7 +371,10 @@ def _group_pad(G):
 # group size GP. Each config was compiled for sm_90 (Triton 3.9 ptxas) and checked to fit 227 KiB of
 # shared memory with no register spill; a card with less shared memory gets the first of `_shrunk`
 # that fits (`utils.fitting`).
-FWD_TILES = {64: (128, 64, 4, 3), 128: (128, 128, 8, 2)}  # prefix rules (compressed): long key loops
+# Prefix rules (compressed): long key loops. D <= 64: 32-key tiles took 0.97x the time of 64-key ones at the
+# enwik8 model's shape (G = 8, H200, three runs, docs/BENCHMARKS.md, tenth round): 224 registers and no
+# spills against 255 and 48 spilled bytes (sm_90, Triton 3.6).
+FWD_TILES = {64: (128, 32, 4, 3), 128: (128, 128, 8, 2)}
 # Window: ~9 key tiles of 64 per query tile. D <= 64: 8 warps took 0.88x the time of 4 at the enwik8
 # model's shape (G = 8) on an H200 (docs/BENCHMARKS.md, sixth round).
 FWD_TILES_BANDED = {64: (128, 64, 8, 3), 128: (128, 64, 8, 2)}
