@@ -290,7 +290,8 @@ def first_windows(data, batch_size, seq_len):
     seq_len + 1]: a fixed batch of real text, for benchmarks and profiles of a trained model."""
     need = batch_size * (seq_len + 1)
     if len(data) < need:
-        raise DataError(f"a split of {len(data):,} bytes is shorter than {batch_size} windows of {seq_len + 1} bytes")
+        raise DataError(f"a split of {len(data):,} bytes is shorter than {batch_size} windows of "
+                        f"{seq_len + 1} bytes")
     return torch.from_numpy(np.asarray(data[:need]).astype(np.int64)).view(batch_size, seq_len + 1)
 
 

@@ -204,7 +204,8 @@ def main():
 
     lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
              f"triton {__import__('triton').__version__}, compile={args.compile}, repeats={args.repeats}",
-             *(f"{name}: {src.describe()}" for name, src in sources.items()), "", "| model | T | batch | mode | tokens/s (median) | range | peak GiB |", "|---|---|---|---|---|---|---|"]
+             *(f"{name}: {src.describe()}" for name, src in sources.items()),
+             "", "| model | T | batch | mode | tokens/s (median) | range | peak GiB |", "|---|---|---|---|---|---|---|"]
     summary = summarize(rows)
     for r in summary:
         head = f"| {r['name']} | {r['T']} | {r['batch']} | {r['mode']} |"

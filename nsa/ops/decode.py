@@ -206,7 +206,8 @@ def _partials_kernel(
     if i_z >= N_GZ:
         _attention_chunk(Q, QR, CK, CV, KW, VW, TPOS, PM, PL, PACC, SC, i_pair, i_z - N_GZ, sq_b, sq_h, sck_b, sck_r,
                          sck_h, skw_b, skw_s, skw_h, qk_scale, w_slots, nc_chunk, w_chunk, nc_used, HS, GS, G, D,
-                         SC_ROW, NUM_MEM, L_CMP, STRIDE, WINDOW, NC_SPLIT, NPART, BLOCK_G, BLOCK_D, BLOCK_N, PREC, UPCAST)
+                         SC_ROW, NUM_MEM, L_CMP, STRIDE, WINDOW, NC_SPLIT, NPART, BLOCK_G, BLOCK_D, BLOCK_N, PREC,
+                         UPCAST)
     elif (i_pair // HS) * GATE_B < B:
         _gate_partial(X, WG, GZ, B, i_pair // HS, i_pair % HS, i_z, sx_b, swg, GS, HS, DIM, N_GZ,
                       BLOCK_G, GATE_B, GATE_CHUNK, GATE_K, GPREC, GUPCAST)
