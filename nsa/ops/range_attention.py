@@ -369,8 +369,9 @@ def _group_pad(G):
 # Tiles for 16-bit inputs on GPU, chosen on an H100: (BLOCK_M query rows, BLOCK_N keys,
 # num_warps, num_stages) per kernel, by head dim (D <= 64 or larger). BLOCK_M is raised to the padded
 # group size GP. Each config was compiled for sm_90 (Triton 3.9 ptxas) and checked to fit 227 KiB of
-# shared memory with no register spill; a card with less shared memory gets the first of `_shrunk`
-# that fits (`utils.fitting`).
+# shared memory; compiled by Triton 3.6 the window's D <= 64 dk/dv step spills a few registers (9 spill
+# stores, `scripts/kernel_resources.py`), the others none. A card with less shared memory gets the first
+# of `_shrunk` that fits (`utils.fitting`).
 # Prefix rules (compressed): long key loops. D <= 64: 32-key tiles took 0.97x the time of 64-key ones at the
 # enwik8 model's shape (G = 8, H200, three runs, docs/BENCHMARKS.md, tenth round): 224 registers and no
 # spills against 255 and 48 spilled bytes (sm_90, Triton 3.6).
@@ -397,8 +398,9 @@ MAX_SPLITS = 64
 MAX_SPLIT_ELEMENTS = 2**27
 
 
-def _tiles(G, D, dtype, banded=False):
-    """((BLOCK_M, BLOCK_N, num_warps, num_stages) for fwd, dq, dkdv). Small tiles in the interpreter so
+def _tiles(G, D, dtype, banded):
+    """((BLOCK_M, BLOCK_N, num_warps, num_stages) for fwd, dq, dkdv); banded: the window's rule (a lower
+    bound inside T), whose tiles differ from the prefix rules'. Small tiles in the interpreter so
     tests at small T still cross several tiles. fp32 (tf32x3 dots keep hi/lo copies) gets half-size tiles
     and no pipelining to stay within an H100's 227 KiB of shared memory at D=128."""
     GP = _group_pad(G)
