@@ -99,7 +99,8 @@ class SparseAttention(nn.Module):
 
         # Each branch op scales its output by its gate in its own kernels (and its backward takes the
         # gate in), so the layer's output is a plain sum: no separate pass over the three outputs.
-        g_cmp, g_slc, g_win = self.to_gates(x).view(B, T, self.heads, 3).unbind(-1)
+        # Branch-major and contiguous: one small copy the compiler fuses, not a copy in each op.
+        g_cmp, g_slc, g_win = self.to_gates(x).view(B, T, self.heads, 3).permute(3, 0, 1, 2).contiguous()
         ck, cv = self.compressed_kv(k_c, v_c)
         o_cmp, lse = ops.compressed_attention(q, ck, cv, self.params, g_cmp)
         idx, block_gate = self.select(ops, q, ck, lse)

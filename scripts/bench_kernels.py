@@ -230,10 +230,10 @@ def bench_parts(q, k, v, do, idx, sel_block, quick):
     gate = torch.zeros_like(lse)  # gate logits: every row's gate 0.5
     try:
         selection.selection_fwd(q, k, v, gate, idx, sel_block, scale, o, lse)
-        delta, dgate = torch.empty_like(lse), torch.empty_like(lse)
+        delta, glse, dgate = torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse)
         t_dq = do_bench(lambda: selection.selection_dq(do, q, k, v, o, lse, gate, idx, sel_block, scale, dq, delta,
-                                                       dgate), warmup=10, rep=rep, return_mode="median")
-        t_dkv = do_bench(lambda: selection.selection_dkv(do, q, k, v, lse, gate, delta, idx, sel_block, scale, dk, dv),
+                                                       glse, dgate), warmup=10, rep=rep, return_mode="median")
+        t_dkv = do_bench(lambda: selection.selection_dkv(do, q, k, v, glse, delta, idx, sel_block, scale, dk, dv),
                          warmup=10, rep=rep, return_mode="median")
     except torch.cuda.OutOfMemoryError:
         return ["oom", "oom"]

@@ -106,14 +106,14 @@ def selection_rows(q, k, v, do, scale, pick_run, sel_block=P.sel_block, n=P.num_
     B, T = q.shape[:2]
     idx = random_picks(B, T, k.shape[2], sel_block, n, q.device, run=pick_run)
     o, lse = torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
-    dq, delta, dgate = torch.empty_like(q), lse.new_empty(lse.shape), lse.new_empty(lse.shape)
+    dq, delta, glse, dgate = torch.empty_like(q), *(lse.new_empty(lse.shape) for _ in range(3))
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     gate = torch.zeros_like(lse)  # gate logits: every row's gate 0.5
     walk = SEL.tile_walk(q, k, idx, sel_block)
     fwd = lambda: SEL.selection_fwd(q, k, v, gate, idx, sel_block, scale, o, lse, walk)  # noqa: E731
-    dqf = lambda: SEL.selection_dq(do, q, k, v, o, lse, gate, idx, sel_block, scale, dq, delta, dgate,  # noqa: E731
-                                   walk)
-    dkv = lambda: SEL.selection_dkv(do, q, k, v, lse, gate, delta, idx, sel_block, scale, dk, dv)  # noqa: E731
+    dqf = lambda: SEL.selection_dq(do, q, k, v, o, lse, gate, idx, sel_block, scale, dq, delta, glse,  # noqa: E731
+                                   dgate, walk)
+    dkv = lambda: SEL.selection_dkv(do, q, k, v, glse, delta, idx, sel_block, scale, dk, dv)  # noqa: E731
     fwd(), dqf()
     yield "selection", "tile unions", "production", median_ms(lambda: SEL.tile_walk(q, k, idx, sel_block))
     # dK/dV's reverse index and work items alone (the counting sort); also inside the dK/dV rows below.

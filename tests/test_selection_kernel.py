@@ -42,11 +42,11 @@ def _kernel_grads(q, k, v, do, idx, sel_block, gl):
     nan = float("nan")
     o, dq = torch.full_like(q, nan), torch.full_like(q, nan)
     dk, dv, dgate = torch.full_like(k, nan), torch.full_like(v, nan), torch.full_like(gl, nan)
-    lse, delta = torch.full(q.shape[:3], nan, device=q.device), torch.full(q.shape[:3], nan, device=q.device)
+    lse, delta, glse = (torch.full(q.shape[:3], nan, device=q.device) for _ in range(3))
     selection.selection_fwd(q, k, v, gl, idx, sel_block, scale, o, lse)
-    # selection_bwd's two steps, with the dQ kernel's delta output poisoned too
-    selection.selection_dq(do, q, k, v, o, lse, gl, idx, sel_block, scale, dq, delta, dgate)
-    selection.selection_dkv(do, q, k, v, lse, gl, delta, idx, sel_block, scale, dk, dv)
+    # selection_bwd's two steps, with the dQ kernel's outputs for dK/dV poisoned too
+    selection.selection_dq(do, q, k, v, o, lse, gl, idx, sel_block, scale, dq, delta, glse, dgate)
+    selection.selection_dkv(do, q, k, v, glse, delta, idx, sel_block, scale, dk, dv)
     return o, dq, dk, dv, dgate
 
 

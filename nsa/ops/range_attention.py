@@ -192,7 +192,7 @@ def _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, k, v, o_kv, o_lo, o_hi, qk_scale
 
 
 @triton.jit
-def _range_dq_kernel(q, k, v, o, do, lse, dlse, gate, delta, dgate, dq, qk_scale, scale, T, S, H, G, HI_BASE, BLOCK, STRIDE,
+def _range_dq_kernel(q, k, v, o, do, lse, dlse, gate, delta, glse, dgate, dq, qk_scale, scale, T, S, H, G, HI_BASE, BLOCK, STRIDE,
                      LO_BACK, D: tl.constexpr, BLOCK_D: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, HAS_DLSE: tl.constexpr):
     BLOCK_T: tl.constexpr = BLOCK_M // GP
@@ -213,7 +213,8 @@ def _range_dq_kernel(q, k, v, o, do, lse, dlse, gate, delta, dgate, dq, qk_scale
     b_o = tl.load(o + o_q[:, None] + o_d[None, :], mask=m_qd, other=0.0)
     # o is the gated output g * o: rowsum(o * do) is g times the softmax backward's correction and the
     # gate logit's gradient over (1 - g). A gradient of lse adds dlse * P to dS (d lse / d s = P): with
-    # P' = g * P, dS = P' * (dP - (rowsum(o * do) - dlse) / g). That delta is stored for dk/dv.
+    # P' = g * P, dS = P' * (dP - (rowsum(o * do) - dlse) / g). That delta and the lse of P' are stored
+    # for dk/dv, whose inner loop then loads one value a row instead of computing the gate there.
     b_g = load_gate(gate, o_row, m_row)
     b_od = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
     tl.store(dgate + o_row, (b_od * (1 - b_g)).to(dgate.dtype.element_ty), mask=m_row)
@@ -222,6 +223,7 @@ def _range_dq_kernel(q, k, v, o, do, lse, dlse, gate, delta, dgate, dq, qk_scale
     b_delta = b_od / tl.maximum(b_g, GATE_FLOOR)
     tl.store(delta + o_row, b_delta, mask=m_row)
     b_lse2 = gated_lse2(lse, b_g, o_row, m_row)
+    tl.store(glse + o_row, b_lse2, mask=m_row)
 
     o_lo = tl.maximum(o_t - LO_BACK, 0)
     o_hi = tl.minimum(_hi(o_t, HI_BASE, BLOCK, STRIDE), S - 1)
@@ -250,7 +252,7 @@ def _query_span(s0, T, S, HI_BASE, BLOCK, STRIDE, LO_BACK, BLOCK_T: tl.constexpr
 
 
 @triton.jit
-def _dkdv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, gate, delta, o_s, first, last, i_b, T, H, G, HI_BASE, BLOCK, STRIDE,
+def _dkdv_tiles(b_dk, b_dv, b_k, b_v, q, do, glse, delta, o_s, first, last, i_b, T, H, G, HI_BASE, BLOCK, STRIDE,
                 LO_BACK, qk_scale, o_d, m_d, D: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
                 MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     BLOCK_T: tl.constexpr = BLOCK_M // GP
@@ -262,8 +264,9 @@ def _dkdv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, gate, delta, o_s, first, last,
         m_qd = m_row[:, None] & m_d[None, :]
         b_q = tl.load(q + o_row[:, None] * D + o_d[None, :], mask=m_qd, other=0.0)
         b_do = tl.load(do + o_row[:, None] * D + o_d[None, :], mask=m_qd, other=0.0)
-        # The gated P' = g * P (`utils.load_gate`); p = 0 for padded rows and rows that see no key.
-        b_lse2 = gated_lse2(lse, load_gate(gate, o_row, m_row), o_row, m_row)
+        # lse of the gated P' = g * P (`utils.load_gate`), log2 units, from the dq kernel: +inf, so p = 0,
+        # for padded rows and rows that see no key.
+        b_lse2 = tl.load(glse + o_row, mask=m_row, other=float("inf"))
         b_delta = tl.load(delta + o_row, mask=m_row, other=0.0)
         # Transposed scores [BLOCK_N, BLOCK_M], so dk and dv come out of plain dots.
         b_s_t = dot(b_k, tl.trans(b_q), PREC, UPCAST)
@@ -281,7 +284,7 @@ def _dkdv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, gate, delta, o_s, first, last,
 
 
 @triton.jit
-def _range_dkdv_kernel(q, k, v, do, lse, gate, delta, dk, dv, qk_scale, scale, T, S, H, G,
+def _range_dkdv_kernel(q, k, v, do, glse, delta, dk, dv, qk_scale, scale, T, S, H, G,
                        HI_BASE, BLOCK, STRIDE, LO_BACK, TILES_PER_SPLIT,
                        D: tl.constexpr, BLOCK_D: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
@@ -313,13 +316,13 @@ def _range_dkdv_kernel(q, k, v, do, lse, gate, delta, dk, dv, qk_scale, scale, T
         qt_tail = tl.maximum(qt_full, tl.minimum((s0 + LO_BACK + 1) // BLOCK_T, qt_end))
         b_dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         b_dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, gate, delta, o_s, qt_first, tl.minimum(qt_full, qt_end),
+        b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, q, do, glse, delta, o_s, qt_first, tl.minimum(qt_full, qt_end),
                                  i_b, T, H, G, HI_BASE, BLOCK, STRIDE, LO_BACK, qk_scale, o_d, m_d, D, GP, BLOCK_M,
                                  True, PREC, UPCAST)
-        b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, gate, delta, o_s, qt_full, qt_tail,
+        b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, q, do, glse, delta, o_s, qt_full, qt_tail,
                                  i_b, T, H, G, HI_BASE, BLOCK, STRIDE, LO_BACK, qk_scale, o_d, m_d, D, GP, BLOCK_M,
                                  False, PREC, UPCAST)
-        b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, gate, delta, o_s, qt_tail, qt_end,
+        b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, q, do, glse, delta, o_s, qt_tail, qt_end,
                                  i_b, T, H, G, HI_BASE, BLOCK, STRIDE, LO_BACK, qk_scale, o_d, m_d, D, GP, BLOCK_M,
                                  True, PREC, UPCAST)
         o_part = i_split.to(tl.int64) * (tl.num_programs(1) // H) * S * H * D
@@ -495,6 +498,7 @@ def range_attention_bwd(do, q, k, v, o, lse, dlse, gate, scale, hi_base, block, 
     if T == 0 or S == 0:  # no key: o = 0, nothing depends on q, k, v or the gate
         return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(gate)
     delta = _empty((B, T, HQ), dtype=torch.float32, device=q.device)
+    glse = _empty((B, T, HQ), dtype=torch.float32, device=q.device)
     dgate = _empty(gate.shape, dtype=gate.dtype, device=gate.device)
     banded = lo_back < T
     _, dq_tile, dkdv_tile = _tiles(G, D, q.dtype, banded=banded)
@@ -503,14 +507,14 @@ def range_attention_bwd(do, q, k, v, o, lse, dlse, gate, scale, hi_base, block, 
     qk_scale = scale * LOG2E
     rule = (hi_base, block, stride, lo_back)
     key = (G, D, q.dtype, banded)
-    args = (q, k, v, o, do, lse, lse if dlse is None else dlse, gate, delta, dgate, dq, qk_scale, scale, T, S, H, G,
+    args = (q, k, v, o, do, lse, lse if dlse is None else dlse, gate, delta, glse, dgate, dq, qk_scale, scale, T, S, H, G,
             *rule)
     launch = _fit(_range_dq_kernel, args, dq_tile, GP, dict(common, HAS_DLSE=dlse is not None), q.device,
                   key + (dlse is not None,))
     _range_dq_kernel[(triton.cdiv(T, launch["BLOCK_M"] // GP), B * H)](*args, **launch)
 
     # The dk/dv tile is chosen on the unsplit launch (dk, dv in k's dtype); splitting changes no tile.
-    args = (q, k, v, do, lse, gate, delta, k, v, qk_scale, scale, T, S, H, G, *rule, 1)
+    args = (q, k, v, do, glse, delta, k, v, qk_scale, scale, T, S, H, G, *rule, 1)
     launch = _fit(_range_dkdv_kernel, args, dkdv_tile, GP, dict(common, SPLIT=0), q.device, key)
     bm3, bn3 = launch["BLOCK_M"], launch["BLOCK_N"]
     n_key_tiles, n_query_tiles = triton.cdiv(S, bn3), triton.cdiv(T, bm3 // GP)
@@ -524,7 +528,7 @@ def range_attention_bwd(do, q, k, v, o, lse, dlse, gate, scale, hi_base, block, 
         dk = _empty((splits, *k.shape), dtype=torch.float32, device=k.device)
         dv = _empty((splits, *v.shape), dtype=torch.float32, device=v.device)
     _range_dkdv_kernel[(n_key_tiles, B * H, splits)](
-        q, k, v, do, lse, gate, delta, dk, dv, qk_scale, scale, T, S, H, G, *rule, tiles_per_split,
+        q, k, v, do, glse, delta, dk, dv, qk_scale, scale, T, S, H, G, *rule, tiles_per_split,
         **dict(launch, SPLIT=int(splits > 1)))
     if splits > 1:
         dkp, dvp = dk, dv

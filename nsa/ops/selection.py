@@ -235,13 +235,14 @@ def _sel_fwd_kernel(q, k, v, gate, o, lse, idx, uni, ubits, ucnt, T, S, BS, UL, 
 
 
 @triton.jit
-def _sel_dq_kernel(q, k, v, o, do, lse, gate, delta, dgate, dq, idx, uni, ubits, ucnt, T, S, BS, UL, scale, scale_log2,
+def _sel_dq_kernel(q, k, v, o, do, lse, gate, delta, glse, dgate, dq, idx, uni, ubits, ucnt, T, S, BS, UL, scale, scale_log2,
                    HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, N_SEL: tl.constexpr,
                    TT: tl.constexpr, WALK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
                    MASK_S: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     # Same tiling and block walks as _sel_fwd_kernel; P is recomputed from the saved log-sum-exp. Every
-    # row lies in exactly one tile, so this kernel also writes delta = rowsum(o * do) / g for dK/dV and
-    # the gate logits' gradient rowsum(o * do) * (1 - g) (o is the gated output, `utils.load_gate`).
+    # row lies in exactly one tile, so this kernel also writes, for dK/dV, delta = rowsum(o * do) / g and
+    # the lse of the gated P' = g * P (log2 units), and the gate logits' gradient rowsum(o * do) * (1 - g)
+    # (o is the gated output, `utils.load_gate`).
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     NB = tl.cdiv(S, BS)
@@ -252,6 +253,7 @@ def _sel_dq_kernel(q, k, v, o, do, lse, gate, delta, dgate, dq, idx, uni, ubits,
     b_do = tl.load(do + o_row[:, None] * D + o_d[None, :], mask=m_qd, other=0.)
     b_g = load_gate(gate, o_row, m_row)
     b_lse2 = gated_lse2(lse, b_g, o_row, m_row)
+    tl.store(glse + o_row, b_lse2, mask=m_row)
     b_o = tl.load(o + o_row[:, None] * D + o_d[None, :], mask=m_qd, other=0.)
     b_od = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1)
     tl.store(dgate + o_row, (b_od * (1 - b_g)).to(dgate.dtype.element_ty), mask=m_row)
@@ -275,7 +277,7 @@ def _sel_dq_kernel(q, k, v, o, do, lse, gate, delta, dgate, dq, idx, uni, ubits,
 
 
 @triton.jit
-def _dkv_rows(q, do, lse, gate, delta, entries, i_e, i_hi, i_b, T, HQ: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
+def _dkv_rows(q, do, glse, delta, entries, i_e, i_hi, i_b, T, HQ: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
               BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # The query rows of entries [i_e, i_e + BLOCK_E) (those below i_hi): q, dO, the gated lse in log2
     # units (+inf for a padded row or one that saw nothing, so its p is 0 with no mask), delta, each row's
@@ -291,7 +293,7 @@ def _dkv_rows(q, do, lse, gate, delta, entries, i_e, i_hi, i_b, T, HQ: tl.conste
     m_rd = m_e[:, None] & (o_d < D)[None, :]
     b_q = tl.load(q + o_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
     b_do = tl.load(do + o_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
-    b_lse2 = gated_lse2(lse, load_gate(gate, o_row, m_e), o_row, m_e)
+    b_lse2 = tl.load(glse + o_row, mask=m_e, other=float("inf"))
     b_delta = tl.load(delta + o_row, mask=m_e, other=0.)
     return b_q, b_do, b_lse2, b_delta, o_t, m_e
 
@@ -331,7 +333,7 @@ COUNT_ENTRIES = tl.constexpr(1024)
 
 
 @triton.jit
-def _sel_dkv_kernel(q, k, v, do, lse, gate, delta, dk, dv, part_dk, part_dv, entries,
+def _sel_dkv_kernel(q, k, v, do, glse, delta, dk, dv, part_dk, part_dv, entries,
                     item_key, item_lo, item_hi, item_slot, T, S, BS, scale, scale_log2,
                     HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
                     BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -363,12 +365,12 @@ def _sel_dkv_kernel(q, k, v, do, lse, gate, delta, dk, dv, part_dk, part_dv, ent
         b_dk = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
         b_dv = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
         for i_e in tl.range(i_lo, i_mid, BLOCK_E):
-            b_q, b_do, b_lse2, b_delta, o_t, m_e = _dkv_rows(q, do, lse, gate, delta, entries, i_e, i_hi, i_b, T, HQ, HS,
+            b_q, b_do, b_lse2, b_delta, o_t, m_e = _dkv_rows(q, do, glse, delta, entries, i_e, i_hi, i_b, T, HQ, HS,
                                                              D, BLOCK_E, BLOCK_R, BLOCK_D)
             b_dk, b_dv = _dkv_step(b_dk, b_dv, b_k, b_v, o_s, m_s, b_q, b_do, b_lse2, b_delta, o_t, m_e, scale_log2,
                                    True, KEYS_MAJOR, PREC, UPCAST)
         for i_e in tl.range(i_mid, i_hi, BLOCK_E):
-            b_q, b_do, b_lse2, b_delta, o_t, m_e = _dkv_rows(q, do, lse, gate, delta, entries, i_e, i_hi, i_b, T, HQ, HS,
+            b_q, b_do, b_lse2, b_delta, o_t, m_e = _dkv_rows(q, do, glse, delta, entries, i_e, i_hi, i_b, T, HQ, HS,
                                                              D, BLOCK_E, BLOCK_R, BLOCK_D)
             b_dk, b_dv = _dkv_step(b_dk, b_dv, b_k, b_v, o_s, m_s, b_q, b_do, b_lse2, b_delta, o_t, m_e, scale_log2,
                                    False, KEYS_MAJOR, PREC, UPCAST)
@@ -795,21 +797,22 @@ def selection_fwd(q, k, v, gate, indices, sel_block, scale, o, lse, walk=None):
     _sel_fwd_kernel[grid](*args, **launch)
 
 
-def selection_dq(do, q, k, v, o, lse, gate, indices, sel_block, scale, dq, delta, dgate, walk=None):
-    """dQ into preallocated dq, delta = rowsum(dO * O) / g [B, T, HQ] fp32 (dK/dV's input) into delta
-    and the gate logits' gradient into dgate; `walk` as for `selection_fwd`."""
+def selection_dq(do, q, k, v, o, lse, gate, indices, sel_block, scale, dq, delta, glse, dgate, walk=None):
+    """dQ into preallocated dq; dK/dV's inputs delta = rowsum(dO * O) / g and the gated lse (log2 units),
+    [B, T, HQ] fp32, into delta and glse; the gate logits' gradient into dgate; `walk` as for
+    `selection_fwd`."""
     T, S = q.shape[1], k.shape[1]
     cfg, grid = _launch_cfg(q, k, indices, sel_block)
     uni, bits, cnt, ul = _walk_args(cfg, walk if walk is not None else tile_walk(q, k, indices, sel_block),
                                     indices)
-    args = (q, k, v, o, do, lse, gate, delta, dgate, dq, indices, uni, bits, cnt, T, S, sel_block, ul, scale,
+    args = (q, k, v, o, do, lse, gate, delta, glse, dgate, dq, indices, uni, bits, cnt, T, S, sel_block, ul, scale,
             scale * LOG2E)
     launch = fitting(_sel_dq_kernel, args, [dict(cfg, **w) for w in WALK_LAUNCHES], q.device.index or 0,
                      key=(q.dtype, *cfg.values()))
     _sel_dq_kernel[grid](*args, **launch)
 
 
-def selection_dkv(do, q, k, v, lse, gate, delta, indices, sel_block, scale, dk, dv):
+def selection_dkv(do, q, k, v, glse, delta, indices, sel_block, scale, dk, dv):
     """dK, dV into preallocated dk, dv: reverse index, work items, then the two kernels."""
     B, T, HQ, D = q.shape
     S, H, Hs = k.shape[1], k.shape[2], indices.shape[2]
@@ -819,7 +822,7 @@ def selection_dkv(do, q, k, v, lse, gate, delta, indices, sel_block, scale, dk, 
     prec, upcast = dot_precision(q.dtype)
     part_dk = torch.empty(n_slots, block_s, block_d, dtype=torch.float32, device=q.device)
     part_dv = torch.empty_like(part_dk)
-    args = (q, k, v, do, lse, gate, delta, dk, dv, part_dk, part_dv, entries, item_key, item_lo, item_hi, item_slot,
+    args = (q, k, v, do, glse, delta, dk, dv, part_dk, part_dv, entries, item_key, item_lo, item_hi, item_slot,
             T, S, sel_block, scale, scale * LOG2E)
     keys_major = D <= KEYS_MAJOR_MAX_D
     meta = dict(HQ=HQ, H=H, HS=Hs, D=D, BLOCK_S=block_s, BLOCK_D=block_d, KEYS_MAJOR=keys_major, PREC=prec,
@@ -838,9 +841,9 @@ def selection_dkv(do, q, k, v, lse, gate, delta, indices, sel_block, scale, dk, 
 def selection_bwd(do, q, k, v, o, lse, gate, indices, sel_block, scale, dq, dk, dv, dgate, walk=None):
     """Launch the backward into preallocated dq, dk, dv, dgate (contiguous inputs); `walk` as for
     `selection_fwd`."""
-    delta = lse.new_empty(lse.shape)
-    selection_dq(do, q, k, v, o, lse, gate, indices, sel_block, scale, dq, delta, dgate, walk)
-    selection_dkv(do, q, k, v, lse, gate, delta, indices, sel_block, scale, dk, dv)
+    delta, glse = lse.new_empty(lse.shape), lse.new_empty(lse.shape)
+    selection_dq(do, q, k, v, o, lse, gate, indices, sel_block, scale, dq, delta, glse, dgate, walk)
+    selection_dkv(do, q, k, v, glse, delta, indices, sel_block, scale, dk, dv)
 
 
 @torch.library.custom_op("nsa::selection_attention_fwd", mutates_args=())

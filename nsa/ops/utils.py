@@ -68,7 +68,10 @@ def load_gate(gate_logits, o_row, m_row):
     Every branch kernel writes its output scaled by its gate, o' = g * o, so the layer sums three
     tensors and the backward gets the layer's output gradient dO as is: with P' = g * P (lse shifted by
     -log g, `gated_lse2`) dV = P'^T dO, and dS = P' * (dP - delta / g) with dP = dO V^T and delta =
-    rowsum(dO * o'), which the dQ kernels compute; d gate logit = delta * (1 - g)."""
+    rowsum(dO * o'), which the dQ kernels compute; d gate logit = delta * (1 - g). The dQ kernels, which
+    see every row once, store delta / g and the shifted lse for dK/dV: computed in dK/dV's inner loop
+    (once per row and step, on rows that the tile layout spreads over many threads), the gate made
+    those kernels 1.5-2.2x slower (H200, docs/BENCHMARKS.md)."""
     return tl.sigmoid(tl.load(gate_logits + o_row, mask=m_row, other=0.).to(tl.float32))
 
 
