@@ -97,20 +97,18 @@ class SparseAttention(nn.Module):
         pos = torch.arange(T, device=x.device) if pos is None else pos
         q, ((k_c, v_c), (k_s, v_s), (k_w, v_w)) = self.project(x)
 
-        # Each branch op scales its output by its gate in its own kernels (and its backward takes the
-        # gate in), so the layer's output is a plain sum: no separate pass over the three outputs.
-        # Branch-major and contiguous: one small copy the compiler fuses, not a copy in each op.
-        g_cmp, g_slc, g_win = self.to_gates(x).view(B, T, self.heads, 3).permute(3, 0, 1, 2).contiguous()
         ck, cv = self.compressed_kv(k_c, v_c)
-        o_cmp, lse = ops.compressed_attention(q, ck, cv, self.params, g_cmp)
+        o_cmp, lse = ops.compressed_attention(q, ck, cv, self.params)
         idx, block_gate = self.select(ops, q, ck, lse)
 
         q_r, k_sr, k_wr = self.rotate_qk(q, k_s, k_w, pos)
-        o_slc = ops.selection_attention(q_r, k_sr, v_s, idx, self.params, block_gate, g_slc)
-        o_win = ops.sliding_window_attention(q_r, k_wr, v_w, self.params, g_win)
+        o_slc = ops.selection_attention(q_r, k_sr, v_s, idx, self.params, block_gate)
+        o_win = ops.sliding_window_attention(q_r, k_wr, v_w, self.params)
         if cache is not None:
             cache.fill(ck, cv, k_c, v_c, k_sr, v_s, k_wr, v_w)
-        return self.to_out((o_cmp + o_slc + o_win).reshape(B, T, -1))
+
+        o = ops.gate_mix(self.to_gates(x), o_cmp, o_slc, o_win)
+        return self.to_out(o.reshape(B, T, -1))
 
     # --- Decoding (nsa/cache.py, nsa/generation.py) ------------------------------------------------
 

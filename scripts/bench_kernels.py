@@ -227,13 +227,12 @@ def bench_parts(q, k, v, do, idx, sel_block, quick):
     o, dq = torch.empty_like(q), torch.empty_like(q)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
-    gate = torch.zeros_like(lse)  # gate logits: every row's gate 0.5
     try:
-        selection.selection_fwd(q, k, v, gate, idx, sel_block, scale, o, lse)
-        delta, glse, dgate = torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse)
-        t_dq = do_bench(lambda: selection.selection_dq(do, q, k, v, o, lse, gate, idx, sel_block, scale, dq, delta,
-                                                       glse, dgate), warmup=10, rep=rep, return_mode="median")
-        t_dkv = do_bench(lambda: selection.selection_dkv(do, q, k, v, glse, delta, idx, sel_block, scale, dk, dv),
+        selection.selection_fwd(q, k, v, idx, sel_block, scale, o, lse)
+        delta = torch.empty_like(lse)
+        t_dq = do_bench(lambda: selection.selection_dq(do, q, k, v, o, lse, idx, sel_block, scale, dq, delta),
+                        warmup=10, rep=rep, return_mode="median")
+        t_dkv = do_bench(lambda: selection.selection_dkv(do, q, k, v, lse, delta, idx, sel_block, scale, dk, dv),
                          warmup=10, rep=rep, return_mode="median")
     except torch.cuda.OutOfMemoryError:
         return ["oom", "oom"]

@@ -8,7 +8,7 @@ Rows per T:
 - top-n selection (nsa.ops.topn), forward only (it has no gradient);
 - sliding window: our Triton kernel (nsa.ops.window) vs compiled flex attention with a cached mask;
 - the whole attention core, if nsa.ops.selection imports: compressed + top-n + selection + window +
-  branch gates (projections, compression MLP and rotary excluded), vs dense causal SDPA cuDNN;
+  gate combine (projections, compression MLP and rotary excluded), vs dense causal SDPA cuDNN;
 - flash_nsa's whole core (mdy666/Scalable-Flash-Native-Sparse-Attention, `HFNSACore`: its mean-pooling
   compression included) when it imports, from the installed packages or from a folder named by the
   environment variable NSA_PEERS that holds flash_nsa/ (e.g. a copy of ../shared/peers in the
@@ -104,13 +104,13 @@ def core_fn(ops):
     """The attention core of one NSA layer through `ops` (a namespace with the reference signatures):
     every branch from the same q, k, v (no rotary), random compressed keys, sigmoid gates."""
     def fn(q, k, v, ck, cv, gates):
-        g_cmp, g_slc, g_win = gates.unbind(-1)  # gate logits, as the model's to_gates gives them
-        o_cmp, lse = ops.compressed_attention(q, ck, cv, PARAMS, g_cmp)
+        o_cmp, lse = ops.compressed_attention(q, ck, cv, PARAMS)
         with torch.no_grad():
             idx = ops.topn_blocks(q, ck, lse, PARAMS)
-        o_slc = ops.selection_attention(q, k, v, idx, PARAMS, None, g_slc)
-        o_win = ops.sliding_window_attention(q, k, v, PARAMS, g_win)
-        return o_cmp + o_slc + o_win
+        o_slc = ops.selection_attention(q, k, v, idx, PARAMS)
+        o_win = ops.sliding_window_attention(q, k, v, PARAMS)
+        g = gates.sigmoid().unsqueeze(-1)
+        return g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
 
     return fn
 

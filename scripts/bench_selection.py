@@ -103,9 +103,7 @@ def time_parts(q, k, v, do, idx, sel_block):
 
     scale = q.shape[-1] ** -0.5
     o, lse = torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
-    gate = torch.zeros_like(lse)  # gate logits: every row's gate 0.5
-    fwd = do_bench(lambda: selection.selection_fwd(q, k, v, gate, idx, sel_block, scale, o, lse),
-                   return_mode="median")
+    fwd = do_bench(lambda: selection.selection_fwd(q, k, v, idx, sel_block, scale, o, lse), return_mode="median")
     return (fwd, *bench_parts(q, k, v, do, idx, sel_block, quick=False))
 
 

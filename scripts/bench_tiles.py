@@ -83,10 +83,9 @@ def range_rows(q, do, kv, scale, name, rule):
     k, v = kv
     banded = rule[3] < q.shape[1]
     fwd_table, dkdv_table = ("FWD_TILES_BANDED", "DKDV_TILES_BANDED") if banded else ("FWD_TILES", "DKDV_TILES")
-    gate = q.new_zeros(q.shape[:3], dtype=torch.float32)  # gate logits: every row's gate 0.5
-    o, lse = RA.range_attention_fwd(q, k, v, gate, scale, *rule)
-    fwd = lambda: RA.range_attention_fwd(q, k, v, gate, scale, *rule)  # noqa: E731
-    bwd = lambda: RA.range_attention_bwd(do, q, k, v, o, lse, None, gate, scale, *rule)  # noqa: E731
+    o, lse = RA.range_attention_fwd(q, k, v, scale, *rule)
+    fwd = lambda: RA.range_attention_fwd(q, k, v, scale, *rule)  # noqa: E731
+    bwd = lambda: RA.range_attention_bwd(do, q, k, v, o, lse, None, scale, *rule)  # noqa: E731
     yield name, "forward", "production", median_ms(fwd)
     for tile in VARIANTS["range_fwd"]:
         with patched(RA, fwd_table, {64: tile}):
@@ -106,14 +105,12 @@ def selection_rows(q, k, v, do, scale, pick_run, sel_block=P.sel_block, n=P.num_
     B, T = q.shape[:2]
     idx = random_picks(B, T, k.shape[2], sel_block, n, q.device, run=pick_run)
     o, lse = torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
-    dq, delta, glse, dgate = torch.empty_like(q), *(lse.new_empty(lse.shape) for _ in range(3))
+    dq, delta = torch.empty_like(q), lse.new_empty(lse.shape)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    gate = torch.zeros_like(lse)  # gate logits: every row's gate 0.5
     walk = SEL.tile_walk(q, k, idx, sel_block)
-    fwd = lambda: SEL.selection_fwd(q, k, v, gate, idx, sel_block, scale, o, lse, walk)  # noqa: E731
-    dqf = lambda: SEL.selection_dq(do, q, k, v, o, lse, gate, idx, sel_block, scale, dq, delta, glse,  # noqa: E731
-                                   dgate, walk)
-    dkv = lambda: SEL.selection_dkv(do, q, k, v, glse, delta, idx, sel_block, scale, dk, dv)  # noqa: E731
+    fwd = lambda: SEL.selection_fwd(q, k, v, idx, sel_block, scale, o, lse, walk)  # noqa: E731
+    dqf = lambda: SEL.selection_dq(do, q, k, v, o, lse, idx, sel_block, scale, dq, delta, walk)  # noqa: E731
+    dkv = lambda: SEL.selection_dkv(do, q, k, v, lse, delta, idx, sel_block, scale, dk, dv)  # noqa: E731
     fwd(), dqf()
     yield "selection", "tile unions", "production", median_ms(lambda: SEL.tile_walk(q, k, idx, sel_block))
     # dK/dV's reverse index and work items alone (the counting sort); also inside the dK/dV rows below.
@@ -135,8 +132,7 @@ def selection_rows(q, k, v, do, scale, pick_run, sel_block=P.sel_block, n=P.num_
 
 
 def topn_rows(q, ck, cv, scale):
-    _, lse = RA.range_attention_fwd(q, ck, cv, q.new_zeros(q.shape[:3], dtype=torch.float32), scale,
-                                    *COMPRESSED_RULE)
+    _, lse = RA.range_attention_fwd(q, ck, cv, scale, *COMPRESSED_RULE)
     run = lambda: TN._topn_launch(q, ck, lse, P.compress_block, P.compress_stride, P.sel_block, P.num_mem,  # noqa: E731
                                   P.num_selected, P.num_initial, P.num_local, P.shared_selection, scale)
     want = run()

@@ -176,6 +176,10 @@ nc = p.num_mem + num_compressed_blocks(T, p.compress_block, p.compress_stride)
 q, ck = torch.zeros(1, T, HQ, D, dtype=torch.bfloat16), torch.zeros(1, nc, H, D, dtype=torch.bfloat16)
 mod.topn_blocks(q, ck, torch.zeros(1, T, HQ), p)
 """),
+    "nsa.ops.gates": (["_gate_mix_fwd_kernel", "_gate_mix_bwd_kernel"], """
+x = lambda *shape: torch.zeros(*shape, dtype=torch.bfloat16, requires_grad=True)
+mod.gate_mix(x(1, T, 3 * HQ), x(1, T, HQ, D), x(1, T, HQ, D), x(1, T, HQ, D)).sum().backward()
+"""),
 }
 
 # The decode step (`--decode BATCH`): its four kernels for BATCH sequences at cache length T, the gate's

@@ -57,18 +57,17 @@ def test_ops_equal_reference_outputs_and_gradients(monkeypatch, T, G, H, shared,
     q, k, v, ck, cv = leaf(B, T, G * H, D), leaf(B, T, H, D), leaf(B, T, H, D), leaf(B, n_c, H, D), leaf(B, n_c, H, D)
     idx = R.topn_blocks(q, ck, R.compressed_attention(q, ck, cv, p)[1], p)
     gate = torch.rand(idx.shape, requires_grad=True)
-    gl = leaf(B, T, G * H, 3)  # the three branches' gate logits
     results = []
     for ops in (R, K):
-        o_cmp, lse = ops.compressed_attention(q, ck, cv, p, gl[..., 0])
+        o_cmp, lse = ops.compressed_attention(q, ck, cv, p)
         top = ops.topn_blocks(q, ck, lse, p)
         lse_fin = lse.nan_to_num(neginf=0.0)  # the reference's importance backward is NaN at lse = -inf
         imp = ops.block_importance(q, ck, lse_fin.detach(), p)
-        o_slc = ops.selection_attention(q, k, v, idx, p, gate_logits=gl[..., 1])
+        o_slc = ops.selection_attention(q, k, v, idx, p)
         o_gated = ops.selection_attention(q, k, v, idx, p, block_gate=gate)
-        o_win = ops.sliding_window_attention(q, k, v, p, gl[..., 2])
+        o_win = ops.sliding_window_attention(q, k, v, p)
         out = (o_cmp, lse_fin, imp, o_slc, o_gated, o_win)
-        results.append((top, *out, *grads(out, (q, k, v, ck, cv, gate, gl))))
+        results.append((top, *out, *grads(out, (q, k, v, ck, cv, gate))))
     ref, got = results
     assert torch.equal(got[0], ref[0])
     assert torch.equal(ref[0], idx)

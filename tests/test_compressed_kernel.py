@@ -33,25 +33,18 @@ def inputs(B, T, H, G, D, block, stride, num_mem, dtype, dev):
     return [x.requires_grad_() for x in (q, ck, cv)]
 
 
-def gate_logits(B, T, HQ, dtype, dev):
-    """Gate logits as the model's to_gates gives them: gates from near 0 to near 1, in the inputs' dtype."""
-    return (torch.randn(B, T, HQ, device=dev) * 3).to(dtype).requires_grad_()
-
-
 def check(B, T, H, G, D, block, stride, num_mem, dtype, dev=None):
-    """Kernel outputs and gradients (the gate logits' included) against the fp64 reference, within 2x
-    PyTorch's error at `dtype`."""
+    """Kernel outputs and gradients against the fp64 reference, within 2x PyTorch's error at `dtype`."""
     dev = dev or device()
     q, ck, cv = inputs(B, T, H, G, D, block, stride, num_mem, dtype, dev)
-    gl = gate_logits(B, T, H * G, dtype, dev)
     p = NSAParams(compress_block=block, compress_stride=stride, num_mem=num_mem)
-    o, lse = compressed_attention(q, ck, cv, p, gl)
+    o, lse = compressed_attention(q, ck, cv, p)
     assert o.dtype == q.dtype and lse.dtype == torch.float32
     do = torch.randn_like(o)
-    got = [o, lse, *torch.autograd.grad(o, (q, ck, cv, gl), do)]
-    exact, at_dtype = reference_runs(lambda *x: reference.compressed_attention(*x[:3], p, x[3]), (q, ck, cv, gl),
+    got = [o, lse, *torch.autograd.grad(o, (q, ck, cv), do)]
+    exact, at_dtype = reference_runs(lambda q, ck, cv: reference.compressed_attention(q, ck, cv, p), (q, ck, cv),
                                      (do, None), dtype)
-    for name, g, e, t in zip(("o", "lse", "dq", "dck", "dcv", "dgate"), got, exact, at_dtype):
+    for name, g, e, t in zip(("o", "lse", "dq", "dck", "dcv"), got, exact, at_dtype):
         assert g.dtype == (torch.float32 if name == "lse" else dtype), name
         assert_close(g, e, t, name, dtype)
     # Rows that see no key: lse = -inf (checked above, as the reference's) and o = 0.
@@ -99,30 +92,24 @@ def test_bf16(num_mem):
 
 @pytest.mark.parametrize("num_mem", [0, 1])
 def test_lse_gradient_flows_as_through_the_reference(num_mem):
-    """lse is differentiable: its gradient adds dlse * P to dS, whatever the gate (the kernels fold the
-    gate into P and delta). num_mem = 0: the first rows see no key (lse = -inf) and get no gradient from
-    it. Also a loss on lse alone (o's gradient is None). One gate logit is -100: its gate is below the
-    kernels' floor, and the lse gradient of its row must still be the ungated one."""
+    """lse is differentiable: its gradient adds dlse * P to dS. num_mem = 0: the first rows see no key
+    (lse = -inf) and get no gradient from it. Also a loss on lse alone (o's gradient is None)."""
     q, ck, cv = inputs(1, 37, 1, 2, 16, 8, 4, num_mem, torch.float32, device())
-    gl = gate_logits(1, 37, 2, torch.float32, device())
-    with torch.no_grad():
-        gl[0, 20, 1] = -100.0
     p = NSAParams(compress_block=8, compress_stride=4, num_mem=num_mem)
     do = torch.randn_like(q)
     # Rows that see no key have lse = -inf and take no part in the loss.
     dl = torch.randn(q.shape[:3], device=q.device) * (reference.compressed_attention(q, ck, cv, p)[1] > -math.inf)
 
     def grads(fn, use_o):
-        o, lse = fn(q, ck, cv, p, gl)
+        o, lse = fn(q, ck, cv, p)
         loss = (torch.where(lse > -math.inf, lse, 0) * dl).sum() + ((o * do).sum() if use_o else 0)
-        return torch.autograd.grad(loss, (q, ck, cv, gl))
+        return torch.autograd.grad(loss, (q, ck, cv))
 
     for use_o in (True, False):
         lse_grad = (do if use_o else None, dl)
-        exact, at_dtype = reference_runs(lambda *x: reference.compressed_attention(*x[:3], p, x[3]), (q, ck, cv, gl),
+        exact, at_dtype = reference_runs(lambda q, ck, cv: reference.compressed_attention(q, ck, cv, p), (q, ck, cv),
                                          lse_grad, torch.float32)
-        for name, g, e, t in zip(("dq", "dck", "dcv", "dgate"), grads(compressed_attention, use_o), exact[2:],
-                                 at_dtype[2:]):
+        for name, g, e, t in zip(("dq", "dck", "dcv"), grads(compressed_attention, use_o), exact[2:], at_dtype[2:]):
             assert_close(g, e, t, name)
 
 

@@ -48,13 +48,12 @@ def test_range_attention(rule, layout, full):
         else window_rule(P.window)
     q = _randn(1, T, H * G, D, layout=layout, grad=True)
     k, v = (_randn(1, S, H, D, layout=layout, grad=True) for _ in range(2))
-    gate = _randn(1, T, H * G, layout=layout, grad=True)
-    _check(range_attention._range_attention_op, (q, k, v, gate, 0.25, *rule), full)
-    o, lse = range_attention._range_attention_op(q, k, v, gate, 0.25, *rule)
+    _check(range_attention._range_attention_op, (q, k, v, 0.25, *rule), full)
+    o, lse = range_attention._range_attention_op(q, k, v, 0.25, *rule)
     do = _layout(torch.randn_like(o), layout)
     for dlse in (None, _layout(torch.randn_like(lse), layout)):
         _check(range_attention._range_attention_bwd_op, (do, q.detach(), k.detach(), v.detach(), o.detach(),
-                                                         lse.detach(), dlse, gate.detach(), 0.25, *rule), full)
+                                                         lse.detach(), dlse, 0.25, *rule), full)
 
 
 def _indices(T, Hs, n):
@@ -68,13 +67,12 @@ def test_selection(layout, full):
     T, H, G, D = 19, 1, 2, 16
     q = _randn(1, T, H * G, D, layout=layout, grad=True)
     k, v = (_randn(1, T, H, D, layout=layout, grad=True) for _ in range(2))
-    gate = _randn(1, T, H * G, layout=layout, grad=True)
     idx = _layout(_indices(T, H, 2), layout)
-    _check(selection._fwd_op, (q, k, v, gate, idx, P.sel_block, 0.25), full)
-    o, lse, *walk = selection._fwd_op(q, k, v, gate, idx, P.sel_block, 0.25)
+    _check(selection._fwd_op, (q, k, v, idx, P.sel_block, 0.25), full)
+    o, lse, *walk = selection._fwd_op(q, k, v, idx, P.sel_block, 0.25)
     do = _layout(torch.randn_like(o), layout)
-    _check(selection._bwd_op, (do, q.detach(), k.detach(), v.detach(), o.detach(), lse, gate.detach(), idx, *walk,
-                               P.sel_block, 0.25), full)
+    _check(selection._bwd_op, (do, q.detach(), k.detach(), v.detach(), o.detach(), lse, idx, *walk, P.sel_block,
+                               0.25), full)
 
 
 @pytest.mark.parametrize("full", TIERS)

@@ -31,37 +31,28 @@ def _inputs(B, T, H, G, D, dtype):
     return q, k, v, do
 
 
-def _gate_logits(q):
-    """Gate logits as the model's to_gates gives them: gates from near 0 to near 1, in q's dtype."""
-    return (torch.randn(q.shape[:3], device=q.device) * 3).to(q.dtype)
-
-
-def _kernel_grads(q, k, v, do, idx, sel_block, gl):
+def _kernel_grads(q, k, v, do, idx, sel_block):
     """Forward + backward into NaN-filled buffers: an element a kernel forgets to write stays NaN."""
     scale = q.shape[-1] ** -0.5
     nan = float("nan")
     o, dq = torch.full_like(q, nan), torch.full_like(q, nan)
-    dk, dv, dgate = torch.full_like(k, nan), torch.full_like(v, nan), torch.full_like(gl, nan)
-    lse, delta, glse = (torch.full(q.shape[:3], nan, device=q.device) for _ in range(3))
-    selection.selection_fwd(q, k, v, gl, idx, sel_block, scale, o, lse)
-    # selection_bwd's two steps, with the dQ kernel's outputs for dK/dV poisoned too
-    selection.selection_dq(do, q, k, v, o, lse, gl, idx, sel_block, scale, dq, delta, glse, dgate)
-    selection.selection_dkv(do, q, k, v, glse, delta, idx, sel_block, scale, dk, dv)
-    return o, dq, dk, dv, dgate
-
-
-def _reference(idx, p, factor=1):
-    """The reference as a function of (q, k, v, gate logits), for `reference_runs`."""
-    return lambda q, k, v, gl: factor * reference.selection_attention(q, k, v, idx, p, gate_logits=gl)
+    dk, dv = torch.full_like(k, nan), torch.full_like(v, nan)
+    lse, delta = torch.full(q.shape[:3], nan, device=q.device), torch.full(q.shape[:3], nan, device=q.device)
+    selection.selection_fwd(q, k, v, idx, sel_block, scale, o, lse)
+    # selection_bwd's two steps, with the dQ kernel's delta output poisoned too
+    selection.selection_dq(do, q, k, v, o, lse, idx, sel_block, scale, dq, delta)
+    selection.selection_dkv(do, q, k, v, lse, delta, idx, sel_block, scale, dk, dv)
+    return o, dq, dk, dv
 
 
 def _check(B, T, H, G, D, sel_block, n, shared=True, dtype=torch.float32):
     q, k, v, do = _inputs(B, T, H, G, D, dtype)
-    gl = _gate_logits(q)
     idx = _indices(B, T, H if shared else H * G, sel_block, n)
-    got = _kernel_grads(q, k, v, do, idx, sel_block, gl)
-    exact, at_dtype = reference_runs(_reference(idx, NSAParams(sel_block=sel_block)), (q, k, v, gl), (do,), dtype)
-    for name, g, e, t in zip(("o", "dq", "dk", "dv", "dgate"), got, exact, at_dtype):
+    got = _kernel_grads(q, k, v, do, idx, sel_block)
+    p = NSAParams(sel_block=sel_block)
+    exact, at_dtype = reference_runs(lambda q, k, v: reference.selection_attention(q, k, v, idx, p), (q, k, v),
+                                     (do,), dtype)
+    for name, g, e, t in zip(("o", "dq", "dk", "dv"), got, exact, at_dtype):
         assert g.dtype == dtype, name
         assert_close(g, e, t, name)
 
@@ -128,11 +119,11 @@ def test_dkv_causal_and_whole_steps(monkeypatch, keys_major):
     monkeypatch.setattr(selection, "DKV_LAUNCHES", {keys_major: ((6, 4, 1),)})
     monkeypatch.setattr(selection, "KEYS_MAJOR_MAX_D", 2**30 if keys_major else -1)
     q, k, v, do = _inputs(1, 45, 1, 2, 16, torch.float32)
-    gl = _gate_logits(q)
     idx = torch.arange(3, dtype=torch.int32, device=DEVICE).expand(1, 45, 1, 3).contiguous()
-    got = _kernel_grads(q, k, v, do, idx, 16, gl)
-    exact, at_dtype = reference_runs(_reference(idx, P16), (q, k, v, gl), (do,), torch.float32)
-    for name, g, e, t in zip(("o", "dq", "dk", "dv", "dgate"), got, exact, at_dtype):
+    got = _kernel_grads(q, k, v, do, idx, 16)
+    exact, at_dtype = reference_runs(lambda q, k, v: reference.selection_attention(q, k, v, idx, P16), (q, k, v),
+                                     (do,), torch.float32)
+    for name, g, e, t in zip(("o", "dq", "dk", "dv"), got, exact, at_dtype):
         assert_close(g, e, t, name)
 
 
@@ -234,9 +225,9 @@ def test_dkv_items_match_a_stable_sort(monkeypatch, T, Hs, n, sel_block, chunk, 
 def test_deterministic(monkeypatch):
     monkeypatch.setattr(selection, "_dkv_chunk", lambda total, n_keys: 5)
     q, k, v, do = _inputs(1, 48, 1, 4, 32, torch.float32)
-    idx, gl = _indices(1, 48, 1, 16, 3), _gate_logits(q)
-    a = _kernel_grads(q, k, v, do, idx, 16, gl)
-    b = _kernel_grads(q, k, v, do, idx, 16, gl)
+    idx = _indices(1, 48, 1, 16, 3)
+    a = _kernel_grads(q, k, v, do, idx, 16)
+    b = _kernel_grads(q, k, v, do, idx, 16)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
@@ -244,25 +235,19 @@ def test_deterministic(monkeypatch):
 def test_autograd_through_the_public_function():
     q, k, v, do = _inputs(1, 20, 1, 2, 16, torch.float32)
     idx = _indices(1, 20, 1, 16, 2)
-    qs, ks, vs, gs = (x.clone().requires_grad_() for x in (q, k, v, _gate_logits(q)))
-    selection.selection_attention(qs, ks, vs, idx, P16, gate_logits=gs).backward(do)
-    exact, at_dtype = reference_runs(_reference(idx, P16), (q, k, v, gs), (do,), torch.float32)
-    for name, g, e, t in zip(("dq", "dk", "dv", "dgate"), (qs.grad, ks.grad, vs.grad, gs.grad), exact[1:],
-                             at_dtype[1:]):
-        assert_close(g, e, t, name)
-    # No gate: the ungated reference.
-    qs.grad = None
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
     selection.selection_attention(qs, ks, vs, idx, P16).backward(do)
     exact, at_dtype = reference_runs(lambda q, k, v: reference.selection_attention(q, k, v, idx, P16), (q, k, v),
                                      (do,), torch.float32)
-    assert_close(qs.grad, exact[1], at_dtype[1], "dq")
+    for name, g, e, t in zip(("dq", "dk", "dv"), (qs.grad, ks.grad, vs.grad), exact[1:], at_dtype[1:]):
+        assert_close(g, e, t, name)
 
 
 def test_lse_is_not_differentiable():
     # The op's lse is the backward's statistic: it carries no gradient, and a loss on it alone fails.
     q, k, v, _ = _inputs(1, 9, 1, 2, 16, torch.float32)
     idx = _indices(1, 9, 1, 16, 1)
-    o, lse, *_ = selection._fwd_op(q.requires_grad_(), k, v, _gate_logits(q), idx, 16, 0.25)
+    o, lse, *_ = selection._fwd_op(q.requires_grad_(), k, v, idx, 16, 0.25)
     assert o.requires_grad and not lse.requires_grad
     with pytest.raises(RuntimeError, match="does not require grad"):
         lse.sum().backward()
@@ -276,12 +261,11 @@ def test_backward_reuses_the_forwards_tile_unions(monkeypatch):
     builds = []
     build = selection._tile_union
     monkeypatch.setattr(selection, "_tile_union", lambda *a: builds.append(1) or build(*a))
-    gl = _gate_logits(q)
-    qs, ks, vs, gs = (x.clone().requires_grad_() for x in (q, k, v, gl))
-    selection.selection_attention(qs, ks, vs, idx, P16, gate_logits=gs).backward(do)
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    selection.selection_attention(qs, ks, vs, idx, P16).backward(do)
     assert len(builds) == 1
-    _, dq, dk, dv, dgate = _kernel_grads(q, k, v, do, idx, 16, gl)
-    for got, want in ((qs.grad, dq), (ks.grad, dk), (vs.grad, dv), (gs.grad, dgate)):
+    _, dq, dk, dv = _kernel_grads(q, k, v, do, idx, 16)
+    for got, want in ((qs.grad, dq), (ks.grad, dk), (vs.grad, dv)):
         assert torch.equal(got, want)
 
 
@@ -316,8 +300,6 @@ def test_input_errors():
     q128 = q[:, :, :1].expand(1, 8, 128, 16)
     with pytest.raises(ValueError, match="at most 64 block lists"):
         selection.selection_attention(q128, k, v, idx.expand(1, 8, 128, 1).contiguous(), P16)
-    with pytest.raises(ValueError, match="gate logits must be"):
-        selection.selection_attention(q, k, v, idx, P16, gate_logits=torch.zeros(1, 8, 3))
 
 
 @pytest.mark.gpu

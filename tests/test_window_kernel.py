@@ -24,15 +24,14 @@ def check(B, T, H, G, D, window, dtype, dev=None):
     q = torch.randn(B, T, H * G, D, device=dev, dtype=dtype, requires_grad=True)
     k = torch.randn(B, T, H, D, device=dev, dtype=dtype, requires_grad=True)
     v = torch.randn(B, T, H, D, device=dev, dtype=dtype, requires_grad=True)
-    gl = (torch.randn(B, T, H * G, device=dev) * 3).to(dtype).requires_grad_()  # gate logits
     p = NSAParams(window=window)
-    o = sliding_window_attention(q, k, v, p, gl)
+    o = sliding_window_attention(q, k, v, p)
     assert o.dtype == q.dtype
     do = torch.randn_like(o)
-    got = [o, *torch.autograd.grad(o, (q, k, v, gl), do)]
-    exact, at_dtype = reference_runs(lambda *x: reference.sliding_window_attention(*x[:3], p, x[3]), (q, k, v, gl),
+    got = [o, *torch.autograd.grad(o, (q, k, v), do)]
+    exact, at_dtype = reference_runs(lambda q, k, v: reference.sliding_window_attention(q, k, v, p), (q, k, v),
                                      (do,), dtype)
-    for name, g, e, t in zip(("o", "dq", "dk", "dv", "dgate"), got, exact, at_dtype):
+    for name, g, e, t in zip(("o", "dq", "dk", "dv"), got, exact, at_dtype):
         assert_close(g, e, t, name)
 
 

@@ -1,9 +1,9 @@
 """NSA ops behind one interface, by backend.
 
-A backend is a module with the six functions `SparseAttention` calls, each with the signature of
+A backend is a module with the seven functions `SparseAttention` calls, each with the signature of
 its twin in `nsa.ops.reference`: compressed_attention, topn_blocks, block_importance,
-selection_attention, sliding_window_attention (each branch scaled by its gate, given as gate logits)
-and (one token at a time) decode_attention. `torch`
+selection_attention, sliding_window_attention, gate_mix (the gated sum of the three branches) and
+(one token at a time) decode_attention. `torch`
 (nsa/ops/chunked.py) computes the references' results a chunk of queries at a time, in memory linear
 in T; `flex` (nsa/ops/flex.py) swaps in flex attention for the window and selection branches;
 `triton` (nsa/ops/triton_ops.py) the Triton kernels. The references themselves are no backend: they

@@ -23,7 +23,7 @@ from local_attention import LocalAttention
 from torch.utils.checkpoint import checkpoint
 
 from nsa.ops.common import ceil_div
-from nsa.ops.reference import attend, decode_attention, gated, overlap_matrix  # noqa: F401 (decode: as is)
+from nsa.ops.reference import attend, decode_attention, gate_mix, overlap_matrix  # noqa: F401 (decode, gate mix: as is)
 
 CHUNK_ELEMENTS = 1 << 22  # elements in a chunk's largest intermediate (16 MiB in fp32)
 
@@ -61,11 +61,11 @@ def _compressed_chunk(q, ck, cv, start, p):
     return attend(q, ck, cv, vis[None, None, None], p.scale_for(q.shape[-1]))
 
 
-def compressed_attention(q, ck, cv, p, gate_logits=None):
-    """Attention over memory + compressed keys: (o [B, T, HQ, D] gated by gate_logits, lse [B, T, HQ] fp32)."""
+def compressed_attention(q, ck, cv, p):
+    """Attention over memory + compressed keys: (o [B, T, HQ, D], lse [B, T, HQ] fp32)."""
     B, T, HQ, _ = q.shape
     parts = [_checkpointed(_compressed_chunk, q[:, a:b], ck, cv, a, p) for a, b in _spans(T, B * HQ * ck.shape[1])]
-    return gated(torch.cat([o for o, _ in parts], 1), gate_logits), torch.cat([lse for _, lse in parts], 1)
+    return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 1)
 
 
 # --- Importance and top-n ------------------------------------------------------------------------
@@ -162,8 +162,8 @@ def _selection_chunk(q, k_rows, v_rows, indices, block_gate, start, S, H, p):
     return o.reshape(B, C, HQ, D)
 
 
-def selection_attention(q, k, v, indices, p, block_gate=None, gate_logits=None):
-    """Attention of each query over the tokens (<= t if causal) of its selected blocks, gated by gate_logits.
+def selection_attention(q, k, v, indices, p, block_gate=None):
+    """Attention of each query over the tokens (<= t if causal) of its selected blocks.
 
     indices [B, T, Hs, n] int, -1 unused, distinct within a row (as topn_blocks gives them); Hs = H
     (shared by each kv head's G query heads) or HQ. block_gate [B, T, Hs, n] (optional) scales each
@@ -173,10 +173,9 @@ def selection_attention(q, k, v, indices, p, block_gate=None, gate_logits=None):
     Hs, n = indices.shape[2], indices.shape[3]
     k_rows, v_rows = _block_rows(k, p.sel_block), _block_rows(v, p.sel_block)
     spans = _spans(T, B * Hs * n * p.sel_block * q.shape[-1])
-    o = torch.cat([_checkpointed(_selection_chunk, q[:, a:b], k_rows, v_rows, indices[:, a:b],
-                                 None if block_gate is None else block_gate[:, a:b], a, k.shape[1], k.shape[2], p)
-                   for a, b in spans], 1)
-    return gated(o, gate_logits)
+    return torch.cat([_checkpointed(_selection_chunk, q[:, a:b], k_rows, v_rows, indices[:, a:b],
+                                    None if block_gate is None else block_gate[:, a:b], a, k.shape[1], k.shape[2], p)
+                      for a, b in spans], 1)
 
 
 # --- Window branch -------------------------------------------------------------------------------
@@ -205,8 +204,8 @@ def _window_chunk(q, k, v, p):
     return _local_attention(T, p, p.scale_for(D))(q.float(), k, v, mask=mask)
 
 
-def sliding_window_attention(q, k, v, p, gate_logits=None):
-    """Attention over the `p.window` most recent keys, the query's own token included, gated by gate_logits."""
+def sliding_window_attention(q, k, v, p):
+    """Attention over the `p.window` most recent keys, the query's own token included."""
     B, T, HQ, D = q.shape
     H = k.shape[2]
     G = HQ // H
@@ -215,4 +214,4 @@ def sliding_window_attention(q, k, v, p, gate_logits=None):
     rows = _rows(G * T * 3 * min(p.window, T))  # scores: [G, T, <= 3w] per (batch, kv head) row
     o = torch.cat([_checkpointed(_window_chunk, qr[a:a + rows], kr[a:a + rows], vr[a:a + rows], p)
                    for a in range(0, B * H, rows)])
-    return gated(o.view(B, H, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, HQ, D).to(q.dtype), gate_logits)
+    return o.view(B, H, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, HQ, D).to(q.dtype)

@@ -19,15 +19,14 @@ def compressed_rule(block, stride, num_mem):
     return num_mem - 1, block, stride, NO_LO_BOUND
 
 
-def compressed_attention(q, ck, cv, p, gate_logits=None):
-    """(o [B, T, HQ, D], lse [B, T, HQ] fp32) over memory + compressed keys ck, cv [B, num_mem + N_c, H, D],
-    o scaled by sigmoid(gate_logits) ([B, T, HQ]; None: no gate).
+def compressed_attention(q, ck, cv, p):
+    """(o [B, T, HQ, D], lse [B, T, HQ] fp32) over memory + compressed keys ck, cv [B, num_mem + N_c, H, D].
 
     A query that sees no key (num_mem = 0 and t < block - 1) gets o = 0 and lse = -inf. Differentiable in
-    q, ck, cv and the gate logits through o and lse, as the reference.
+    q, ck and cv through o and lse, as the reference.
     """
     if not p.causal:
         raise NotImplementedError("the Triton compressed attention is causal only: use the torch backend "
                                   "(nsa.ops.reference.compressed_attention) for causal=False")
     rule = compressed_rule(p.compress_block, p.compress_stride, p.num_mem)
-    return range_attention(q, ck, cv, p.scale_for(q.shape[-1]), *rule, gate_logits)
+    return range_attention(q, ck, cv, p.scale_for(q.shape[-1]), *rule)

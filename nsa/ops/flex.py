@@ -1,5 +1,5 @@
 """The `flex` backend: window and selection branches through PyTorch's flex attention (block-sparse
-masks), the compressed branch, top-n and the decode step from the references.
+masks), the compressed branch, top-n, the gate mix and the decode step from the references.
 
 Same signatures as the references. Flex skips the key tiles a block mask marks empty, so on GPU
 these cost about what the mask covers, not T^2. On CPU flex runs eagerly (for tests).
@@ -11,8 +11,8 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from nsa.ops.common import ceil_div
-from nsa.ops.reference import (_scatter_blocks, block_importance, compressed_attention, decode_attention,  # noqa: F401
-                               gated, topn_blocks)
+from nsa.ops.reference import (_scatter_blocks, block_importance, compressed_attention, decode_attention, gate_mix,  # noqa: F401
+                               topn_blocks)
 
 
 @functools.cache
@@ -30,16 +30,16 @@ def _flex(q, k, v, mask_mod, B, Hm, scale):
     return o.transpose(1, 2)
 
 
-def sliding_window_attention(q, k, v, p, gate_logits=None):
+def sliding_window_attention(q, k, v, p):
     window, causal = p.window, p.causal
 
     def mask_mod(b, h, t, s):
         return ((t - s < window) & (s <= t)) if causal else ((t - s).abs() < window)
 
-    return gated(_flex(q, k, v, mask_mod, None, None, p.scale_for(q.shape[-1])), gate_logits)
+    return _flex(q, k, v, mask_mod, None, None, p.scale_for(q.shape[-1]))
 
 
-def selection_attention(q, k, v, indices, p, block_gate=None, gate_logits=None):
+def selection_attention(q, k, v, indices, p, block_gate=None):
     if block_gate is not None:
         raise NotImplementedError("the flex backend has no straight-through block gate: use backend torch for diff_topk")
     B, T, HQ, D = q.shape
@@ -53,4 +53,4 @@ def selection_attention(q, k, v, indices, p, block_gate=None, gate_logits=None):
         picked = sel[b, h // group, t, s // sel_block]
         return (picked & (s <= t)) if causal else picked
 
-    return gated(_flex(q, k, v, mask_mod, B, HQ, p.scale_for(D)), gate_logits)
+    return _flex(q, k, v, mask_mod, B, HQ, p.scale_for(D))

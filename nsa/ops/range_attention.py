@@ -19,10 +19,9 @@ GQA layout: q [B, T, HQ, D], k/v [B, S, H, D], HQ = G * H. One program owns one 
 of BLOCK_M query rows made of BLOCK_M / GP consecutive tokens times GP heads (GP = G rounded up to a
 power of two, padded rows masked), so every K/V tile it loads serves all G heads of the group.
 
-Forward writes o scaled by the branch's gate, sigmoid(gate logit) per row (`utils.load_gate` says how the
-backward takes it), and the fp32 log-sum-exp of the ungated attention (natural log; -inf for a row that
-sees no key, whose o is 0). Backward runs two kernels and no atomics: dq per query tile (which also
-writes delta = rowsum(o * do) / g and the gate logits' gradient), then dk/dv per key tile, looping over exactly the query tiles that can see that key tile. For
+Forward writes o and the fp32 log-sum-exp (natural log; -inf for a row that sees no key, whose o is
+0). Backward runs two kernels and no atomics: dq per query tile (which also writes delta = rowsum(o *
+do)), then dk/dv per key tile, looping over exactly the query tiles that can see that key tile. For
 the prefix rule the first key tiles are seen by every query, so there the query range is split over
 many programs (so the last wave is short) that write fp32 partial sums, added afterwards in a fixed
 order by `_range_sum_splits_kernel`: deterministic. Every kernel runs the tiles that lie wholly inside all
@@ -36,8 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.ops.utils import (GATE_FLOOR, LN2_C, LOG2E, check_gate_logits, dot, dot_precision, fitting, gated_lse2,
-                           interpreting, load_gate, num_sms, num_visible_blocks)
+from nsa.ops.utils import (LN2_C, LOG2E, LOG2E_C, dot, dot_precision, fitting, interpreting, num_sms,
+                           num_visible_blocks)
 
 # A lower bound no real index reaches; kept well inside int32 so t + NO_LO_BOUND cannot overflow.
 NO_LO_BOUND = 2**30
@@ -126,7 +125,7 @@ def _fwd_tiles(b_acc, b_l, b_m, b_q, k, v, o_kv, o_lo, o_hi, qk_scale, first, la
 # The forward kernels (prefill's) do not specialise on lengths (Triton would compile a variant for a
 # multiple of 16, or for 1): a new prompt length compiles nothing.
 @triton.jit(do_not_specialize=["T", "S"])
-def _range_fwd_kernel(q, k, v, gate, o, lse, qk_scale, T, S, H, G, HI_BASE, BLOCK, STRIDE, LO_BACK,
+def _range_fwd_kernel(q, k, v, o, lse, qk_scale, T, S, H, G, HI_BASE, BLOCK, STRIDE, LO_BACK,
                       D: tl.constexpr, BLOCK_D: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     BLOCK_T: tl.constexpr = BLOCK_M // GP
@@ -140,8 +139,7 @@ def _range_fwd_kernel(q, k, v, gate, o, lse, qk_scale, T, S, H, G, HI_BASE, BLOC
     o_t, o_g, m_row = _query_rows(t0, T, G, GP, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    o_row = (i_b * T + o_t).to(tl.int64) * HQ + i_h * G + o_g
-    o_q = o_row * D
+    o_q = ((i_b * T + o_t).to(tl.int64) * HQ + i_h * G + o_g) * D
     b_q = tl.load(q + o_q[:, None] + o_d[None, :], mask=m_row[:, None] & m_d[None, :], other=0.0)
 
     o_lo = tl.maximum(o_t - LO_BACK, 0)
@@ -161,10 +159,17 @@ def _range_fwd_kernel(q, k, v, gate, o, lse, qk_scale, T, S, H, G, HI_BASE, BLOC
                                  o_d, m_d, D, BLOCK_N, True, PREC, UPCAST)
 
     m_seen = b_l > 0
-    b_o = b_acc * (load_gate(gate, o_row, m_row) / tl.where(m_seen, b_l, 1.0))[:, None]
+    b_o = b_acc / tl.where(m_seen, b_l, 1.0)[:, None]
     tl.store(o + o_q[:, None] + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_row[:, None] & m_d[None, :])
     b_lse = tl.where(m_seen, (b_m + tl.log2(tl.where(m_seen, b_l, 1.0))) * LN2_C, float("-inf"))
-    tl.store(lse + o_row, b_lse, mask=m_row)
+    tl.store(lse + (i_b * T + o_t).to(tl.int64) * HQ + i_h * G + o_g, b_lse, mask=m_row)
+
+
+@triton.jit
+def _load_lse2(lse, o_row, m_row):
+    """lse in log2 units, +inf for padded rows and rows that saw no key, so their p = exp2(s - lse) = 0."""
+    b_lse = tl.load(lse + o_row, mask=m_row, other=float("inf"))
+    return tl.where(b_lse == float("-inf"), float("inf"), b_lse) * LOG2E_C
 
 
 @triton.jit
@@ -192,7 +197,7 @@ def _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, k, v, o_kv, o_lo, o_hi, qk_scale
 
 
 @triton.jit
-def _range_dq_kernel(q, k, v, o, do, lse, dlse, gate, delta, glse, dgate, dq, qk_scale, scale, T, S, H, G, HI_BASE, BLOCK, STRIDE,
+def _range_dq_kernel(q, k, v, o, do, lse, dlse, delta, dq, qk_scale, scale, T, S, H, G, HI_BASE, BLOCK, STRIDE,
                      LO_BACK, D: tl.constexpr, BLOCK_D: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, HAS_DLSE: tl.constexpr):
     BLOCK_T: tl.constexpr = BLOCK_M // GP
@@ -211,19 +216,14 @@ def _range_dq_kernel(q, k, v, o, do, lse, dlse, gate, delta, glse, dgate, dq, qk
     b_q = tl.load(q + o_q[:, None] + o_d[None, :], mask=m_qd, other=0.0)
     b_do = tl.load(do + o_q[:, None] + o_d[None, :], mask=m_qd, other=0.0)
     b_o = tl.load(o + o_q[:, None] + o_d[None, :], mask=m_qd, other=0.0)
-    # o is the gated output g * o: rowsum(o * do) is g times the softmax backward's correction and the
-    # gate logit's gradient over (1 - g). A gradient of lse adds dlse * P to dS (d lse / d s = P): with
-    # P' = g * P, dS = P' * (dP - (rowsum(o * do) - dlse) / g). That delta and the lse of P' are stored
-    # for dk/dv, whose inner loop then loads one value a row instead of computing the gate there.
-    b_g = load_gate(gate, o_row, m_row)
-    b_od = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
-    tl.store(dgate + o_row, (b_od * (1 - b_g)).to(dgate.dtype.element_ty), mask=m_row)
+    # delta = rowsum(o * do), the softmax backward's correction; stored for the dk/dv kernel. A gradient
+    # of lse adds dlse * P to dS (d lse / d s = P), which is dS = P * (dP - (delta - dlse)).
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
     if HAS_DLSE:
-        b_od -= tl.load(dlse + o_row, mask=m_row, other=0.0)
-    b_delta = b_od / tl.maximum(b_g, GATE_FLOOR)
+        b_delta -= tl.load(dlse + o_row, mask=m_row, other=0.0)
     tl.store(delta + o_row, b_delta, mask=m_row)
-    b_lse2 = gated_lse2(lse, b_g, o_row, m_row)
-    tl.store(glse + o_row, b_lse2, mask=m_row)
+    # +inf for padded rows and rows that see no key: their p is 0 with or without the mask.
+    b_lse2 = _load_lse2(lse, o_row, m_row)
 
     o_lo = tl.maximum(o_t - LO_BACK, 0)
     o_hi = tl.minimum(_hi(o_t, HI_BASE, BLOCK, STRIDE), S - 1)
@@ -252,7 +252,7 @@ def _query_span(s0, T, S, HI_BASE, BLOCK, STRIDE, LO_BACK, BLOCK_T: tl.constexpr
 
 
 @triton.jit
-def _dkdv_tiles(b_dk, b_dv, b_k, b_v, q, do, glse, delta, o_s, first, last, i_b, T, H, G, HI_BASE, BLOCK, STRIDE,
+def _dkdv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, o_s, first, last, i_b, T, H, G, HI_BASE, BLOCK, STRIDE,
                 LO_BACK, qk_scale, o_d, m_d, D: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
                 MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     BLOCK_T: tl.constexpr = BLOCK_M // GP
@@ -264,9 +264,8 @@ def _dkdv_tiles(b_dk, b_dv, b_k, b_v, q, do, glse, delta, o_s, first, last, i_b,
         m_qd = m_row[:, None] & m_d[None, :]
         b_q = tl.load(q + o_row[:, None] * D + o_d[None, :], mask=m_qd, other=0.0)
         b_do = tl.load(do + o_row[:, None] * D + o_d[None, :], mask=m_qd, other=0.0)
-        # lse of the gated P' = g * P (`utils.load_gate`), log2 units, from the dq kernel: +inf, so p = 0,
-        # for padded rows and rows that see no key.
-        b_lse2 = tl.load(glse + o_row, mask=m_row, other=float("inf"))
+        # +inf for padded rows and rows that see no key: p = 0 for them even without the mask.
+        b_lse2 = _load_lse2(lse, o_row, m_row)
         b_delta = tl.load(delta + o_row, mask=m_row, other=0.0)
         # Transposed scores [BLOCK_N, BLOCK_M], so dk and dv come out of plain dots.
         b_s_t = dot(b_k, tl.trans(b_q), PREC, UPCAST)
@@ -284,7 +283,7 @@ def _dkdv_tiles(b_dk, b_dv, b_k, b_v, q, do, glse, delta, o_s, first, last, i_b,
 
 
 @triton.jit
-def _range_dkdv_kernel(q, k, v, do, glse, delta, dk, dv, qk_scale, scale, T, S, H, G,
+def _range_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, qk_scale, scale, T, S, H, G,
                        HI_BASE, BLOCK, STRIDE, LO_BACK, TILES_PER_SPLIT,
                        D: tl.constexpr, BLOCK_D: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
@@ -316,13 +315,13 @@ def _range_dkdv_kernel(q, k, v, do, glse, delta, dk, dv, qk_scale, scale, T, S, 
         qt_tail = tl.maximum(qt_full, tl.minimum((s0 + LO_BACK + 1) // BLOCK_T, qt_end))
         b_dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         b_dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, q, do, glse, delta, o_s, qt_first, tl.minimum(qt_full, qt_end),
+        b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, o_s, qt_first, tl.minimum(qt_full, qt_end),
                                  i_b, T, H, G, HI_BASE, BLOCK, STRIDE, LO_BACK, qk_scale, o_d, m_d, D, GP, BLOCK_M,
                                  True, PREC, UPCAST)
-        b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, q, do, glse, delta, o_s, qt_full, qt_tail,
+        b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, o_s, qt_full, qt_tail,
                                  i_b, T, H, G, HI_BASE, BLOCK, STRIDE, LO_BACK, qk_scale, o_d, m_d, D, GP, BLOCK_M,
                                  False, PREC, UPCAST)
-        b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, q, do, glse, delta, o_s, qt_tail, qt_end,
+        b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, o_s, qt_tail, qt_end,
                                  i_b, T, H, G, HI_BASE, BLOCK, STRIDE, LO_BACK, qk_scale, o_d, m_d, D, GP, BLOCK_M,
                                  True, PREC, UPCAST)
         o_part = i_split.to(tl.int64) * (tl.num_programs(1) // H) * S * H * D
@@ -451,10 +450,9 @@ def _block_d(D):
     return max(16, triton.next_power_of_2(D))
 
 
-def range_attention_fwd(q, k, v, gate, scale, hi_base, block, stride, lo_back):
-    """(o [B, T, HQ, D] scaled by sigmoid(gate), lse [B, T, HQ] fp32); gate [B, T, HQ]: the gate logits."""
+def range_attention_fwd(q, k, v, scale, hi_base, block, stride, lo_back):
     _check(q, k, v)
-    q, k, v, gate = q.contiguous(), k.contiguous(), v.contiguous(), gate.contiguous()
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
     G = HQ // H
@@ -466,7 +464,7 @@ def range_attention_fwd(q, k, v, gate, scale, hi_base, block, stride, lo_back):
     banded = lo_back < T
     tile, _, _ = _tiles(G, D, q.dtype, banded=banded)
     prec, upcast = dot_precision(q.dtype)
-    args = (q, k, v, gate, o, lse, scale * LOG2E, T, S, H, G, hi_base, block, stride, lo_back)
+    args = (q, k, v, o, lse, scale * LOG2E, T, S, H, G, hi_base, block, stride, lo_back)
     meta = dict(D=D, BLOCK_D=_block_d(D), GP=GP, PREC=prec, UPCAST=upcast)
     launch = _fit(_range_fwd_kernel, args, tile, GP, meta, q.device, (G, D, q.dtype, banded))
     _range_fwd_kernel[(triton.cdiv(T, launch["BLOCK_M"] // GP), B * H)](*args, **launch)
@@ -484,10 +482,9 @@ def _num_splits(n_programs, n_query_tiles, lo_back, T, kv_numel, device):
     return max(1, min(want, n_query_tiles, MAX_SPLITS, MAX_SPLIT_ELEMENTS // max(kv_numel, 1)))
 
 
-def range_attention_bwd(do, q, k, v, o, lse, dlse, gate, scale, hi_base, block, stride, lo_back):
-    """(dq, dk, dv, d gate) from the gradients of the gated o (do) and of lse (dlse, None when lse took
-    no part)."""
-    q, k, v, o, do, gate = (x.contiguous() for x in (q, k, v, o, do, gate))
+def range_attention_bwd(do, q, k, v, o, lse, dlse, scale, hi_base, block, stride, lo_back):
+    """(dq, dk, dv) from the gradients of o (do) and of lse (dlse, None when lse took no part)."""
+    q, k, v, o, do = (x.contiguous() for x in (q, k, v, o, do))
     lse = lse.contiguous()
     dlse = None if dlse is None else dlse.contiguous().float()
     B, T, HQ, D = q.shape
@@ -495,11 +492,9 @@ def range_attention_bwd(do, q, k, v, o, lse, dlse, gate, scale, hi_base, block, 
     G = HQ // H
     GP = _group_pad(G)
     dq = _empty(q.shape, dtype=q.dtype, device=q.device)
-    if T == 0 or S == 0:  # no key: o = 0, nothing depends on q, k, v or the gate
-        return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(gate)
+    if T == 0 or S == 0:
+        return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
     delta = _empty((B, T, HQ), dtype=torch.float32, device=q.device)
-    glse = _empty((B, T, HQ), dtype=torch.float32, device=q.device)
-    dgate = _empty(gate.shape, dtype=gate.dtype, device=gate.device)
     banded = lo_back < T
     _, dq_tile, dkdv_tile = _tiles(G, D, q.dtype, banded=banded)
     prec, upcast = dot_precision(q.dtype)
@@ -507,14 +502,13 @@ def range_attention_bwd(do, q, k, v, o, lse, dlse, gate, scale, hi_base, block, 
     qk_scale = scale * LOG2E
     rule = (hi_base, block, stride, lo_back)
     key = (G, D, q.dtype, banded)
-    args = (q, k, v, o, do, lse, lse if dlse is None else dlse, gate, delta, glse, dgate, dq, qk_scale, scale, T, S, H, G,
-            *rule)
+    args = (q, k, v, o, do, lse, lse if dlse is None else dlse, delta, dq, qk_scale, scale, T, S, H, G, *rule)
     launch = _fit(_range_dq_kernel, args, dq_tile, GP, dict(common, HAS_DLSE=dlse is not None), q.device,
                   key + (dlse is not None,))
     _range_dq_kernel[(triton.cdiv(T, launch["BLOCK_M"] // GP), B * H)](*args, **launch)
 
     # The dk/dv tile is chosen on the unsplit launch (dk, dv in k's dtype); splitting changes no tile.
-    args = (q, k, v, do, glse, delta, k, v, qk_scale, scale, T, S, H, G, *rule, 1)
+    args = (q, k, v, do, lse, delta, k, v, qk_scale, scale, T, S, H, G, *rule, 1)
     launch = _fit(_range_dkdv_kernel, args, dkdv_tile, GP, dict(common, SPLIT=0), q.device, key)
     bm3, bn3 = launch["BLOCK_M"], launch["BLOCK_N"]
     n_key_tiles, n_query_tiles = triton.cdiv(S, bn3), triton.cdiv(T, bm3 // GP)
@@ -528,7 +522,7 @@ def range_attention_bwd(do, q, k, v, o, lse, dlse, gate, scale, hi_base, block, 
         dk = _empty((splits, *k.shape), dtype=torch.float32, device=k.device)
         dv = _empty((splits, *v.shape), dtype=torch.float32, device=v.device)
     _range_dkdv_kernel[(n_key_tiles, B * H, splits)](
-        q, k, v, do, glse, delta, dk, dv, qk_scale, scale, T, S, H, G, *rule, tiles_per_split,
+        q, k, v, do, lse, delta, dk, dv, qk_scale, scale, T, S, H, G, *rule, tiles_per_split,
         **dict(launch, SPLIT=int(splits > 1)))
     if splits > 1:
         dkp, dvp = dk, dv
@@ -537,7 +531,7 @@ def range_attention_bwd(do, q, k, v, o, lse, dlse, gate, scale, hi_base, block, 
         _range_sum_splits_kernel[(n_key_tiles, B * H, bn3 // block_s)](
             dkp, dvp, dk, dv, T, S, H, *rule, tiles_per_split, D=D, BLOCK_D=_block_d(D), BLOCK_T=bm3 // GP,
             BLOCK_N=bn3, BLOCK_S=block_s, num_warps=4)
-    return dq, dk, dv, dgate
+    return dq, dk, dv
 
 
 # ------------------------------------------------------------------------------------------------
@@ -546,33 +540,32 @@ def range_attention_bwd(do, q, k, v, o, lse, dlse, gate, scale, hi_base, block, 
 
 
 @torch.library.custom_op("nsa::range_attention", mutates_args=())
-def _range_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, scale: float,
-                        hi_base: int, block: int, stride: int, lo_back: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return range_attention_fwd(q, k, v, gate, scale, hi_base, block, stride, lo_back)
+def _range_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, hi_base: int,
+                        block: int, stride: int, lo_back: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return range_attention_fwd(q, k, v, scale, hi_base, block, stride, lo_back)
 
 
 @_range_attention_op.register_fake
-def _(q, k, v, gate, scale, hi_base, block, stride, lo_back):
+def _(q, k, v, scale, hi_base, block, stride, lo_back):
     B, T, HQ, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, T, HQ), dtype=torch.float32)
 
 
 @torch.library.custom_op("nsa::range_attention_bwd", mutates_args=())
 def _range_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                            lse: torch.Tensor, dlse: Optional[torch.Tensor], gate: torch.Tensor, scale: float,
-                            hi_base: int, block: int, stride: int,
-                            lo_back: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return range_attention_bwd(do, q, k, v, o, lse, dlse, gate, scale, hi_base, block, stride, lo_back)
+                            lse: torch.Tensor, dlse: Optional[torch.Tensor], scale: float, hi_base: int, block: int,
+                            stride: int, lo_back: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return range_attention_bwd(do, q, k, v, o, lse, dlse, scale, hi_base, block, stride, lo_back)
 
 
 @_range_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, dlse, gate, scale, hi_base, block, stride, lo_back):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), gate.new_empty(gate.shape)
+def _(do, q, k, v, o, lse, dlse, scale, hi_base, block, stride, lo_back):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, gate, *rule = inputs
-    ctx.save_for_backward(q, k, v, gate, *output)
+    q, k, v, *rule = inputs
+    ctx.save_for_backward(q, k, v, *output)
     ctx.rule = rule
     # An output no loss used gets None rather than zeros: without an lse gradient (the model's top-n
     # reads lse under no_grad) the backward runs exactly as if lse had none.
@@ -580,24 +573,17 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, gate, o, lse = ctx.saved_tensors
+    q, k, v, o, lse = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
-    dq, dk, dv, dgate = _range_attention_bwd_op(do, q, k, v, o, lse, dlse, gate, *ctx.rule)
-    return dq, dk, dv, dgate, None, None, None, None, None
+    dq, dk, dv = _range_attention_bwd_op(do, q, k, v, o, lse, dlse, *ctx.rule)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _range_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def range_attention(q, k, v, scale, hi_base, block, stride, lo_back, gate_logits=None):
+def range_attention(q, k, v, scale, hi_base, block, stride, lo_back):
     """(o [B, T, HQ, D], lse [B, T, HQ] fp32) of attention where query t sees keys [lo(t), hi(t)]
-    (module docstring), o scaled by sigmoid(gate_logits) ([B, T, HQ]; None: no gate) and lse the
-    ungated attention's; differentiable in q, k, v and the gate logits through both o and lse, as the
-    reference."""
-    if gate_logits is None:
-        gate_logits = q.new_full(q.shape[:3], float("inf"), dtype=torch.float32)  # sigmoid(inf) = 1
-    else:
-        check_gate_logits(gate_logits, q)
-    return _range_attention_op(q, k, v, gate_logits, float(scale), int(hi_base), int(block), int(stride),
-                               int(lo_back))
+    (module docstring); differentiable in q, k, v through both o and lse, as the reference."""
+    return _range_attention_op(q, k, v, float(scale), int(hi_base), int(block), int(stride), int(lo_back))

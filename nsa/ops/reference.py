@@ -44,16 +44,6 @@ def attend(q, k, v, mask, scale, gate=None):
     return o.reshape(B, T, HQ, D).to(q.dtype), lse.permute(0, 3, 1, 2).reshape(B, T, HQ)
 
 
-def gated(o, gate_logits):
-    """A branch output o [B, T, HQ, D] times its gate sigmoid(gate_logits) (gate_logits [B, T, HQ], the
-    branch's column of the gate projection), in fp32 (fp64 for fp64), in o's dtype; gate_logits None: o
-    as is."""
-    if gate_logits is None:
-        return o
-    acc = torch.promote_types(o.dtype, torch.float32)
-    return (o.to(acc) * torch.sigmoid(gate_logits.to(acc))[..., None]).to(o.dtype)
-
-
 def _mask5(mask_t_s):
     """[T, S] -> [1, 1, 1, T, S] for `attend`."""
     return mask_t_s[None, None, None]
@@ -72,18 +62,16 @@ def compressed_visibility(T, num_blocks, block, stride, num_mem, causal=True, de
     return torch.cat([mem, vis], dim=1)
 
 
-def compressed_attention(q, ck, cv, p, gate_logits=None):
+def compressed_attention(q, ck, cv, p):
     """Attention over memory + compressed keys (p: `NSAParams`).
 
     q [B, T, HQ, D]; ck, cv [B, num_mem + N_c, H, D], the first num_mem rows being the memory keys.
-    Returns (o [B, T, HQ, D], lse [B, T, HQ] fp32), o gated by gate_logits as in `gated`; lse (of the
-    ungated attention) is what block importance renormalises with.
+    Returns (o [B, T, HQ, D], lse [B, T, HQ] fp32); lse is what block importance renormalises with.
     """
     T, D = q.shape[1], q.shape[3]
     vis = compressed_visibility(T, ck.shape[1] - p.num_mem, p.compress_block, p.compress_stride, p.num_mem,
                                 p.causal, q.device)
-    o, lse = attend(q, ck, cv, _mask5(vis), p.scale_for(D))
-    return gated(o, gate_logits), lse
+    return attend(q, ck, cv, _mask5(vis), p.scale_for(D))
 
 
 def overlap_matrix(num_cmp, num_sel, block, stride, sel_block, device=None):
@@ -173,9 +161,8 @@ def _heads_first(x, H):
     return x.view(B, T, H, Hs // H, S).permute(0, 2, 3, 1, 4)
 
 
-def selection_attention(q, k, v, indices, p, block_gate=None, gate_logits=None):
-    """Attention of each query over the tokens (<= t if causal) of its selected blocks, gated by
-    gate_logits as in `gated`.
+def selection_attention(q, k, v, indices, p, block_gate=None):
+    """Attention of each query over the tokens (<= t if causal) of its selected blocks.
 
     indices [B, T, Hs, n] int, -1 unused; Hs = H (one block set per kv head, shared by its G query
     heads) or HQ (per query head). block_gate [B, T, Hs, n] (optional) scales each block's
@@ -189,7 +176,7 @@ def selection_attention(q, k, v, indices, p, block_gate=None, gate_logits=None):
     if block_gate is not None:
         g_blocks = _scatter_blocks(indices, ceil_div(S, p.sel_block), block_gate.float())
         gate = _heads_first(g_blocks[..., torch.arange(S, device=q.device) // p.sel_block], H)
-    return gated(attend(q, k, v, mask, p.scale_for(D), gate)[0], gate_logits)
+    return attend(q, k, v, mask, p.scale_for(D), gate)[0]
 
 
 def window_mask(T, S, window, causal=True, device=None):
@@ -199,12 +186,18 @@ def window_mask(T, S, window, causal=True, device=None):
     return ((t - s < window) & (s <= t)) if causal else ((t - s).abs() < window)
 
 
-def sliding_window_attention(q, k, v, p, gate_logits=None):
-    """Attention over the `p.window` most recent keys, the query's own token included, gated by
-    gate_logits as in `gated`."""
+def sliding_window_attention(q, k, v, p):
+    """Attention over the `p.window` most recent keys, the query's own token included."""
     T, D, S = q.shape[1], q.shape[3], k.shape[1]
-    o = attend(q, k, v, _mask5(window_mask(T, S, p.window, p.causal, q.device)), p.scale_for(D))[0]
-    return gated(o, gate_logits)
+    return attend(q, k, v, _mask5(window_mask(T, S, p.window, p.causal, q.device)), p.scale_for(D))[0]
+
+
+def gate_mix(logits, o_cmp, o_slc, o_win):
+    """The gated sum of the three branches: logits [B, T, 3 * HQ] (to_gates' output; for query head h,
+    entries 3h, 3h + 1, 3h + 2 gate cmp, slc, win), o_* [B, T, HQ, D] -> [B, T, HQ, D] in o_cmp's dtype."""
+    B, T, HQ, _ = o_cmp.shape
+    g = torch.sigmoid(logits.view(B, T, HQ, 3, 1))
+    return g[:, :, :, 0] * o_cmp + g[:, :, :, 1] * o_slc + g[:, :, :, 2] * o_win
 
 
 def topn_blocks(q, ck, lse, p):

@@ -2,9 +2,7 @@
 
 Same semantics as `nsa.ops.reference.selection_attention`: query t of head hq attends over the keys
 s <= t of the selection blocks listed in indices[b, t, hs, :], where hs = hq // (HQ // Hs) (Hs = H:
-one block set per kv head, shared by its G query heads; Hs = HQ: one per query head), and the output
-is scaled by the branch's gate sigmoid(gate logit) per row (`nsa.ops.utils.load_gate`: the backward
-takes the gate into P and delta, so it reads the layer's output gradient as is).
+one block set per kv head, shared by its G query heads; Hs = HQ: one per query head).
 
 Kernel layout (docs/KERNELS_SELECTION.md has the numbers behind it):
 
@@ -42,8 +40,7 @@ import triton
 import triton.language as tl
 
 from nsa.ops.common import ceil_div
-from nsa.ops.utils import (GATE_FLOOR, LN2_C, LOG2E, check_gate_logits, dot, dot_precision, fitting, gated_lse2,
-                           load_gate)
+from nsa.ops.utils import LN2_C, LOG2E, LOG2E_C, dot, dot_precision, fitting
 
 # Rows of a forward/dQ tile when G < 16, filled with 64 // G tokens. A trained model's neighbouring
 # tokens pick mostly the same blocks, so a tile of more tokens loads fewer blocks per token: at the
@@ -191,7 +188,7 @@ def _dq_step(b_q, b_do, b_k, b_v, m_hit, m_vis, b_lse2, b_delta, b_dq, scale_log
 
 # Lengths unspecialised, as the range forward: a new prompt length compiles nothing.
 @triton.jit(do_not_specialize=["T", "S", "UL"])
-def _sel_fwd_kernel(q, k, v, gate, o, lse, idx, uni, ubits, ucnt, T, S, BS, UL, scale_log2,
+def _sel_fwd_kernel(q, k, v, o, lse, idx, uni, ubits, ucnt, T, S, BS, UL, scale_log2,
                     HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, N_SEL: tl.constexpr,
                     TT: tl.constexpr, WALK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
                     MASK_S: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -228,21 +225,19 @@ def _sel_fwd_kernel(q, k, v, gate, o, lse, idx, uni, ubits, ucnt, T, S, BS, UL, 
     # A row that saw no key gets o = 0 and lse = -inf, as in the reference.
     m_empty = b_l == 0.
     b_l_safe = tl.where(m_empty, 1., b_l)
-    b_o = b_acc * (load_gate(gate, o_row, m_row) / b_l_safe)[:, None]
+    b_o = b_acc / b_l_safe[:, None]
     b_lse = tl.where(m_empty, float("-inf"), (b_m + tl.log2(b_l_safe)) * LN2_C)
     tl.store(o + o_row[:, None] * D + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_qd)
     tl.store(lse + o_row, b_lse, mask=m_row)
 
 
 @triton.jit
-def _sel_dq_kernel(q, k, v, o, do, lse, gate, delta, glse, dgate, dq, idx, uni, ubits, ucnt, T, S, BS, UL, scale, scale_log2,
+def _sel_dq_kernel(q, k, v, o, do, lse, delta, dq, idx, uni, ubits, ucnt, T, S, BS, UL, scale, scale_log2,
                    HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, N_SEL: tl.constexpr,
                    TT: tl.constexpr, WALK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
                    MASK_S: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     # Same tiling and block walks as _sel_fwd_kernel; P is recomputed from the saved log-sum-exp. Every
-    # row lies in exactly one tile, so this kernel also writes, for dK/dV, delta = rowsum(o * do) / g and
-    # the lse of the gated P' = g * P (log2 units), and the gate logits' gradient rowsum(o * do) * (1 - g)
-    # (o is the gated output, `utils.load_gate`).
+    # row lies in exactly one tile, so this kernel also writes delta = rowsum(o * do) for dK/dV.
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     NB = tl.cdiv(S, BS)
@@ -251,13 +246,11 @@ def _sel_dq_kernel(q, k, v, o, do, lse, gate, delta, glse, dgate, dq, idx, uni, 
     m_qd = m_row[:, None] & (o_d[None, :] < D)
     b_q = tl.load(q + o_row[:, None] * D + o_d[None, :], mask=m_qd, other=0.)
     b_do = tl.load(do + o_row[:, None] * D + o_d[None, :], mask=m_qd, other=0.)
-    b_g = load_gate(gate, o_row, m_row)
-    b_lse2 = gated_lse2(lse, b_g, o_row, m_row)
-    tl.store(glse + o_row, b_lse2, mask=m_row)
+    # lse = -inf (a row that saw nothing) becomes +inf so that exp2(s - lse) is 0, not NaN.
+    b_lse = tl.load(lse + o_row, mask=m_row, other=float("-inf"))
+    b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * LOG2E_C)
     b_o = tl.load(o + o_row[:, None] * D + o_d[None, :], mask=m_qd, other=0.)
-    b_od = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1)
-    tl.store(dgate + o_row, (b_od * (1 - b_g)).to(dgate.dtype.element_ty), mask=m_row)
-    b_delta = b_od / tl.maximum(b_g, GATE_FLOOR)
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1)
     tl.store(delta + o_row, b_delta, mask=m_row)
     o_kv = i_b.to(tl.int64) * S * H * D + i_h * D
     i_tile, o_tok, o_list = _walk_setup(o_r, i_t, i_b, i_h, T, HQ, HS, H, N_SEL, WALK)
@@ -277,10 +270,10 @@ def _sel_dq_kernel(q, k, v, o, do, lse, gate, delta, glse, dgate, dq, idx, uni, 
 
 
 @triton.jit
-def _dkv_rows(q, do, glse, delta, entries, i_e, i_hi, i_b, T, HQ: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
+def _dkv_rows(q, do, lse, delta, entries, i_e, i_hi, i_b, T, HQ: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
               BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    # The query rows of entries [i_e, i_e + BLOCK_E) (those below i_hi): q, dO, the gated lse in log2
-    # units (+inf for a padded row or one that saw nothing, so its p is 0 with no mask), delta, each row's
+    # The query rows of entries [i_e, i_e + BLOCK_E) (those below i_hi): q, dO, lse in log2 units (+inf
+    # for a padded row or one that saw nothing, so its p is 0 with no mask), delta, and each row's
     # token and mask. An entry t * HS + hs stands for the GS = HQ // HS query heads sharing index head hs.
     GS: tl.constexpr = HQ // HS
     o_r = tl.arange(0, BLOCK_R)
@@ -293,7 +286,8 @@ def _dkv_rows(q, do, glse, delta, entries, i_e, i_hi, i_b, T, HQ: tl.constexpr, 
     m_rd = m_e[:, None] & (o_d < D)[None, :]
     b_q = tl.load(q + o_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
     b_do = tl.load(do + o_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
-    b_lse2 = tl.load(glse + o_row, mask=m_e, other=float("inf"))
+    b_lse = tl.load(lse + o_row, mask=m_e, other=float("-inf"))
+    b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * LOG2E_C)
     b_delta = tl.load(delta + o_row, mask=m_e, other=0.)
     return b_q, b_do, b_lse2, b_delta, o_t, m_e
 
@@ -333,7 +327,7 @@ COUNT_ENTRIES = tl.constexpr(1024)
 
 
 @triton.jit
-def _sel_dkv_kernel(q, k, v, do, glse, delta, dk, dv, part_dk, part_dv, entries,
+def _sel_dkv_kernel(q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries,
                     item_key, item_lo, item_hi, item_slot, T, S, BS, scale, scale_log2,
                     HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
                     BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -365,12 +359,12 @@ def _sel_dkv_kernel(q, k, v, do, glse, delta, dk, dv, part_dk, part_dv, entries,
         b_dk = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
         b_dv = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
         for i_e in tl.range(i_lo, i_mid, BLOCK_E):
-            b_q, b_do, b_lse2, b_delta, o_t, m_e = _dkv_rows(q, do, glse, delta, entries, i_e, i_hi, i_b, T, HQ, HS,
+            b_q, b_do, b_lse2, b_delta, o_t, m_e = _dkv_rows(q, do, lse, delta, entries, i_e, i_hi, i_b, T, HQ, HS,
                                                              D, BLOCK_E, BLOCK_R, BLOCK_D)
             b_dk, b_dv = _dkv_step(b_dk, b_dv, b_k, b_v, o_s, m_s, b_q, b_do, b_lse2, b_delta, o_t, m_e, scale_log2,
                                    True, KEYS_MAJOR, PREC, UPCAST)
         for i_e in tl.range(i_mid, i_hi, BLOCK_E):
-            b_q, b_do, b_lse2, b_delta, o_t, m_e = _dkv_rows(q, do, glse, delta, entries, i_e, i_hi, i_b, T, HQ, HS,
+            b_q, b_do, b_lse2, b_delta, o_t, m_e = _dkv_rows(q, do, lse, delta, entries, i_e, i_hi, i_b, T, HQ, HS,
                                                              D, BLOCK_E, BLOCK_R, BLOCK_D)
             b_dk, b_dv = _dkv_step(b_dk, b_dv, b_k, b_v, o_s, m_s, b_q, b_do, b_lse2, b_delta, o_t, m_e, scale_log2,
                                    False, KEYS_MAJOR, PREC, UPCAST)
@@ -783,36 +777,34 @@ def _dkv_items(indices, H, S, sel_block):
             max(1, 2 * total // chunk))
 
 
-def selection_fwd(q, k, v, gate, indices, sel_block, scale, o, lse, walk=None):
-    """Launch the forward into preallocated o [B, T, HQ, D] (scaled by sigmoid(gate), gate [B, T, HQ]
-    the gate logits) and lse [B, T, HQ] fp32 (contiguous inputs); the tests hand in NaN-filled buffers
-    to catch unwritten elements. `walk`: a `tile_walk` of these inputs, built here when not given."""
+def selection_fwd(q, k, v, indices, sel_block, scale, o, lse, walk=None):
+    """Launch the forward into preallocated o [B, T, HQ, D] and lse [B, T, HQ] fp32 (contiguous
+    inputs); the tests hand in NaN-filled buffers to catch unwritten elements. `walk`: a `tile_walk`
+    of these inputs, built here when not given."""
     T, S = q.shape[1], k.shape[1]
     cfg, grid = _launch_cfg(q, k, indices, sel_block)
     uni, bits, cnt, ul = _walk_args(cfg, walk if walk is not None else tile_walk(q, k, indices, sel_block),
                                     indices)
-    args = (q, k, v, gate, o, lse, indices, uni, bits, cnt, T, S, sel_block, ul, scale * LOG2E)
+    args = (q, k, v, o, lse, indices, uni, bits, cnt, T, S, sel_block, ul, scale * LOG2E)
     launch = fitting(_sel_fwd_kernel, args, [dict(cfg, **w) for w in WALK_LAUNCHES], q.device.index or 0,
                      key=(q.dtype, *cfg.values()))
     _sel_fwd_kernel[grid](*args, **launch)
 
 
-def selection_dq(do, q, k, v, o, lse, gate, indices, sel_block, scale, dq, delta, glse, dgate, walk=None):
-    """dQ into preallocated dq; dK/dV's inputs delta = rowsum(dO * O) / g and the gated lse (log2 units),
-    [B, T, HQ] fp32, into delta and glse; the gate logits' gradient into dgate; `walk` as for
-    `selection_fwd`."""
+def selection_dq(do, q, k, v, o, lse, indices, sel_block, scale, dq, delta, walk=None):
+    """dQ into preallocated dq, and delta = rowsum(dO * O) [B, T, HQ] fp32 (dK/dV's input) into delta;
+    `walk` as for `selection_fwd`."""
     T, S = q.shape[1], k.shape[1]
     cfg, grid = _launch_cfg(q, k, indices, sel_block)
     uni, bits, cnt, ul = _walk_args(cfg, walk if walk is not None else tile_walk(q, k, indices, sel_block),
                                     indices)
-    args = (q, k, v, o, do, lse, gate, delta, glse, dgate, dq, indices, uni, bits, cnt, T, S, sel_block, ul, scale,
-            scale * LOG2E)
+    args = (q, k, v, o, do, lse, delta, dq, indices, uni, bits, cnt, T, S, sel_block, ul, scale, scale * LOG2E)
     launch = fitting(_sel_dq_kernel, args, [dict(cfg, **w) for w in WALK_LAUNCHES], q.device.index or 0,
                      key=(q.dtype, *cfg.values()))
     _sel_dq_kernel[grid](*args, **launch)
 
 
-def selection_dkv(do, q, k, v, glse, delta, indices, sel_block, scale, dk, dv):
+def selection_dkv(do, q, k, v, lse, delta, indices, sel_block, scale, dk, dv):
     """dK, dV into preallocated dk, dv: reverse index, work items, then the two kernels."""
     B, T, HQ, D = q.shape
     S, H, Hs = k.shape[1], k.shape[2], indices.shape[2]
@@ -822,7 +814,7 @@ def selection_dkv(do, q, k, v, glse, delta, indices, sel_block, scale, dk, dv):
     prec, upcast = dot_precision(q.dtype)
     part_dk = torch.empty(n_slots, block_s, block_d, dtype=torch.float32, device=q.device)
     part_dv = torch.empty_like(part_dk)
-    args = (q, k, v, do, glse, delta, dk, dv, part_dk, part_dv, entries, item_key, item_lo, item_hi, item_slot,
+    args = (q, k, v, do, lse, delta, dk, dv, part_dk, part_dv, entries, item_key, item_lo, item_hi, item_slot,
             T, S, sel_block, scale, scale * LOG2E)
     keys_major = D <= KEYS_MAJOR_MAX_D
     meta = dict(HQ=HQ, H=H, HS=Hs, D=D, BLOCK_S=block_s, BLOCK_D=block_d, KEYS_MAJOR=keys_major, PREC=prec,
@@ -838,29 +830,27 @@ def selection_dkv(do, q, k, v, glse, delta, indices, sel_block, scale, dk, dv):
                                                  H=H, D=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
 
 
-def selection_bwd(do, q, k, v, o, lse, gate, indices, sel_block, scale, dq, dk, dv, dgate, walk=None):
-    """Launch the backward into preallocated dq, dk, dv, dgate (contiguous inputs); `walk` as for
-    `selection_fwd`."""
-    delta, glse = lse.new_empty(lse.shape), lse.new_empty(lse.shape)
-    selection_dq(do, q, k, v, o, lse, gate, indices, sel_block, scale, dq, delta, glse, dgate, walk)
-    selection_dkv(do, q, k, v, glse, delta, indices, sel_block, scale, dk, dv)
+def selection_bwd(do, q, k, v, o, lse, indices, sel_block, scale, dq, dk, dv, walk=None):
+    """Launch the backward into preallocated dq, dk, dv (contiguous inputs); `walk` as for `selection_fwd`."""
+    delta = lse.new_empty(lse.shape)
+    selection_dq(do, q, k, v, o, lse, indices, sel_block, scale, dq, delta, walk)
+    selection_dkv(do, q, k, v, lse, delta, indices, sel_block, scale, dk, dv)
 
 
 @torch.library.custom_op("nsa::selection_attention_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, indices: torch.Tensor,
-            sel_block: int,
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, sel_block: int,
             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """o (gated), lse and the tile walk (uni, bits, cnt: `tile_walk`), which the backward reuses."""
-    q, k, v, gate, indices = (x.contiguous() for x in (q, k, v, gate, indices))
+    """o, lse and the tile walk (uni, bits, cnt: `tile_walk`), which the backward reuses."""
+    q, k, v, indices = (x.contiguous() for x in (q, k, v, indices))
     o = torch.empty_like(q)
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     walk = tile_walk(q, k, indices, sel_block)
-    selection_fwd(q, k, v, gate, indices, sel_block, scale, o, lse, walk)
+    selection_fwd(q, k, v, indices, sel_block, scale, o, lse, walk)
     return o, lse, *walk
 
 
 @_fwd_op.register_fake
-def _(q, k, v, gate, indices, sel_block, scale):
+def _(q, k, v, indices, sel_block, scale):
     # Contiguous, like the real op's outputs (it makes its inputs contiguous first).
     walk = (q.new_empty(shape, dtype=dtype) for shape, dtype in _walk_shapes(q, k, indices, sel_block))
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32), *walk
@@ -868,36 +858,35 @@ def _(q, k, v, gate, indices, sel_block, scale):
 
 @torch.library.custom_op("nsa::selection_attention_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-            lse: torch.Tensor, gate: torch.Tensor, indices: torch.Tensor, uni: torch.Tensor, bits: torch.Tensor,
-            cnt: torch.Tensor, sel_block: int,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    do, q, k, v, o, lse, gate, indices, uni, bits, cnt = (
-        x.contiguous() for x in (do, q, k, v, o, lse, gate, indices, uni, bits, cnt))
-    dq, dk, dv, dgate = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(gate)
-    selection_bwd(do, q, k, v, o, lse, gate, indices, sel_block, scale, dq, dk, dv, dgate, (uni, bits, cnt))
-    return dq, dk, dv, dgate
+            lse: torch.Tensor, indices: torch.Tensor, uni: torch.Tensor, bits: torch.Tensor, cnt: torch.Tensor,
+            sel_block: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    do, q, k, v, o, lse, indices, uni, bits, cnt = (x.contiguous() for x in (do, q, k, v, o, lse, indices, uni,
+                                                                             bits, cnt))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    selection_bwd(do, q, k, v, o, lse, indices, sel_block, scale, dq, dk, dv, (uni, bits, cnt))
+    return dq, dk, dv
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, o, lse, gate, indices, uni, bits, cnt, sel_block, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), gate.new_empty(gate.shape)
+def _(do, q, k, v, o, lse, indices, uni, bits, cnt, sel_block, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, gate, indices, sel_block, scale = inputs
+    q, k, v, indices, sel_block, scale = inputs
     o, lse, uni, bits, cnt = output
     # lse is the backward's statistic, not a result (`selection_attention` drops it): no gradient flows
     # through it, and a loss that uses it alone fails loudly instead of getting a silent zero. The walk
     # is integer bookkeeping.
     ctx.mark_non_differentiable(lse, uni, bits, cnt)
-    ctx.save_for_backward(q, k, v, gate, indices, o, lse, uni, bits, cnt)
+    ctx.save_for_backward(q, k, v, indices, o, lse, uni, bits, cnt)
     ctx.sel_block, ctx.scale = sel_block, scale
 
 
 def _backward(ctx, do, *_):
-    q, k, v, gate, indices, o, lse, uni, bits, cnt = ctx.saved_tensors
-    dq, dk, dv, dgate = _bwd_op(do, q, k, v, o, lse, gate, indices, uni, bits, cnt, ctx.sel_block, ctx.scale)
-    return dq, dk, dv, dgate, None, None, None
+    q, k, v, indices, o, lse, uni, bits, cnt = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, indices, uni, bits, cnt, ctx.sel_block, ctx.scale)
+    return dq, dk, dv, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -928,12 +917,12 @@ def _check_inputs(q, k, v, indices, sel_block):
         raise ValueError(f"sel_block must be a positive int, got {sel_block!r}")
 
 
-def selection_attention(q, k, v, indices, p, block_gate=None, gate_logits=None):
+def selection_attention(q, k, v, indices, p, block_gate=None):
     """Triton twin of `reference.selection_attention` (causal, no block gate).
 
     q [B, T, HQ, D]; k, v [B, S, H, D]; indices [B, T, Hs, n] int32, each row's valid blocks
-    distinct and ascending, -1 padding; gate_logits [B, T, HQ] (None: no gate). Returns o [B, T, HQ, D]
-    in q's dtype, scaled by sigmoid(gate_logits); differentiable in q, k, v and the gate logits.
+    distinct and ascending, -1 padding. Returns o [B, T, HQ, D] in q's dtype; differentiable in q,
+    k, v.
     """
     if not p.causal:
         raise NotImplementedError("the Triton selection kernel is causal only: use the torch or flex backend")
@@ -944,8 +933,4 @@ def selection_attention(q, k, v, indices, p, block_gate=None, gate_logits=None):
     scale = float(p.scale_for(q.shape[-1]))
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    if gate_logits is None:
-        gate_logits = q.new_full(q.shape[:3], float("inf"), dtype=torch.float32)  # sigmoid(inf) = 1
-    else:
-        check_gate_logits(gate_logits, q)
-    return _fwd_op(q, k, v, gate_logits, indices, sel_block, scale)[0]
+    return _fwd_op(q, k, v, indices, sel_block, scale)[0]

@@ -1,5 +1,5 @@
 """What every Triton kernel module shares: the interpreter switch, the one precision policy for
-`tl.dot`, the compressed-visibility rule, the branch gates, and the device's limits (SM count, shared memory, and the
+`tl.dot`, the compressed-visibility rule, and the device's limits (SM count, shared memory, and the
 choice of a launch that fits it).
 
 Naming in the kernels (flash-linear-attention's scheme): `i_*` program ids and loop indices, `o_*`
@@ -54,42 +54,6 @@ def num_visible_blocks(t, BLOCK, STRIDE):
     max(0, (t + 1 - BLOCK) // STRIDE + 1) (docs/SPEC.md section 1). max(., 0) before the division:
     Triton's integer division truncates, floor is needed, and both agree on non-negative values."""
     return tl.maximum(t + (STRIDE - BLOCK + 1), 0) // STRIDE
-
-
-# The backward divides by a branch's gate g = sigmoid(gate logit); below GATE_FLOOR (logits under about
-# -69) it divides by GATE_FLOOR instead, which changes dS by less than GATE_FLOOR * P * dP.
-GATE_FLOOR: tl.constexpr = tl.constexpr(1e-30)
-
-
-@triton.jit
-def load_gate(gate_logits, o_row, m_row):
-    """The gates g = sigmoid(gate logit) [rows] fp32 of rows o_row (a masked row gets 0.5, unused).
-
-    Every branch kernel writes its output scaled by its gate, o' = g * o, so the layer sums three
-    tensors and the backward gets the layer's output gradient dO as is: with P' = g * P (lse shifted by
-    -log g, `gated_lse2`) dV = P'^T dO, and dS = P' * (dP - delta / g) with dP = dO V^T and delta =
-    rowsum(dO * o'), which the dQ kernels compute; d gate logit = delta * (1 - g). The dQ kernels, which
-    see every row once, store delta / g and the shifted lse for dK/dV: computed in dK/dV's inner loop
-    (once per row and step, on rows that the tile layout spreads over many threads), the gate made
-    those kernels 1.5-2.2x slower (H200, docs/BENCHMARKS.md)."""
-    return tl.sigmoid(tl.load(gate_logits + o_row, mask=m_row, other=0.).to(tl.float32))
-
-
-@triton.jit
-def gated_lse2(lse, b_g, o_row, m_row):
-    """lse of the gated probabilities g * P in log2 units: exp2(s * scale - it) = g * P. +inf for
-    padded rows and rows that saw no key (lse = -inf), so their p is 0 with or without a mask."""
-    b_lse = tl.load(lse + o_row, mask=m_row, other=float("-inf"))
-    return tl.where(b_lse == float("-inf"), float("inf"), b_lse * LOG2E_C - tl.log2(tl.maximum(b_g, GATE_FLOOR)))
-
-
-def check_gate_logits(gate_logits, q):
-    """A branch op's gate logits: one per query row of q [B, T, HQ, D], floating, on q's device."""
-    if tuple(gate_logits.shape) != tuple(q.shape[:3]):
-        raise ValueError(f"gate logits must be [B, T, HQ] = {list(q.shape[:3])}; got {list(gate_logits.shape)}")
-    if not gate_logits.is_floating_point() or gate_logits.device != q.device:
-        raise ValueError(f"gate logits must be floating point on {q.device}; got {gate_logits.dtype} on "
-                         f"{gate_logits.device}")
 
 
 @functools.cache

@@ -16,10 +16,9 @@ def window_rule(window):
     return -1, 1, 1, window - 1
 
 
-def sliding_window_attention(q, k, v, p, gate_logits=None):
-    """o [B, T, HQ, D]: attention over the `p.window` most recent keys, the query's own token included,
-    scaled by sigmoid(gate_logits) ([B, T, HQ]; None: no gate)."""
+def sliding_window_attention(q, k, v, p):
+    """o [B, T, HQ, D]: attention over the `p.window` most recent keys, the query's own token included."""
     if not p.causal:
         raise NotImplementedError("the Triton sliding window is causal only: use the torch or flex backend "
                                   "for causal=False")
-    return range_attention(q, k, v, p.scale_for(q.shape[-1]), *window_rule(p.window), gate_logits)[0]
+    return range_attention(q, k, v, p.scale_for(q.shape[-1]), *window_rule(p.window))[0]
