@@ -1,8 +1,10 @@
-"""Registers, spills and shared memory of the training kernels' launches, compiled ahead of time for a
-GPU architecture with no GPU (the installed Triton's compiler, the launches the code makes at a shape).
+"""Registers, spills, shared memory and SASS instruction counts of the training kernels' launches,
+compiled ahead of time for a GPU architecture with no GPU (the installed Triton's compiler, the launches
+the code makes at a shape).
 
-Where a kernel spills registers to local memory its inner loop waits on it; this shows it on any
-machine, from the same launches the code would make on the card (the launchers are answered as the
+Where a kernel spills registers to local memory its inner loop waits on it, and what a change adds to
+its inner loop shows in its instruction counts (all, special-function, tensor-core); this shows both on
+any machine, from the same launches the code would make on the card (the launchers are answered as the
 architecture would answer them). Default shape: the enwik8 configs' layer (T = 8192, HQ = 8, H = 1,
 D = 64, bf16). Selection launches do not depend on T beyond the grid, so they are recorded at T = 1024.
 
@@ -84,19 +86,23 @@ exec(CALL)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-# Registers, stack bytes and spill instructions (STL / LDL in the SASS) of a compiled kernel, from
-# cuobjdump (shipped with Triton's NVIDIA backend); None where it is missing.
+# Registers, stack bytes and spill instructions (STL / LDL in the SASS) of a compiled kernel, and its
+# SASS instructions, special-function ones (MUFU: exp2, log2, reciprocal) and tensor-core ones (HMMA /
+# HGMMA): what a change adds to a kernel shows there before any GPU times it. From cuobjdump (shipped
+# with Triton's NVIDIA backend); None where it is missing.
 def resources(k):
     if not os.path.exists(CUOBJDUMP):
-        return dict(regs=None, stack=None, stl=None, ldl=None)
+        return dict(regs=None, stack=None, stl=None, ldl=None, sass=None, mufu=None, mma=None)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
         usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
         sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True).stdout
     regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+    ins = re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*)$", sass, re.M)
     return dict(regs=int(regs.group(1)) if regs else None, stack=int(stack.group(1)) if stack else None,
-                stl=len(re.findall(r"\bSTL", sass)), ldl=len(re.findall(r"\bLDL", sass)))
+                stl=len(re.findall(r"\bSTL", sass)), ldl=len(re.findall(r"\bLDL", sass)), sass=len(ins),
+                mufu=sum("MUFU" in i for i in ins), mma=sum(bool(re.search(r"\bH(G)?MMA", i)) for i in ins))
 
 
 seen = set()
@@ -137,7 +143,8 @@ def compile_launches(module, kernels, call, arch=90):
 
 def launch_resources(module, kernels, call, arch=90):
     """As `compile_launches`, but returns one dict per distinct launch: kernel, launch (constexprs,
-    warps, stages), shared (bytes), regs, stack (bytes), stl / ldl (spill stores / loads in the SASS)."""
+    warps, stages), shared (bytes), regs, stack (bytes), stl / ldl (spill stores / loads in the SASS), sass /
+    mufu / mma (SASS instructions: all, special-function, tensor-core)."""
     out = _run(module, kernels, call, arch, True)
     return [json.loads(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("RESOURCES ")]
 
@@ -216,15 +223,15 @@ def main():
     step = "the training kernels" if args.decode is None else f"the decode step at batch {args.decode}"
     print(f"sm_{args.arch}, Triton {triton.__version__}, T={args.T} HQ={HQ} H={H} D={args.D}, bf16, "
           f"the enwik8 configs' NSA parameters, {step}\n")
-    print("| kernel | launch | registers | stack bytes | spill stores / loads | shared KiB |")
-    print("|---|---|---|---|---|---|")
+    print("| kernel | launch | registers | stack bytes | spill stores / loads | shared KiB | SASS / MUFU / MMA |")
+    print("|---|---|---|---|---|---|---|")
     for module, (kernels, body) in (MODEL_CALLS if args.decode is None else DECODE_CALLS).items():
         call = f"T, HQ, H, D, BATCH = {args.T}, {HQ}, {H}, {args.D}, {args.decode}\n" + body
         for r in launch_resources(module, kernels, call, args.arch):
             launch = ", ".join(f"{k}={v}" for k, v in r["launch"].items()
                                if k.startswith(("BLOCK", "num_", "SPLIT", "WALK", "BJ")))
             print(f"| {r['kernel']} | {launch} | {r['regs']} | {r['stack']} | {r['stl']} / {r['ldl']} | "
-                  f"{r['shared'] / 1024:.0f} |", flush=True)
+                  f"{r['shared'] / 1024:.0f} | {r['sass']} / {r['mufu']} / {r['mma']} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ def test_launch_resources_of_the_topn_kernel():
     assert 0 < r["shared"] <= kernel_resources.ARCHS[90][1]
     if r["regs"] is not None:  # cuobjdump ships with Triton's NVIDIA backend
         assert 0 < r["regs"] <= 255 and r["stl"] >= 0 and r["ldl"] >= 0
+        assert r["sass"] > r["mufu"] > 0 and r["mma"] > 0  # its exp2 and its importance dot
 
 
 @pytest.mark.full
