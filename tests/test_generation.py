@@ -380,8 +380,10 @@ def test_compiled_step_does_not_recompile_for_a_new_length(monkeypatch):
     torch._dynamo.reset()
     (T1, N1), (T2, N2) = LENGTHS
     generate(model, torch.randint(0, 256, (2, T1)), N1, greedy=True, compile=True)
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    out, _ = generate(model, torch.randint(0, 256, (2, T2)), N2, greedy=True, compile=True)
+    # config.patch, not monkeypatch: pytest >= 9.2 undoes a patched attribute of torch's config modules by
+    # deleting it, which breaks every later compile in the process.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out, _ = generate(model, torch.randint(0, 256, (2, T2)), N2, greedy=True, compile=True)
     assert out.shape == (2, T2 + N2)
 
 
