@@ -115,7 +115,8 @@ def main(argv=None):
         print(bytes(row).decode("utf-8", errors="replace"))
     mem = stats["peak_mem_bytes"]
     print(f"\n[{cfg.model.attention}, {device}, {str(dtype).removeprefix('torch.')}, "
-          f"{'no cache' if args.no_cache else 'cached'}] prompt {len(prompt)} bytes, prefill {stats['prefill_ms']:.1f} ms, "
+          f"{'no cache' if args.no_cache else 'cached'}] prompt {len(prompt)} bytes, "
+          f"prefill {stats['prefill_ms']:.1f} ms, "
           f"decode {stats['tokens_per_s']:.1f} tokens/s ({args.max_new_tokens} x {args.num_samples}), "
           f"peak memory {'n/a (cpu)' if mem is None else f'{mem / 2**20:.0f} MiB'}")
     return 0

@@ -82,7 +82,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["enwik8", "file", "hf", "synthetic", "retrieval"] = "enwik8"  # synthetic: in-process pseudo-text, no data needed
+    # synthetic: in-process pseudo-text, no data needed
+    source: Literal["enwik8", "file", "hf", "synthetic", "retrieval"] = "enwik8"
     path: str = ""  # enwik8: where the 100 MB file lives (default data/enwik8); file: any byte file
     hf_name: str = ""  # hf: dataset name for datasets.load_dataset
     hf_config: str = ""  # hf: dataset configuration, if any

@@ -181,7 +181,8 @@ def hf_bytes_file(cfg):
     try:
         ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config or None, split="train")
     except Exception as e:  # network, unknown name, missing config: all end the same way
-        raise DataError(f"could not load Hugging Face dataset {cfg.hf_name!r} (config {cfg.hf_config!r}): {e}") from None
+        raise DataError(f"could not load Hugging Face dataset {cfg.hf_name!r} (config {cfg.hf_config!r}): "
+                        f"{e}") from None
     columns = list(getattr(ds, "column_names", []) or [])
     if columns and cfg.hf_field not in columns:
         raise DataError(f"dataset {cfg.hf_name!r} has no field {cfg.hf_field!r}; its fields: {columns} "

@@ -132,7 +132,8 @@ def assert_close(got, exact, at_dtype, what, dtype=None):
     step = ((x + 0.3) - 0.3 - x).abs().max().item()
     factor = FACTOR[dtype or got.dtype]
     bound = factor * torch_err + 2 * step
-    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} ({factor}x PyTorch's {torch_err:.3g} at {dtype or got.dtype})"
+    assert err <= bound, (f"{what}: max error {err:.3g} > {bound:.3g} ({factor}x PyTorch's {torch_err:.3g} at "
+                          f"{dtype or got.dtype})")
 
 
 def compile_launches(module, kernels, call, arch=90):

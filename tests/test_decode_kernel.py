@@ -88,7 +88,8 @@ FULL = [(c, d, s) for c in CASES for d in (FP32, BF16) for s in SPLITS if (c, d,
 
 def _sweep_id(x):
     case, dtype, splits = x
-    return f"{_case_id(case)}-{'fp32' if dtype == FP32 else 'bf16'}-{'auto' if splits is None else 'split%d-%d-%d' % splits}"
+    split = "auto" if splits is None else "split%d-%d-%d" % splits
+    return f"{_case_id(case)}-{'fp32' if dtype == FP32 else 'bf16'}-{split}"
 
 
 @pytest.mark.parametrize("case, dtype, splits", QUICK + [pytest.param(*x, marks=pytest.mark.full) for x in FULL],

@@ -65,7 +65,8 @@ def test_bad_shapes_are_refused():
         gates.gate_mix(logits, a, b.double(), c)
 
 
-@pytest.mark.parametrize("full", [pytest.param(False, id="quick"), pytest.param(True, id="aot", marks=pytest.mark.full)])
+@pytest.mark.parametrize("full", [pytest.param(False, id="quick"),
+                                  pytest.param(True, id="aot", marks=pytest.mark.full)])
 def test_opcheck(full):
     tests = "ALL" if full else ("test_schema", "test_autograd_registration", "test_faketensor")
     logits, a, b, c = _inputs(1, 9, 2, 16, torch.float32)

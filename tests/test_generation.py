@@ -164,7 +164,9 @@ def _cli_inprocess(capsys, *args):
 
 def _cli(*args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))},
+                          cwd=ROOT,
+                          env={**os.environ,
+                               "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))},
                           timeout=120)
 
 
@@ -316,7 +318,8 @@ def test_gpu_bf16_cached_decoding_matches_full_forward():
     want = full[:, T:]
     rel = ((steps - want).abs().amax(-1) / want.std(-1)).flatten()
     agree = (steps.argmax(-1) == want.argmax(-1)).float().mean().item()
-    print(f"bf16 decode vs forward: median rel err {rel.median():.4f}, max {rel.max():.4f}, argmax agreement {agree:.4f}")
+    print(f"bf16 decode vs forward: median rel err {rel.median():.4f}, max {rel.max():.4f}, "
+          f"argmax agreement {agree:.4f}")
     assert rel.median() < 0.05 and agree > 0.95
 
 

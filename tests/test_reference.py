@@ -116,12 +116,14 @@ def _brute_select(scores, t, sel_block, n, num_initial, num_local):
 def test_select_blocks_brute_force(T, n, num_initial, num_local):
     sel_block = 8
     imp = torch.rand(2, T, 3, ceil_div(T, sel_block))
-    idx = R.select_blocks(imp, NSAParams(sel_block=sel_block, num_selected=n, num_initial=num_initial, num_local=num_local))
+    idx = R.select_blocks(imp, NSAParams(sel_block=sel_block, num_selected=n, num_initial=num_initial,
+                                         num_local=num_local))
     assert idx.dtype == torch.int32 and idx.shape == (2, T, 3, n)
     for b in range(2):
         for t in range(T):
             for h in range(3):
-                assert idx[b, t, h].tolist() == _brute_select(imp[b, t, h].tolist(), t, sel_block, n, num_initial, num_local)
+                want = _brute_select(imp[b, t, h].tolist(), t, sel_block, n, num_initial, num_local)
+                assert idx[b, t, h].tolist() == want
 
 
 def test_select_blocks_ties_go_to_lower_index():

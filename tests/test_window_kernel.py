@@ -70,7 +70,8 @@ def test_bf16(G):
 @pytest.mark.full
 def test_compiles_without_graph_break():
     q, k, v = (torch.randn(1, 20, 2, 16, requires_grad=True) for _ in range(3))
-    f = torch.compile(lambda q, k, v: sliding_window_attention(q, k, v, NSAParams(window=6)), backend="aot_eager", fullgraph=True)
+    f = torch.compile(lambda q, k, v: sliding_window_attention(q, k, v, NSAParams(window=6)), backend="aot_eager",
+                      fullgraph=True)
     f(q, k, v).sum().backward()
     exact, at_dtype = reference_runs(lambda q, k, v: reference.sliding_window_attention(q, k, v, NSAParams(window=6)),
                                      (q, k, v), (torch.ones(q.shape),), torch.float32)

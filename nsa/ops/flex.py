@@ -41,7 +41,8 @@ def sliding_window_attention(q, k, v, p):
 
 def selection_attention(q, k, v, indices, p, block_gate=None):
     if block_gate is not None:
-        raise NotImplementedError("the flex backend has no straight-through block gate: use backend torch for diff_topk")
+        raise NotImplementedError("the flex backend has no straight-through block gate: use backend torch for "
+                                  "diff_topk")
     B, T, HQ, D = q.shape
     sel_block, causal = p.sel_block, p.causal
     Hs = indices.shape[2]

@@ -144,7 +144,8 @@ def selected_token_mask(indices, T, S, sel_block, causal=True):
     blocks = _scatter_blocks(indices, n_sel, torch.ones_like(indices, dtype=torch.bool))
     tok = blocks[..., torch.arange(S, device=indices.device) // sel_block]
     if causal:
-        tok = tok & (torch.arange(S, device=indices.device)[None, :] <= torch.arange(T, device=indices.device)[:, None])[None, :, None, :]
+        causal = torch.arange(S, device=indices.device)[None, :] <= torch.arange(T, device=indices.device)[:, None]
+        tok = tok & causal[None, :, None, :]
     return tok
 
 

@@ -1,7 +1,8 @@
 """The `triton` backend: one module holding the seven ops `SparseAttention` calls.
 
-Every branch of the forward, the gate mix and the decode step run in Triton; only `block_importance` (used by the straight-through
-`diff_topk` path, which the Triton selection kernel does not support) is the reference's.
+Every branch of the forward, the gate mix and the decode step run in Triton; only `block_importance`
+(used by the straight-through `diff_topk` path, which the Triton selection kernel does not support) is
+the reference's.
 """
 
 from nsa.ops.compressed import compressed_attention  # noqa: F401
