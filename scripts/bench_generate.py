@@ -226,9 +226,9 @@ def table(rows, env):
     if mod:
         lines += ["| model | context | step | tokens/s (batch 1) | ms/token | prefill ms | peak GiB |",
                   "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['attention']} ({r['params_m']:.1f}M) | {r['context']} | {r['mode']} | {r['tokens_per_s']:.1f} | "
-                  f"{r['ms_per_token']:.3f} | {r['prefill_ms']:.0f} ({r['prefill_backend']}) | {r['peak_mem_gib']:.2f} |"
-                  for r in mod]
+        lines += [f"| {r['attention']} ({r['params_m']:.1f}M) | {r['context']} | {r['mode']} | "
+                  f"{r['tokens_per_s']:.1f} | {r['ms_per_token']:.3f} | {r['prefill_ms']:.0f} "
+                  f"({r['prefill_backend']}) | {r['peak_mem_gib']:.2f} |" for r in mod]
     return "\n".join(lines)
 
 

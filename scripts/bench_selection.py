@@ -10,8 +10,9 @@ int8 tensors [layers, B, T, Hs, n] (-1 padding), a few layers a file. The kernel
 q, k, v at the checkpoint's shape (the timings depend on the picks, not on the values) for random
 picks (forced blocks + uniform top-n) and for each layer's real picks, with the production tile and
 with the tile heights given by --rows (`selection.MIN_ROWS`: the rows of a forward/dQ tile when
-G < 16). --groups times other group sizes on the same picks (HQ = G x H). Printed per pick set: the mean union size of a tile's lists (blocks a tile loads), forward, dQ and
-dK/dV times (dK/dV including its reverse index), and the FLOP floor. Markdown table last; with $OUT
+G < 16). --groups times other group sizes on the same picks (HQ = G x H). Printed per pick set: the
+mean union size of a tile's lists (blocks a tile loads), forward, dQ and dK/dV times (dK/dV including
+its reverse index), and the FLOP floor. Markdown table last; with $OUT
 set, also written there.
 """
 
@@ -141,7 +142,8 @@ def main():
 
     env = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}"
     print(f"{env}; B={B} T={T} HQ={HQ} H={H} D={D} l'={sel_block} n={n}; command: {' '.join(sys.argv)}", flush=True)
-    lines = ["| G | picks | tile rows | union blocks / token | fwd ms | dQ ms | dK/dV ms | total ms | floor ms | x floor |",
+    lines = ["| G | picks | tile rows | union blocks / token | fwd ms | dQ ms | dK/dV ms | total ms | floor ms "
+             "| x floor |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     base = selection.MIN_ROWS
     try:
